@@ -1,0 +1,182 @@
+// sparseflow._C: a thin pybind11 layer. Takes raw pointers, shapes and strides from the Python
+// wrappers (which own all tensors), releases the GIL, and calls the kernel table of the ISA in
+// use. Errors become Python exceptions (std::invalid_argument -> ValueError).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/cpuinfo.h"
+#include "cpu/dispatch.h"
+#include "cpu/validate.h"
+
+namespace py = pybind11;
+using namespace sparseflow::cpu;
+
+namespace {
+
+int64_t count_flags(const LinearIO& io) {
+  int64_t n = 0;
+  if (io.nonfinite)
+    for (int64_t m = 0; m < io.M; ++m) n += io.nonfinite[m];
+  return n;
+}
+
+template <class T>
+const T* ptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+
+LinearIO make_io(int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t y, int64_t N, int64_t ldy,
+                 uintptr_t bias, uintptr_t nonfinite, int threads) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  if (M < 0 || K < 0 || N < 0) throw std::invalid_argument("negative size");
+  if (ldx < K || ldy < N) throw std::invalid_argument("row stride smaller than the row");
+  if ((M > 0 && K > 0 && !x) || (M > 0 && N > 0 && !y)) throw std::invalid_argument("null data pointer");
+  return LinearIO{static_cast<DType>(dtype), ptr<void>(x), M, K, ldx, reinterpret_cast<void*>(y), N, ldy,
+                  ptr<void>(bias), reinterpret_cast<uint8_t*>(nonfinite), threads < 1 ? 1 : threads};
+}
+
+const KernelTable& table(const std::string& isa) { return isa.empty() ? kernels() : kernels_for(isa.c_str()); }
+
+void check_cols(int64_t w_cols, int64_t K, const char* what) {
+  if (w_cols != K)
+    throw std::invalid_argument(std::string(what) + ": weight has " + std::to_string(w_cols) + " input features, x has " +
+                                std::to_string(K));
+}
+
+}  // namespace
+
+#define SF_IO_ARGS int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t y, int64_t N, int64_t ldy, \
+                   uintptr_t bias, uintptr_t nonfinite, int threads, const std::string& isa
+#define SF_IO make_io(dtype, x, M, K, ldx, y, N, ldy, bias, nonfinite, threads)
+#define SF_IO_NAMES py::arg("dtype"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("y"), \
+                    py::arg("N"), py::arg("ldy"), py::arg("bias"), py::arg("nonfinite"), py::arg("threads"), \
+                    py::arg("isa") = ""
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparseflow compiled kernels (raw-pointer interface; use sparseflow.ops)";
+
+  m.def("cpu_features", [] {
+    const auto& f = cpu_features();
+    py::dict d;
+    d["model"] = f.model;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["bmi2"] = f.bmi2;
+    d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq;
+    d["avx512vbmi2"] = f.avx512vbmi2; d["avx512bf16"] = f.avx512bf16;
+    return d;
+  });
+  m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
+  m.def("active_isa", [] { return std::string(isa_name(active_isa())); }, "the level in use (SPARSEFLOW_ISA may lower it)");
+  m.def("built_isas", [] { return std::vector<std::string>{"scalar", "avx2", "avx512"}; });
+  m.def("cuda_built", [] {
+#ifdef SPARSEFLOW_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+
+  // ---- validation (once per weight, O(stored entries)) ----
+  m.def("validate_bitmask", [](uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz) {
+    validate_bitmask(BitmaskView{nullptr, ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz});
+  });
+  m.def("validate_csr", [](uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz) {
+    validate_csr(CsrView{nullptr, ptr<void>(col), ptr<int64_t>(row_ptr), rows, cols, nnz, bits});
+  });
+  m.def("validate_bsr", [](uintptr_t col, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t bm, int64_t bk, int64_t nblocks) {
+    validate_bsr(BsrView{nullptr, ptr<int32_t>(col), ptr<int64_t>(row_ptr), rows, cols, bm, bk, nblocks});
+  });
+  m.def("validate_nm", [](uintptr_t index, int64_t rows, int64_t cols, int64_t n, int64_t mm, int64_t stride) {
+    validate_nm(NMView{nullptr, ptr<uint8_t>(index), rows, cols, n, mm, stride});
+  });
+
+  // ---- kernels (the caller validated the weight and sized every buffer) ----
+  m.def("bitmask_linear",
+        [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(cols, K, "bitmask_linear");
+          const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.bitmask_linear(w, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
+        py::arg("nnz"), SF_IO_NAMES);
+  m.def("csr_linear",
+        [](uintptr_t values, uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(cols, K, "csr_linear");
+          const CsrView w{ptr<void>(values), ptr<void>(col), ptr<int64_t>(row_ptr), rows, cols, nnz, bits};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.csr_linear(w, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("values"), py::arg("col"), py::arg("bits"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"),
+        py::arg("nnz"), SF_IO_NAMES);
+  m.def("bsr_linear",
+        [](uintptr_t values, uintptr_t col, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t bm, int64_t bk,
+           int64_t nblocks, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(cols, K, "bsr_linear");
+          const BsrView w{ptr<void>(values), ptr<int32_t>(col), ptr<int64_t>(row_ptr), rows, cols, bm, bk, nblocks};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.bsr_linear(w, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("values"), py::arg("col"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"), py::arg("bm"),
+        py::arg("bk"), py::arg("nblocks"), SF_IO_NAMES);
+  m.def("nm_linear",
+        [](uintptr_t values, uintptr_t index, int64_t rows, int64_t cols, int64_t n, int64_t mm, int64_t stride, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(cols, K, "nm_linear");
+          const NMView w{ptr<void>(values), ptr<uint8_t>(index), rows, cols, n, mm, stride};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.nm_linear(w, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("values"), py::arg("index"), py::arg("rows"), py::arg("cols"), py::arg("n"), py::arg("m"),
+        py::arg("stride"), SF_IO_NAMES);
+  m.def("act_sparse_dense",
+        [](uintptr_t w_t, int64_t rows, int64_t cols, int64_t ld, float threshold, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(rows, K, "act_sparse_dense");
+          if (cols != N || ld < cols) throw std::invalid_argument("act_sparse_dense: w_t shape does not match y");
+          const DenseView w{ptr<void>(w_t), rows, cols, ld};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.act_sparse_dense(w, threshold, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("w_t"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("threshold"), SF_IO_NAMES);
+  m.def("act_sparse_bitmask",
+        [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz,
+           float threshold, SF_IO_ARGS) {
+          const LinearIO io = SF_IO;
+          check_cols(rows, K, "act_sparse_bitmask");
+          if (cols != N) throw std::invalid_argument("act_sparse_bitmask: w_t shape does not match y");
+          const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
+          const KernelTable& t = table(isa);
+          {
+            py::gil_scoped_release release;
+            t.act_sparse_bitmask(w, threshold, io);
+          }
+          return count_flags(io);
+        },
+        py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
+        py::arg("nnz"), py::arg("threshold"), SF_IO_NAMES);
+}

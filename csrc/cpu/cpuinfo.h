@@ -1,0 +1,24 @@
+// Run-time CPU feature detection and the ISA level the kernels use.
+#pragma once
+#include <string>
+
+namespace sparseflow::cpu {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false, bmi2 = false, popcnt = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vbmi2 = false, avx512bf16 = false;
+  std::string model;
+};
+
+const CpuFeatures& cpu_features();
+const char* isa_name(Isa isa);
+Isa best_isa();  // the highest level this CPU supports
+// The level in use: best_isa(), or SPARSEFLOW_ISA when set (it may only lower the level; asking
+// for a level this CPU lacks or an unknown name throws std::invalid_argument).
+Isa active_isa();
+Isa parse_isa(const std::string& name);
+
+}  // namespace sparseflow::cpu

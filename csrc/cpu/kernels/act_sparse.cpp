@@ -1,0 +1,168 @@
+// Activation-sparse linear: y = sum over active inputs k of x[k] * w_t[k, :], where an input is
+// active unless |x[k]| <= threshold (so NaN and inf are always active). The weight is stored
+// transposed, so each active input reads one contiguous row: the bytes read shrink with the
+// activation density. With a bitmask w_t, weight and activation sparsity multiply.
+#include "cpu/kernels/kernels.h"
+
+namespace sparseflow::cpu::SF_ISA {
+namespace {
+
+struct Active {
+  int64_t k;
+  float x;
+};
+
+// Active inputs of row m of x (the threshold test is fused into this one pass over x).
+// Returns whether the row holds a NaN or inf.
+bool collect_active(const LinearIO& io, int64_t m, float threshold, std::vector<Active>& out) {
+  out.clear();
+  const char* row = static_cast<const char*>(io.x) + m * io.ldx * (io.dtype == DType::f32 ? 4 : 2);
+  bool finite = true;
+  for (int64_t k = 0; k < io.K; ++k) {
+    const float v = load_as_f32(row, k, io.dtype);
+    if (!(std::fabs(v) <= threshold)) {
+      out.push_back({k, v});
+      finite &= std::isfinite(v);
+    }
+  }
+  return finite;
+}
+
+// acc[0:len] += sum_j xs[j] * rows[j][0:len], J rows at a time to save accumulator traffic.
+template <int J>
+void axpy_rows(float* acc, int64_t len, const void* const* rows, const float* xs, DType t) {
+#if defined(SF_ISA_avx512)
+  __m512 xv[J];
+  for (int j = 0; j < J; ++j) xv[j] = _mm512_set1_ps(xs[j]);
+  for (int64_t n = 0; n < len; n += 16) {
+    const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, len - n))));
+    __m512 a = _mm512_maskz_loadu_ps(live, acc + n);
+    for (int j = 0; j < J; ++j) a = _mm512_fmadd_ps(xv[j], maskz_load16_f32(live, rows[j], n, t), a);
+    _mm512_mask_storeu_ps(acc + n, live, a);
+  }
+#else
+  int64_t n = 0;
+#if defined(SF_ISA_avx2)
+  __m256 xv[J];
+  for (int j = 0; j < J; ++j) xv[j] = _mm256_set1_ps(xs[j]);
+  for (; n + 8 <= len; n += 8) {
+    __m256 a = _mm256_loadu_ps(acc + n);
+    for (int j = 0; j < J; ++j) a = _mm256_fmadd_ps(xv[j], load8_f32(rows[j], n, t), a);
+    _mm256_storeu_ps(acc + n, a);
+  }
+#endif
+  for (; n < len; ++n)
+    for (int j = 0; j < J; ++j) acc[n] += xs[j] * load_as_f32(rows[j], n, t);
+#endif
+}
+
+// acc[0:cols] += x * (row of a bitmask matrix, expanded)
+void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DType t) {
+  const uint8_t* row = w.mask + k * w.mask_stride;
+  int64_t v = w.row_offsets[k];
+#if defined(SF_ISA_avx512)
+  const __m512 xv = _mm512_set1_ps(x);
+  if (t == DType::f32) {
+    const float* vals = static_cast<const float*>(w.values);
+    for (int64_t n = 0; n < w.cols; n += 16) {
+      const uint32_t bits = mask_bits(row, w.mask_stride, n, 16);
+      if (!bits) continue;
+      const int cnt = popcount32(bits);
+      const __m512 wv = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits),
+                                               _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(~0u, cnt)), vals + v));
+      const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, w.cols - n))));
+      _mm512_mask_storeu_ps(acc + n, live, _mm512_fmadd_ps(xv, wv, _mm512_maskz_loadu_ps(live, acc + n)));
+      v += cnt;
+    }
+    return;
+  }
+  const uint16_t* vals = static_cast<const uint16_t*>(w.values);
+  for (int64_t n = 0; n < w.cols; n += 32) {
+    const uint32_t bits = mask_bits(row, w.mask_stride, n, 32);
+    if (!bits) continue;
+    const int cnt = popcount32(bits);
+    const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), vals + v));
+    const __m256i lo16 = _mm512_castsi512_si256(wv), hi16 = _mm512_extracti64x4_epi64(wv, 1);
+    const bool bf16 = t == DType::bf16;
+    const __m512 lo = bf16 ? cvt16_bf16(lo16) : cvt16_f16(lo16), hi = bf16 ? cvt16_bf16(hi16) : cvt16_f16(hi16);
+    const int64_t left = w.cols - n;
+    const __mmask16 live0 = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, left))));
+    const __mmask16 live1 = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(left - 16, 0, 16))));
+    _mm512_mask_storeu_ps(acc + n, live0, _mm512_fmadd_ps(xv, lo, _mm512_maskz_loadu_ps(live0, acc + n)));
+    _mm512_mask_storeu_ps(acc + n + 16, live1, _mm512_fmadd_ps(xv, hi, _mm512_maskz_loadu_ps(live1, acc + n + 16)));
+    v += cnt;
+  }
+#else
+  for (int64_t byte = 0; byte < w.mask_stride; ++byte)
+    for (uint32_t bits = row[byte]; bits; bits &= bits - 1)
+      acc[byte * 8 + __builtin_ctz(bits)] += x * load_as_f32(w.values, v++, t);
+#endif
+}
+
+int64_t column_chunk(const LinearIO& io) {
+  const int64_t per_thread = (io.N + std::max(1, io.threads) - 1) / std::max(1, io.threads);
+  return std::max<int64_t>(256, round_up(per_thread, 64));
+}
+
+}  // namespace
+
+void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io) {
+  const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
+  const size_t esize = io.dtype == DType::f32 ? 4 : 2;
+  std::vector<Active> active;
+  std::vector<const void*> rows;
+  std::vector<float> xs;
+  for (int64_t m = 0; m < io.M; ++m) {
+    collect_active(io, m, threshold, active);  // NaN/inf need no fix-up: w_t is dense
+    if (io.nonfinite) io.nonfinite[m] = 0;
+    rows.resize(active.size());
+    xs.resize(active.size());
+    for (size_t a = 0; a < active.size(); ++a) {
+      rows[a] = static_cast<const char*>(w_t.values) + active[a].k * w_t.ld * esize;
+      xs[a] = active[a].x;
+    }
+    parallel_for(tasks, io.threads, [&](int64_t task) {
+      const int64_t n0 = task * chunk, len = std::min(chunk, io.N - n0);
+      thread_local std::vector<float> acc;
+      acc.assign(static_cast<size_t>(len), 0.0f);
+      const void* shifted[4];
+      size_t a = 0;
+      for (; a + 4 <= rows.size(); a += 4) {
+        for (int j = 0; j < 4; ++j) shifted[j] = static_cast<const char*>(rows[a + j]) + n0 * esize;
+        axpy_rows<4>(acc.data(), len, shifted, xs.data() + a, io.dtype);
+      }
+      for (; a < rows.size(); ++a) {
+        shifted[0] = static_cast<const char*>(rows[a]) + n0 * esize;
+        axpy_rows<1>(acc.data(), len, shifted, xs.data() + a, io.dtype);
+      }
+      store_y_row(io, m, n0, n0 + len, acc.data());
+    });
+  }
+}
+
+void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io) {
+  // Each thread sums its share of the active rows into a private accumulator over all N outputs;
+  // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).
+  const int64_t parts = std::max(1, io.threads);
+  const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
+  std::vector<Active> active;
+  std::vector<float> partial(static_cast<size_t>(parts * io.N));
+  for (int64_t m = 0; m < io.M; ++m) {
+    const bool finite = collect_active(io, m, threshold, active);
+    if (io.nonfinite) io.nonfinite[m] = finite ? 0 : 1;
+    parallel_for(parts, io.threads, [&](int64_t p) {
+      float* acc = partial.data() + p * io.N;
+      std::fill(acc, acc + io.N, 0.0f);
+      const size_t lo = active.size() * p / parts, hi = active.size() * (p + 1) / parts;
+      for (size_t a = lo; a < hi; ++a) axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype);
+    });
+    parallel_for(tasks, io.threads, [&](int64_t task) {
+      const int64_t n0 = task * chunk, n1 = std::min(io.N, n0 + chunk);
+      for (int64_t p = 1; p < parts; ++p)
+        for (int64_t n = n0; n < n1; ++n) partial[n] += partial[p * io.N + n];
+      store_y_row(io, m, n0, n1, partial.data() + n0);
+    });
+  }
+}
+
+}  // namespace sparseflow::cpu::SF_ISA

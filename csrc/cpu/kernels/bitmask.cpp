@@ -1,0 +1,145 @@
+// Bitmask (unstructured) linear: each 1 bit of a row's mask takes the next stored value.
+// AVX-512: 32 (16-bit) or 16 (f32) mask bits at a time, a masked load of popcount values and one
+// VBMI2 expand put them in place. AVX2: 8 bits at a time through a shuffle table. Scalar: bit scan.
+#include "cpu/kernels/kernels.h"
+
+namespace sparseflow::cpu::SF_ISA {
+namespace {
+
+template <int R>
+void bitmask_dot_scalar(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+  float acc[R] = {};
+  int64_t v = w.row_offsets[n];
+  const uint8_t* row = w.mask + n * w.mask_stride;
+  for (int64_t byte = 0; byte < w.mask_stride; ++byte) {
+    for (uint32_t bits = row[byte]; bits; bits &= bits - 1) {
+      const int64_t k = byte * 8 + __builtin_ctz(bits);
+      const float wv = load_as_f32(w.values, v++, t);
+      for (int r = 0; r < R; ++r) acc[r] += wv * x[r][k];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+#if defined(SF_ISA_avx512)
+template <int R>
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint8_t* row = w.mask + n * w.mask_stride;
+  const int64_t K = w.cols;
+  if (t == DType::f32) {
+    const float* v = static_cast<const float*>(w.values) + w.row_offsets[n];
+    for (int64_t k = 0; k < K; k += 16) {
+      const uint32_t bits = mask_bits(row, w.mask_stride, k, 16);
+      if (!bits) continue;
+      const int cnt = popcount32(bits);
+      const __m512 wv = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits),
+                                               _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(~0u, cnt)), v));
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r] + k), acc[r][0]);
+      v += cnt;
+    }
+  } else {
+    const uint16_t* v = static_cast<const uint16_t*>(w.values) + w.row_offsets[n];
+    const bool bf16 = t == DType::bf16;
+    for (int64_t k = 0; k < K; k += 32) {
+      const uint32_t bits = mask_bits(row, w.mask_stride, k, 32);
+      if (!bits) continue;
+      const int cnt = popcount32(bits);
+      const __m512i packed = _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v);
+      const __m512i wv = _mm512_maskz_expand_epi16(bits, packed);
+      const __m256i lo16 = _mm512_castsi512_si256(wv), hi16 = _mm512_extracti64x4_epi64(wv, 1);
+      const __m512 lo = bf16 ? cvt16_bf16(lo16) : cvt16_f16(lo16);
+      const __m512 hi = bf16 ? cvt16_bf16(hi16) : cvt16_f16(hi16);
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[r] + k), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r] + k + 16), acc[r][1]);
+      }
+      v += cnt;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#elif defined(SF_ISA_avx2)
+// For each 8-bit mask: the pshufb control that moves packed 16-bit values to their lanes
+// (0x80 zeroes a lane) and the lane mask for 32-bit values.
+struct ExpandTables {
+  alignas(16) uint8_t shuffle16[256][16];
+  alignas(32) int32_t perm32[256][8];
+  alignas(32) int32_t keep32[256][8];
+  ExpandTables() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool on = (m >> lane) & 1;
+        shuffle16[m][2 * lane] = on ? static_cast<uint8_t>(2 * next) : 0x80;
+        shuffle16[m][2 * lane + 1] = on ? static_cast<uint8_t>(2 * next + 1) : 0x80;
+        perm32[m][lane] = on ? next : 0;
+        keep32[m][lane] = on ? -1 : 0;
+        next += on;
+      }
+    }
+  }
+};
+const ExpandTables kExpand;
+
+template <int R>
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const uint8_t* row = w.mask + n * w.mask_stride;
+  const int64_t begin = w.row_offsets[n];
+  const int64_t safe_end = w.nnz - 8;  // a full 8-value load from below here stays in bounds
+  const size_t esize = t == DType::f32 ? 4 : 2;
+  const char* base = static_cast<const char*>(w.values);
+  int64_t v = begin;
+  for (int64_t byte = 0; byte < w.mask_stride; ++byte) {
+    const uint32_t bits = row[byte];
+    if (!bits) continue;
+    const int cnt = popcount32(bits);
+    alignas(32) uint8_t tail[32];
+    const char* src = base + v * esize;
+    if (v > safe_end) {  // near the end of the buffer: copy what exists
+      std::memset(tail, 0, sizeof tail);
+      std::memcpy(tail, src, cnt * esize);
+      src = reinterpret_cast<const char*>(tail);
+    }
+    __m256 wv;
+    if (t == DType::f32) {
+      const __m256 packed = _mm256_loadu_ps(reinterpret_cast<const float*>(src));
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm32[bits]));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep32[bits])));
+      wv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, perm), keep);
+    } else {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      const __m128i h = _mm_shuffle_epi8(packed, _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.shuffle16[bits])));
+      wv = t == DType::bf16 ? cvt8_bf16(h) : _mm256_cvtph_ps(h);
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[r] + byte * 8), acc[r]);
+    v += cnt;
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r]);
+}
+#else
+template <int R>
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+  bitmask_dot_scalar<R>(w, t, n, x, out);
+}
+#endif
+
+}  // namespace
+
+void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
+  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const float* const* x, int R, float* acc) {
+    with_rows(R, [&](auto rows) {
+      constexpr int RR = decltype(rows)::value;
+      float out[RR];
+      for (int64_t n = n0; n < n1; ++n) {
+        bitmask_dot<RR>(w, io.dtype, n, x, out);
+        for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];
+      }
+    });
+  });
+}
+
+}  // namespace sparseflow::cpu::SF_ISA

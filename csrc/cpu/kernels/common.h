@@ -1,0 +1,229 @@
+// Shared by every kernel file and compiled once per ISA level (SF_ISA is the namespace).
+// Holds: scalar dtype conversions, the x-block loader (converts rows of x to float32, pads them
+// with zeros and flags NaN/inf rows), the output writer (bias + rounding to the output dtype) and
+// the row-wise driver that splits output features across threads.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernels/args.h"
+#include "cpu/thread_pool.h"
+
+#ifndef SF_ISA
+#error "SF_ISA must name the ISA level this file is compiled for"
+#endif
+
+namespace sparseflow::cpu::SF_ISA {
+
+// ---- scalar conversions (bit exact with torch: round to nearest even) ----
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+#if defined(SF_ISA_scalar)
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400u));
+      bits = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#else
+  return _cvtsh_ss(h);
+#endif
+}
+inline uint16_t f32_to_f16(float f) {
+#if defined(SF_ISA_scalar)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;          // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;         // overflow (rounds to) inf
+  if (abs < 0x38800000u) {                               // subnormal half or zero
+    if (abs < 0x33000000u) return sign;                  // below half of the smallest subnormal
+    const uint32_t man = (abs & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - static_cast<int>(abs >> 23);  // 14..24
+    uint32_t half = man >> shift;
+    const uint32_t rem = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (half & 1u))) ++half;
+    return sign | static_cast<uint16_t>(half);
+  }
+  uint32_t h = abs - 0x38000000u;  // rebias exponent 127 -> 15
+  h += 0xfffu + ((h >> 13) & 1u);
+  return sign | static_cast<uint16_t>(h >> 13);
+#else
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#endif
+}
+
+inline float load_as_f32(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+inline void store_from_f32(void* p, int64_t i, DType t, float v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(p)[i] = v; break;
+    case DType::bf16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+  }
+}
+
+inline int popcount32(uint32_t v) { return __builtin_popcount(v); }
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Converts `rows` rows of x starting at m0 to float32 (row stride kpad, zero padding) and flags
+// rows that hold a NaN or inf.
+inline void load_x_block(const LinearIO& io, int64_t m0, int64_t rows, int64_t kpad, float* buf) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    float* dst = buf + r * kpad;
+    const char* src = static_cast<const char*>(io.x) + m * io.ldx * (io.dtype == DType::f32 ? 4 : 2);
+    bool finite = true;
+    for (int64_t k = 0; k < io.K; ++k) {
+      const float v = load_as_f32(src, k, io.dtype);
+      dst[k] = v;
+      finite &= std::isfinite(v);
+    }
+    std::fill(dst + io.K, dst + kpad, 0.0f);
+    if (io.nonfinite) io.nonfinite[m] = finite ? 0 : 1;
+  }
+}
+
+// y[m, n0:n1] = acc + bias, rounded to the output dtype.
+inline void store_y_row(const LinearIO& io, int64_t m, int64_t n0, int64_t n1, const float* acc) {
+  char* row = static_cast<char*>(io.y) + m * io.ldy * (io.dtype == DType::f32 ? 4 : 2);
+  for (int64_t n = n0; n < n1; ++n) {
+    float v = acc[n - n0];
+    if (io.bias) v += load_as_f32(io.bias, n, io.dtype);
+    store_from_f32(row, n, io.dtype, v);
+  }
+}
+
+// Mask bits [k, k + width) of a row, reading only bytes that exist (width is 8, 16 or 32).
+inline uint32_t mask_bits(const uint8_t* row, int64_t stride, int64_t k, int width) {
+  const int64_t byte = k >> 3;
+  const int64_t avail = std::min<int64_t>(width / 8, stride - byte);
+  uint32_t bits = 0;
+  if (avail == width / 8) {
+    std::memcpy(&bits, row + byte, width / 8);
+  } else {
+    for (int64_t i = 0; i < avail; ++i) bits |= static_cast<uint32_t>(row[byte + i]) << (8 * i);
+  }
+  return bits;
+}
+
+constexpr int64_t kRowGroup = 4;     // rows of x that share one pass over the weights
+constexpr int64_t kXBlockRows = 64;  // rows of x converted at a time
+
+// Room for a whole last block (bk <= 128) and for 64-byte vector reads past K.
+inline int64_t padded_k(int64_t K) { return round_up(K, 128) + 128; }
+
+// Runs a row kernel over all outputs. `rows_fn(n0, n1, xrows, R, acc)` must write
+// acc[r * (n1 - n0) + (n - n0)] = dot(W[n, :], xrows[r]) for r < R, n in [n0, n1).
+// Output features are split into tasks of `align` rows (a block row for BSR).
+template <class RowsFn>
+void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
+  const int64_t kpad = padded_k(io.K);
+  const int64_t units = (io.N + align - 1) / align;
+  const int64_t want_tasks = std::max<int64_t>(1, io.threads) * 8;
+  const int64_t units_per_task = std::max<int64_t>(1, (units + want_tasks - 1) / want_tasks);
+  const int64_t tasks = (units + units_per_task - 1) / units_per_task;
+  std::vector<float> xbuf(static_cast<size_t>(std::min(io.M, kXBlockRows) * kpad));
+  for (int64_t m0 = 0; m0 < io.M; m0 += kXBlockRows) {
+    const int64_t mb = std::min(kXBlockRows, io.M - m0);
+    load_x_block(io, m0, mb, kpad, xbuf.data());
+    parallel_for(tasks, io.threads, [&](int64_t t) {
+      const int64_t n0 = t * units_per_task * align;
+      const int64_t n1 = std::min(io.N, n0 + units_per_task * align);
+      if (n0 >= n1) return;
+      thread_local std::vector<float> acc;
+      acc.resize(static_cast<size_t>(kRowGroup * (n1 - n0)));
+      for (int64_t r0 = 0; r0 < mb; r0 += kRowGroup) {
+        const int R = static_cast<int>(std::min(kRowGroup, mb - r0));
+        const float* xrows[kRowGroup];
+        for (int r = 0; r < R; ++r) xrows[r] = xbuf.data() + (r0 + r) * kpad;
+        rows_fn(n0, n1, xrows, R, acc.data());
+        for (int r = 0; r < R; ++r) store_y_row(io, m0 + r0 + r, n0, n1, acc.data() + r * (n1 - n0));
+      }
+    });
+  }
+}
+
+// Calls f(std::integral_constant<int, R>) for R in 1..4, so inner loops see R at compile time.
+template <class F>
+inline void with_rows(int R, const F& f) {
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+#if defined(SF_ISA_avx512)
+// 16 bf16 / f16 / f32 values at p (already in registers as 16-bit lanes for the 16-bit types).
+inline __m512 cvt16_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 cvt16_f16(__m256i h) { return _mm512_cvtph_ps(h); }
+inline __m512 load16_f32(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::f32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: return cvt16_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+    default: return cvt16_f16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+inline __m512 maskz_load16_f32(__mmask16 k, const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::f32: return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+    case DType::bf16: return cvt16_bf16(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
+    default: return cvt16_f16(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
+  }
+}
+#elif defined(SF_ISA_avx2)
+inline __m256 cvt8_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 load8_f32(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: return cvt8_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    default: return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+}  // namespace sparseflow::cpu::SF_ISA

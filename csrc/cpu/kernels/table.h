@@ -1,0 +1,23 @@
+// The per-ISA micro-kernel table: each ISA level compiles csrc/cpu/kernels/*.cpp once, in its own
+// namespace, and exports one KernelTable. dispatch.cpp picks the table from cpuid.
+#pragma once
+#include "cpu/kernels/args.h"
+
+namespace sparseflow::cpu {
+
+struct KernelTable {
+  const char* isa;
+  void (*bitmask_linear)(const BitmaskView&, const LinearIO&);
+  void (*csr_linear)(const CsrView&, const LinearIO&);
+  void (*bsr_linear)(const BsrView&, const LinearIO&);
+  void (*nm_linear)(const NMView&, const LinearIO&);
+  // y = x @ w_t over the inputs with |x| > threshold (NaN and inf always count as active).
+  void (*act_sparse_dense)(const DenseView& w_t, float threshold, const LinearIO&);
+  void (*act_sparse_bitmask)(const BitmaskView& w_t, float threshold, const LinearIO&);
+};
+
+namespace scalar { extern const KernelTable table; }
+namespace avx2 { extern const KernelTable table; }
+namespace avx512 { extern const KernelTable table; }
+
+}  // namespace sparseflow::cpu

@@ -1,0 +1,89 @@
+#include "cpu/thread_pool.h"
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace sparseflow::cpu {
+namespace {
+
+class ThreadPool {
+ public:
+  void run(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
+    std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
+    if (!job.owns_lock() || threads <= 1 || n_tasks <= 1) {
+      for (int64_t i = 0; i < n_tasks; ++i) task(i);
+      return;
+    }
+    const int helpers = static_cast<int>(std::min<int64_t>(threads, n_tasks)) - 1;
+    while (static_cast<int>(workers_.size()) < helpers) {
+      const int id = static_cast<int>(workers_.size());
+      // The worker starts from the job number before this one, so it cannot miss this job.
+      const uint64_t before = job_.load(std::memory_order_relaxed);
+      workers_.emplace_back([this, id, before] { worker_loop(id, before); });
+      workers_.back().detach();  // the pool lives for the whole process
+    }
+    task_ = &task;
+    n_tasks_ = n_tasks;
+    next_.store(0, std::memory_order_relaxed);
+    pending_.store(helpers, std::memory_order_relaxed);
+    {
+      // One word holds the job number and its helper count, so a worker never pairs one job's
+      // number with another job's count.
+      std::lock_guard<std::mutex> lock(wake_mutex_);
+      const uint64_t next_job = (job_.load(std::memory_order_relaxed) >> 16) + 1;
+      job_.store((next_job << 16) | static_cast<uint64_t>(helpers), std::memory_order_release);
+    }
+    wake_.notify_all();
+    drain();
+    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+ private:
+  void drain() {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_tasks_;) (*task_)(i);
+  }
+
+  void worker_loop(int id, uint64_t seen) {
+    for (;;) {
+      // Spin briefly (a decode step calls us again within microseconds), then sleep.
+      for (int spin = 0; spin < 20000 && job_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      if (job_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(wake_mutex_);
+        wake_.wait(lock, [&] { return job_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = job_.load(std::memory_order_acquire);
+      if (id < static_cast<int>(seen & 0xffff)) {
+        drain();
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex job_mutex_;
+  std::mutex wake_mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> job_{0};  // (job number << 16) | helpers
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+};
+
+ThreadPool& pool() {
+  static ThreadPool* instance = new ThreadPool();  // never destroyed: workers may still be asleep at exit
+  return *instance;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
+  pool().run(n_tasks, threads, task);
+}
+
+}  // namespace sparseflow::cpu

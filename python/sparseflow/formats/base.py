@@ -1,0 +1,99 @@
+"""What every compressed weight format shares: immutability, device/dtype moves, sizes, and the
+name -> tensor view that checkpoints use."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
+    """A 2-D, non-empty, floating weight (any strides); raises a ValueError/TypeError naming the problem."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(w.shape)})")
+    return w
+
+
+class SparseFormat:
+    """Base of Bitmask, CSR, BSR and NM. Instances are immutable: methods return new objects."""
+
+    format_name: ClassVar[str]
+    tensor_names: ClassVar[tuple[str, ...]]  # the buffers, in checkpoint order
+
+    shape: torch.Size
+    values: torch.Tensor
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+    # ---- what subclasses provide ----
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable parameters besides shape and dtype (block, n, m, ...)."""
+        return {}
+
+    @classmethod
+    def from_tensors(cls, shape: tuple[int, int], tensors: dict[str, torch.Tensor], **params: Any):
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        raise NotImplementedError
+
+    # ---- shared ----
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.tensor_names}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all buffers: values and metadata."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the logical weight's elements that are stored as non-zeros."""
+        rows, cols = self.shape
+        return self.nnz / (rows * cols)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Moves every buffer to `device`; `dtype` converts the values only (metadata keeps its type)."""
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"values must be float32, bfloat16 or float16, got {dtype}")
+        tensors = {}
+        for name, t in self.tensors().items():
+            t = t.to(device) if device is not None else t
+            if dtype is not None and t is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[name] = t
+        return type(self).from_tensors(tuple(self.shape), tensors, validate=False, **self.params())
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.params().items())
+        return (
+            f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+            f"density={self.density:.3f}, nbytes={self.nbytes}{extra})"
+        )

@@ -1,0 +1,102 @@
+"""BSR: block sparsity with any (bm, bk) block whose sides are powers of two from 1 to 128. Kept
+blocks are stored whole, [nblocks, bm, bk], with one int32 block-column index each and int64
+block-row pointers. Shapes that are not a multiple of the block are zero-padded inside the edge
+blocks (the logical shape is kept)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .base import SparseFormat, check_weight
+
+
+def check_block(block) -> tuple[int, int]:
+    try:
+        bm, bk = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be a pair (bm, bk), got {block!r}") from None
+    for side in (bm, bk):
+        if side < 1 or side > 128 or side & (side - 1):
+            raise ValueError(f"block sides must be powers of two from 1 to 128, got {(bm, bk)}")
+    return bm, bk
+
+
+class BSR(SparseFormat):
+    format_name = "bsr"
+    tensor_names = ("values", "col_indices", "row_ptr")
+
+    def __init__(self, shape, values, col_indices, row_ptr, block, validate=True):
+        self.shape = torch.Size(shape)
+        self.block = check_block(block)
+        self.values, self.col_indices, self.row_ptr = values, col_indices, row_ptr
+        if validate:
+            self._validate()
+        self._freeze()
+
+    def params(self):
+        return {"block": list(self.block)}
+
+    @staticmethod
+    def blocked(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+        """[rows, cols] -> zero-padded [block_rows, block_cols, bm, bk]."""
+        bm, bk = block
+        rows, cols = w.shape
+        w = torch.nn.functional.pad(w, (0, (-cols) % bk, 0, (-rows) % bm))
+        return w.view(w.shape[0] // bm, bm, w.shape[1] // bk, bk).transpose(1, 2)
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, block=(32, 32)) -> BSR:
+        w = check_weight(w)
+        block = check_block(block)
+        blocks = cls.blocked(w, block)
+        kept = (blocks != 0).any(-1).any(-1)  # [block_rows, block_cols]
+        row_ptr = torch.zeros(kept.shape[0] + 1, dtype=torch.int64, device=w.device)
+        torch.cumsum(kept.sum(1), 0, out=row_ptr[1:])
+        col = kept.nonzero()[:, 1].to(torch.int32)
+        return cls(w.shape, blocks[kept].contiguous(), col, row_ptr, block, validate=False)
+
+    @classmethod
+    def from_tensors(cls, shape, tensors, validate=True, block=(32, 32)) -> BSR:
+        return cls(shape, tensors["values"], tensors["col_indices"], tensors["row_ptr"], block, validate=validate)
+
+    def _validate(self) -> None:
+        rows, cols = self.shape
+        bm, bk = self.block
+        v, col, ptr = self.values, self.col_indices, self.row_ptr
+        block_rows = -(-rows // bm)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"bsr: shape {tuple(self.shape)} is empty")
+        if v.dim() != 3 or tuple(v.shape[1:]) != (bm, bk) or v.dtype not in _ext.DTYPE_CODES:
+            raise ValueError(f"bsr: values must be float [nblocks, {bm}, {bk}], got {v.dtype} {tuple(v.shape)}")
+        if col.dtype != torch.int32 or tuple(col.shape) != (v.shape[0],):
+            raise ValueError(f"bsr: col_indices must be int32 ({v.shape[0]},), got {col.dtype} {tuple(col.shape)}")
+        if ptr.dtype != torch.int64 or tuple(ptr.shape) != (block_rows + 1,):
+            raise ValueError(f"bsr: row_ptr must be int64 ({block_rows + 1},), got {ptr.dtype} {tuple(ptr.shape)}")
+        c, p = col.cpu().contiguous(), ptr.cpu().contiguous()
+        _ext._C.validate_bsr(c.data_ptr(), p.data_ptr(), rows, cols, bm, bk, v.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        """Non-zero elements inside the stored blocks."""
+        return int(self.values.count_nonzero())
+
+    @property
+    def nblocks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight covered by stored blocks."""
+        bm, bk = self.block
+        rows, cols = self.shape
+        return min(1.0, self.nblocks * bm * bk / (rows * cols))
+
+    def to_dense(self) -> torch.Tensor:
+        bm, bk = self.block
+        rows, cols = self.shape
+        block_rows, block_cols = -(-rows // bm), -(-cols // bk)
+        blocks = torch.zeros(block_rows, block_cols, bm, bk, dtype=self.dtype, device=self.device)
+        brow = torch.repeat_interleave(torch.arange(block_rows, device=self.device), self.row_ptr.diff())
+        blocks[brow, self.col_indices.to(torch.int64)] = self.values
+        return blocks.transpose(1, 2).reshape(block_rows * bm, block_cols * bk)[:rows, :cols]

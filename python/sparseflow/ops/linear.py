@@ -1,0 +1,157 @@
+"""sf.ops.linear and sf.ops.act_sparse_linear as torch.library custom ops (with fake kernels, so
+torch.compile(fullgraph=True) and torch.export see through them). Each op takes a format's
+buffers as tensors, rebuilds the (already validated) format object and runs the backend that
+the table selects."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import BSR, CSR, NM, Bitmask, SparseFormat
+from . import table
+
+LIB = "sparseflow"
+
+
+def _run_linear(fmt: str, x: torch.Tensor, w: SparseFormat, bias, backend: str) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    b = table.select("linear", fmt, x, w, x2.shape[0], backend)
+    return b.fn(x2, w, bias).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _empty_out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op(f"{LIB}::linear_bitmask", mutates_args=())
+def linear_bitmask(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
+                   bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    w = Bitmask((mask.shape[0], x.shape[-1]), values, mask, row_offsets, validate=False)
+    return _run_linear("bitmask", x, w, bias, backend)
+
+
+@linear_bitmask.register_fake
+def _(x, values, mask, row_offsets, bias=None, backend=""):
+    return _empty_out(x, mask.shape[0])
+
+
+@torch.library.custom_op(f"{LIB}::linear_csr", mutates_args=())
+def linear_csr(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
+               bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    w = CSR((row_ptr.shape[0] - 1, x.shape[-1]), values, col_indices, row_ptr, validate=False)
+    return _run_linear("csr", x, w, bias, backend)
+
+
+@linear_csr.register_fake
+def _(x, values, col_indices, row_ptr, bias=None, backend=""):
+    return _empty_out(x, row_ptr.shape[0] - 1)
+
+
+@torch.library.custom_op(f"{LIB}::linear_bsr", mutates_args=())
+def linear_bsr(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
+               out_features: int, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    w = BSR((out_features, x.shape[-1]), values, col_indices, row_ptr, tuple(values.shape[1:]), validate=False)
+    return _run_linear("bsr", x, w, bias, backend)
+
+
+@linear_bsr.register_fake
+def _(x, values, col_indices, row_ptr, out_features, bias=None, backend=""):
+    return _empty_out(x, out_features)
+
+
+@torch.library.custom_op(f"{LIB}::linear_nm", mutates_args=())
+def linear_nm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
+              bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    w = NM((values.shape[0], x.shape[-1]), values, index, n, m, validate=False)
+    return _run_linear("nm", x, w, bias, backend)
+
+
+@linear_nm.register_fake
+def _(x, values, index, n, m, bias=None, backend=""):
+    return _empty_out(x, values.shape[0])
+
+
+@torch.library.custom_op(f"{LIB}::act_sparse_linear_dense", mutates_args=())
+def act_sparse_linear_dense(x: torch.Tensor, w_t: torch.Tensor, threshold: float,
+                            bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    b = table.select("act_sparse_linear", "dense", x, w_t, x2.shape[0], backend)
+    return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], w_t.shape[1])
+
+
+@act_sparse_linear_dense.register_fake
+def _(x, w_t, threshold, bias=None, backend=""):
+    return _empty_out(x, w_t.shape[1])
+
+
+@torch.library.custom_op(f"{LIB}::act_sparse_linear_bitmask", mutates_args=())
+def act_sparse_linear_bitmask(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
+                              out_features: int, threshold: float, bias: torch.Tensor | None = None,
+                              backend: str = "") -> torch.Tensor:
+    w_t = Bitmask((x.shape[-1], out_features), values, mask, row_offsets, validate=False)
+    x2 = x.reshape(-1, x.shape[-1])
+    b = table.select("act_sparse_linear", "bitmask", x, w_t, x2.shape[0], backend)
+    return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], out_features)
+
+
+@act_sparse_linear_bitmask.register_fake
+def _(x, values, mask, row_offsets, out_features, threshold, bias=None, backend=""):
+    return _empty_out(x, out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, in_features: int, out_features: int, dtype: torch.dtype, device, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
+    if x.dtype != dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {dtype}; convert one of them")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the weight is on {device}")
+    if bias is not None:
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != dtype or bias.device != device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {dtype} on {device}")
+
+
+def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    """F.linear(x, w.to_dense(), bias) for a compressed weight w; x is [..., K].
+    `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
+    if not isinstance(w, SparseFormat):
+        raise TypeError(f"w must be a sparseflow format (Bitmask, CSR, BSR, NM), got {type(w).__name__}")
+    n, k = w.shape
+    _check(x, k, n, w.dtype, w.device, bias)
+    if bias is not None:
+        bias = bias.contiguous()
+    if isinstance(w, Bitmask):
+        return linear_bitmask(x, w.values, w.mask, w.row_offsets, bias, backend)
+    if isinstance(w, CSR):
+        return linear_csr(x, w.values, w.col_indices, w.row_ptr, bias, backend)
+    if isinstance(w, BSR):
+        return linear_bsr(x, w.values, w.col_indices, w.row_ptr, n, bias, backend)
+    if isinstance(w, NM):
+        return linear_nm(x, w.values, w.index, w.n, w.m, bias, backend)
+    raise TypeError(f"no linear op for {type(w).__name__}")
+
+
+def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor | None = None,
+                      backend: str = "") -> torch.Tensor:
+    """y = x_active @ w_t (+ bias), where inputs with |x| <= threshold are skipped (NaN/inf always
+    count as active). w_t is the transposed weight [K, N]: a dense tensor or a sf.Bitmask of it."""
+    threshold = float(threshold)
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if isinstance(w_t, Bitmask):
+        k, n = w_t.shape
+        _check(x, k, n, w_t.dtype, w_t.device, bias)
+        return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold,
+                                         None if bias is None else bias.contiguous(), backend)
+    if isinstance(w_t, torch.Tensor):
+        if w_t.dim() != 2:
+            raise ValueError(f"w_t must be 2-D [in_features, out_features], got {tuple(w_t.shape)}")
+        k, n = w_t.shape
+        _check(x, k, n, w_t.dtype, w_t.device, bias)
+        return act_sparse_linear_dense(x, w_t, threshold, None if bias is None else bias.contiguous(), backend)
+    raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")

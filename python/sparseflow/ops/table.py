@@ -1,0 +1,81 @@
+"""The one table of backends. Dispatch, tests and benchmarks all read it: a new kernel is one row
+here plus its file.
+
+A row says which op and weight format it computes, on which device type and dtypes, for which
+shapes (`applies(w, m)`, m = rows of x), and whether it can run in this process (`available`).
+Dispatch takes the first row that fits, so rows are listed fastest first; `reference` is last and
+always fits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cpu
+from .reference import act_sparse_linear_reference, linear_reference
+
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _always(*_args) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str                   # "linear" | "act_sparse_linear"
+    format: str               # weight format: "bitmask" | "csr" | "bsr" | "nm" | "dense"
+    device: str               # "cpu" | "cuda"
+    name: str                 # "cpp" | "triton" | "cuda" | "torch" | "reference"
+    fn: Callable              # linear: fn(x2d, w, bias); act_sparse_linear: fn(x2d, w_t, threshold, bias)
+    dtypes: tuple = ALL_DTYPES
+    applies: Callable = field(default=_always)    # (w, m) -> bool
+    available: Callable = field(default=_always)  # () -> bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.format}/{self.device}/{self.name}"
+
+
+def _ref_linear(x2, w, bias):
+    return linear_reference(x2, w.to_dense(), bias)
+
+
+def _ref_act_sparse(x2, w_t, threshold, bias):
+    dense = w_t if isinstance(w_t, torch.Tensor) else w_t.to_dense()
+    return act_sparse_linear_reference(x2, dense, threshold, bias)
+
+
+BACKENDS: list[Backend] = [
+    # ---- C++ CPU kernels (csrc/cpu/kernels), one per format; ISA chosen inside _C ----
+    Backend("linear", "bitmask", "cpu", "cpp", cpu.bitmask_linear),
+    Backend("linear", "csr", "cpu", "cpp", cpu.csr_linear),
+    Backend("linear", "bsr", "cpu", "cpp", cpu.bsr_linear),
+    Backend("linear", "nm", "cpu", "cpp", cpu.nm_linear),
+    Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
+    Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
+    # ---- plain torch, any device ----
+    *(Backend("linear", f, d, "reference", _ref_linear) for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),
+    *(Backend("act_sparse_linear", f, d, "reference", _ref_act_sparse) for f in ("dense", "bitmask") for d in ("cpu", "cuda")),
+]
+
+
+def backends(op: str | None = None, format: str | None = None, device: str | None = None) -> list[Backend]:
+    """Rows matching the given fields (None matches all), in priority order."""
+    return [
+        b for b in BACKENDS
+        if (op is None or b.op == op) and (format is None or b.format == format) and (device is None or b.device == device)
+    ]
+
+
+def select(op: str, format: str, x: torch.Tensor, w, m: int, name: str = "") -> Backend:
+    """The backend dispatch uses: the first row that fits, or the row called `name`."""
+    for b in backends(op, format, x.device.type):
+        if name and b.name != name:
+            continue
+        if x.dtype in b.dtypes and b.available() and b.applies(w, m):
+            return b
+    wanted = f" named {name!r}" if name else ""
+    raise RuntimeError(f"no {op} backend{wanted} for {format} weights on {x.device.type} in {x.dtype} (m={m})")
