@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every check CI runs, in order; exits non-zero on the first failure. Expects the venv on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== ruff"
+ruff check python tests benchmarks kernels
+
+echo "== build info"
+python -c "import sparseflow, json; print(json.dumps(sparseflow.info(), indent=1))"
+
+echo "== fast test suite (CPU kernels run once per ISA level this CPU has, see tests/conftest.py)"
+python -m pytest -q
+
+echo "== kernel tests with SPARSEFLOW_ISA forced, one process per ISA level"
+for isa in $(python -c "import sparseflow; print(' '.join(sparseflow.available_isas()))"); do
+  SPARSEFLOW_ISA=$isa python -m pytest -q tests/test_kernels.py -k "test_linear_matches_reference and 129" -p no:randomly
+done
+
+if [ -f tests/test_triton_kernels.py ]; then
+  echo "== Triton kernels under TRITON_INTERPRET=1"
+  TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_kernels.py
+fi
+
+echo "== nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90a)"
+if command -v nvcc >/dev/null 2>&1; then
+  shopt -s nullglob
+  cus=(csrc/cuda/*.cu)
+  if [ ${#cus[@]} -eq 0 ]; then echo "notice: no .cu files"; fi
+  for cu in "${cus[@]}"; do
+    for arch in sm_80 sm_90a; do
+      nvcc -std=c++17 -O2 -arch="$arch" -Icsrc -c "$cu" -o /dev/null
+      echo "ok $cu $arch"
+    done
+  done
+else
+  echo "notice: nvcc not on PATH, CUDA compile check skipped"
+fi
+echo "== all checks passed"

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import sparseflow as sf
+import torch
+from sparseflow.ops import cpu
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
+    monkeypatch.setattr(cpu, "POISON_OUTPUTS", True)
+
+
+# SPARSEFLOW_ISA set in the environment narrows the run to that one level.
+ISA_LEVELS = [os.environ["SPARSEFLOW_ISA"]] if os.environ.get("SPARSEFLOW_ISA") else sf.available_isas()
+
+
+@pytest.fixture(params=ISA_LEVELS)
+def isa(request):
+    """Runs a test once per ISA level this CPU has (what SPARSEFLOW_ISA forces)."""
+    with sf.isa(request.param):
+        yield request.param
+
+
+def max_err(y: torch.Tensor, ref64: torch.Tensor) -> float:
+    return (y.double() - ref64).abs().max().item() if y.numel() else 0.0
+
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def assert_close_2x(y: torch.Tensor, ref64: torch.Tensor, torch_dense: torch.Tensor) -> None:
+    """The flash-attention idiom: our error against a float64 reference is at most twice the error
+    of torch's own dense op in the same dtype, plus a small atol (scaled by the output size)."""
+    assert y.shape == ref64.shape, (y.shape, ref64.shape)
+    assert y.dtype == torch_dense.dtype
+    assert not torch.isnan(y).any(), "NaN in the output: an element was not written (outputs are poisoned)"
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    err, base = max_err(y, ref64), max_err(torch_dense, ref64)
+    assert err <= 2 * base + ATOL[y.dtype] * scale, f"error {err:.3g} vs torch dense {base:.3g} ({y.dtype})"

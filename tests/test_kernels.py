@@ -1,0 +1,279 @@
+"""Every CPU kernel of the backend table against the float64 reference, on every ISA level this
+CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
+
+import threading
+
+import pytest
+import sparseflow as sf
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_2x
+from sparseflow.ops import table
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (M, N, K): odd sizes that are multiples of no tile, decode and batched row counts
+SHAPES = [(1, 1, 1), (2, 3, 17), (3, 17, 33), (7, 33, 1000), (16, 1000, 33), (129, 17, 4097), (1, 4097, 1000)]
+# weight formats and how to make one; each also names the sparsity pattern it is tested with
+FORMATS = {
+    "bitmask": lambda w: sf.Bitmask.from_dense(w),
+    "csr": lambda w: sf.CSR.from_dense(w),
+    "bsr32": lambda w: sf.BSR.from_dense(w, (32, 32)),
+    "bsr4x16": lambda w: sf.BSR.from_dense(w, (4, 16)),
+    "bsr128x1": lambda w: sf.BSR.from_dense(w, (128, 1)),
+    "2:4": lambda w: sf.NM.from_dense(w, 2, 4, prune=True),
+    "4:8": lambda w: sf.NM.from_dense(w, 4, 8, prune=True),
+    "1:4": lambda w: sf.NM.from_dense(w, 1, 4, prune=True),
+    "3:8": lambda w: sf.NM.from_dense(w, 3, 8, prune=True),
+    "8:16": lambda w: sf.NM.from_dense(w, 8, 16, prune=True),
+}
+
+
+def random_weight(n, k, dtype, density=0.5, gen=None):
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    return w * (torch.rand(n, k, generator=gen) < density)
+
+
+def block_weight(n, k, dtype, block, density=0.5, gen=None):
+    bm, bk = block
+    keep = torch.rand(-(-n // bm), -(-k // bk), generator=gen) < density
+    keep = keep.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
+    return torch.randn(n, k, generator=gen).to(dtype) * keep
+
+
+def make(fmt, n, k, dtype, density=0.5, gen=None):
+    if fmt.startswith("bsr"):
+        w = FORMATS[fmt](random_weight(n, k, dtype, 1.0, gen))
+        return block_weight(n, k, dtype, w.block, density, gen) if density < 1 else w.to_dense(), fmt
+    return random_weight(n, k, dtype, density, gen), fmt
+
+
+def check_linear(x, w_dense, sparse, bias=None):
+    y = sf.ops.linear(x, sparse, bias)
+    ref64 = F.linear(x.double(), w_dense.double(), None if bias is None else bias.double())
+    dense = F.linear(x, w_dense, bias)
+    assert_close_2x(y, ref64, dense)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_matches_reference(isa, fmt, dtype, M, N, K):
+    gen = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
+    w_dense, _ = make(fmt, N, K, dtype, 0.5, gen)
+    sparse = FORMATS[fmt](w_dense)
+    w_dense = sparse.to_dense()  # N:M prune=True may have dropped values
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    check_linear(x, w_dense, sparse, bias)
+    check_linear(x, w_dense, sparse, None)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_zero_and_full_density(isa, fmt, density):
+    dtype = torch.bfloat16
+    n, k = 37, 70
+    w = torch.randn(n, k).to(dtype) * density
+    sparse = FORMATS[fmt](w)
+    x = torch.randn(3, k).to(dtype)
+    check_linear(x, sparse.to_dense(), sparse, torch.randn(n).to(dtype))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_all_zero_rows_batch_dims_and_noncontiguous_x(isa, fmt):
+    dtype = torch.float32
+    n, k = 40, 65
+    w = random_weight(n, k, dtype)
+    w[::3] = 0  # all-zero rows
+    sparse = FORMATS[fmt](w)
+    w = sparse.to_dense()
+    x3 = torch.randn(2, 3, k, dtype=dtype)
+    check_linear(x3, w, sparse)  # 3-D x
+    xt = torch.randn(k, 5, dtype=dtype).t()  # element stride != 1
+    check_linear(xt, w, sparse)
+    xs = torch.randn(4, 2 * k, dtype=dtype)[:, ::2]  # strided rows
+    check_linear(xs, w, sparse)
+    xw = torch.randn(4, k + 9, dtype=dtype)[:, 3 : 3 + k]  # row stride > K
+    check_linear(xw, w, sparse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_nan_and_inf_propagate_like_dense(isa, fmt, dtype):
+    n, k = 19, 40
+    w = random_weight(n, k, dtype)
+    sparse = FORMATS[fmt](w)
+    w = sparse.to_dense()
+    x = torch.randn(4, k).to(dtype)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 9] = -float("inf")
+    y = sf.ops.linear(x, sparse)
+    dense = F.linear(x.float(), w.float()).to(dtype)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense))
+    assert torch.equal(torch.isinf(y), torch.isinf(dense))
+    assert torch.equal(y[torch.isinf(y)], dense[torch.isinf(dense)])
+    finite = torch.isfinite(dense)
+    assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
+
+
+# ---- activation-sparse ----
+def act_case(M, N, K, dtype, gen, zero_frac=0.5):
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    x[torch.rand(M, K, generator=gen) < zero_frac] = 0
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    return x, w
+
+
+def check_act(x, w_t_sparse, w_t_dense, threshold, bias):
+    y = sf.ops.act_sparse_linear(x, w_t_sparse, threshold, bias)
+    keep = ~(x.abs() <= threshold)
+    xm = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+    ref64 = xm.double() @ w_t_dense.double() + (0 if bias is None else bias.double())
+    dense = F.linear(xm, w_t_dense.t(), bias)
+    assert_close_2x(y, ref64, dense)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_act_sparse_matches_reference(isa, weight, dtype, M, N, K):
+    gen = torch.Generator().manual_seed(M + 13 * N + 101 * K)
+    x, w = act_case(M, N, K, dtype, gen)
+    if weight == "bitmask":
+        w = w * (torch.rand(N, K, generator=gen) < 0.5)
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    bias = torch.randn(N, generator=gen).to(dtype)
+    for threshold in (0.0, 0.5):
+        check_act(x, w_t_sparse, w_t, threshold, bias)
+    check_act(x.reshape(M, 1, K), w_t_sparse, w_t, 0.2, None)  # batch dims
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_everything_inactive_or_active(isa, weight):
+    x, w = act_case(3, 21, 50, torch.float32, torch.Generator().manual_seed(0), zero_frac=0.0)
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    check_act(x, w_t_sparse, w_t, 1e9, torch.randn(21))  # nothing active: y == bias
+    check_act(x, w_t_sparse, w_t, 0.0, None)  # everything active
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_nan_inf_count_as_active(isa, weight):
+    x, w = act_case(3, 16, 40, torch.float32, torch.Generator().manual_seed(1))
+    w = w * (torch.rand(16, 40) < 0.5)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.5)
+    keep = ~(x.abs() <= 0.5)
+    expect = torch.where(keep, x, torch.zeros(())) @ w_t
+    assert torch.equal(torch.isnan(y), torch.isnan(expect))
+    assert torch.isnan(y[0]).all()
+    assert torch.equal(torch.isinf(y), torch.isinf(expect))
+    finite = torch.isfinite(expect)
+    assert torch.allclose(y[finite], expect[finite], rtol=1e-4, atol=1e-4)
+
+
+# ---- concurrency, dispatch, errors ----
+def test_several_threads_at_once():
+    torch.manual_seed(0)
+    cases = []
+    for fmt in ("bitmask", "csr", "bsr32", "2:4"):
+        w = random_weight(300, 257, torch.bfloat16) if not fmt.startswith("bsr") else block_weight(
+            300, 257, torch.bfloat16, (32, 32))
+        sparse = FORMATS[fmt](w)
+        x = torch.randn(5, 257).to(torch.bfloat16)
+        cases.append((x, sparse, sf.ops.linear(x, sparse)))
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(30):
+                for x, sparse, expect in cases:
+                    assert torch.equal(sf.ops.linear(x, sparse), expect)
+        except Exception as e:  # surfaced in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_every_cpu_row_of_the_table_is_tested_here():
+    tested = {"bitmask", "csr", "bsr", "nm"}
+    for row in table.backends(device="cpu"):
+        if row.op == "linear":
+            assert row.format in tested, row.key
+        else:
+            assert row.format in {"dense", "bitmask"}, row.key
+
+
+def test_dispatch_picks_cpp_on_cpu():
+    w = sf.Bitmask.from_dense(random_weight(8, 16, torch.float32))
+    row = table.select("linear", "bitmask", torch.randn(1, 16), w, 1)
+    assert row.name == "cpp"
+
+
+def test_bad_inputs_raise_clear_errors():
+    w = sf.Bitmask.from_dense(random_weight(8, 16, torch.float32))
+    with pytest.raises(ValueError, match="in_features=16"):
+        sf.ops.linear(torch.randn(2, 15), w)
+    with pytest.raises(TypeError, match="bfloat16"):
+        sf.ops.linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="bias"):
+        sf.ops.linear(torch.randn(2, 16), w, torch.randn(7))
+    with pytest.raises(TypeError, match="sparseflow format"):
+        sf.ops.linear(torch.randn(2, 16), torch.randn(8, 16))
+    with pytest.raises(ValueError, match="threshold"):
+        sf.ops.act_sparse_linear(torch.randn(2, 16), torch.randn(16, 8), -1.0)
+    with pytest.raises(RuntimeError, match="no linear backend named 'nope'"):
+        sf.ops.linear(torch.randn(2, 16), w, backend="nope")
+
+
+def test_unknown_or_unsupported_isa_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_ISA", "sse9")
+    w = sf.Bitmask.from_dense(random_weight(8, 16, torch.float32))
+    with pytest.raises(ValueError, match="SPARSEFLOW_ISA"):
+        sf.ops.linear(torch.randn(2, 16), w)
+    with pytest.raises(ValueError):
+        with sf.isa("mmx"):
+            pass
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr32", "2:4"])
+def test_opcheck(fmt):
+    w = FORMATS[fmt](random_weight(24, 40, torch.float32) if not fmt.startswith("bsr") else block_weight(
+        24, 40, torch.float32, (32, 32), 1.0))
+    x = torch.randn(3, 40)
+    bias = torch.randn(24)
+    ops = torch.ops.sparseflow
+    if fmt == "bitmask":
+        op, args = ops.linear_bitmask, (x, w.values, w.mask, w.row_offsets, bias)
+    elif fmt == "csr":
+        op, args = ops.linear_csr, (x, w.values, w.col_indices, w.row_ptr, bias)
+    elif fmt == "bsr32":
+        op, args = ops.linear_bsr, (x, w.values, w.col_indices, w.row_ptr, 24, bias)
+    else:
+        op, args = ops.linear_nm, (x, w.values, w.index, 2, 4, bias)
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_act_sparse():
+    x = torch.randn(3, 40)
+    w_t = torch.randn(40, 24)
+    torch.library.opcheck(torch.ops.sparseflow.act_sparse_linear_dense, (x, w_t, 0.3, torch.randn(24)))
+    b = sf.Bitmask.from_dense(w_t * (torch.rand(40, 24) < 0.5))
+    torch.library.opcheck(torch.ops.sparseflow.act_sparse_linear_bitmask, (x, b.values, b.mask, b.row_offsets, 24, 0.3))
+
+
+def test_compile_fullgraph():
+    w = sf.Bitmask.from_dense(random_weight(24, 40, torch.float32))
+    f = torch.compile(lambda x: sf.ops.linear(x, w) * 2, fullgraph=True)
+    x = torch.randn(3, 40)
+    assert torch.allclose(f(x), sf.ops.linear(x, w) * 2)
