@@ -62,12 +62,15 @@ def run(out_dir: str = "sparseflow-demo", quick: bool = False, show: bool = True
         passed = err <= 2 * torch_err + 1e-2 * max(1.0, exact.abs().max().item())
         ok &= passed
         t_sparse, t_dense = [], []
+        dense_fn = lambda w=w: F.linear(x, w)
+        sparse_fn = lambda sparse=sparse: ops.linear(x, sparse)
         for _ in range(5 if quick else 15):  # interleaved, so both see the same machine state
-            t_dense.append(median_time(lambda: F.linear(x, w), 5))
-            t_sparse.append(median_time(lambda: ops.linear(x, sparse), 5))
+            t_dense.append(median_time(dense_fn, 5))
+            t_sparse.append(median_time(sparse_fn, 5))
         td, ts = sorted(t_dense)[len(t_dense) // 2], sorted(t_sparse)[len(t_sparse) // 2]
         rows.append({
-            "case": label, "shape": [n, k], "dtype": str(dtype), "density": round(w.count_nonzero().item() / w.numel(), 4),
+            "case": label, "shape": [n, k], "dtype": str(dtype),
+            "density": round(w.count_nonzero().item() / w.numel(), 4),
             "max_err": err, "torch_dense_err": torch_err, "matches_reference": bool(torch.equal(y, ref)) or passed,
             "correct": passed, "bytes_dense": w.numel() * w.element_size(), "bytes_sparse": sparse.nbytes,
             "dense_us": td * 1e6, "sparse_us": ts * 1e6, "speedup": td / ts,

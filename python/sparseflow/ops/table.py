@@ -57,8 +57,10 @@ BACKENDS: list[Backend] = [
     Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
     Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
     # ---- plain torch, any device ----
-    *(Backend("linear", f, d, "reference", _ref_linear) for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),
-    *(Backend("act_sparse_linear", f, d, "reference", _ref_act_sparse) for f in ("dense", "bitmask") for d in ("cpu", "cuda")),
+    *(Backend("linear", f, d, "reference", _ref_linear)
+      for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),
+    *(Backend("act_sparse_linear", f, d, "reference", _ref_act_sparse)
+      for f in ("dense", "bitmask") for d in ("cpu", "cuda")),
 ]
 
 
@@ -66,7 +68,8 @@ def backends(op: str | None = None, format: str | None = None, device: str | Non
     """Rows matching the given fields (None matches all), in priority order."""
     return [
         b for b in BACKENDS
-        if (op is None or b.op == op) and (format is None or b.format == format) and (device is None or b.device == device)
+        if (op is None or b.op == op) and (format is None or b.format == format)
+        and (device is None or b.device == device)
     ]
 
 
