@@ -17,6 +17,9 @@ for isa in $(python -c "import sparseflow; print(' '.join(sparseflow.available_i
   SPARSEFLOW_ISA=$isa python -m pytest -q tests/test_kernels.py -k "test_linear_matches_reference and 129" -p no:randomly
 done
 
+echo "== AVX-512 bf16 kernels without BF16 dot products (the path CPUs without AVX512_BF16 take)"
+SPARSEFLOW_NO_BF16_DOT=1 python -m pytest -q tests/test_kernels.py -k "bfloat16"
+
 if [ -f tests/test_triton_kernels.py ]; then
   echo "== Triton kernels under TRITON_INTERPRET=1"
   TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_kernels.py

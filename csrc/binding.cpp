@@ -63,7 +63,7 @@ PYBIND11_MODULE(_C, m) {
     d["model"] = f.model;
     d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["bmi2"] = f.bmi2;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq;
-    d["avx512vbmi2"] = f.avx512vbmi2; d["avx512bf16"] = f.avx512bf16;
+    d["avx512vbmi"] = f.avx512vbmi; d["avx512vbmi2"] = f.avx512vbmi2; d["avx512bf16"] = f.avx512bf16;
     return d;
   });
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });

@@ -33,6 +33,7 @@ CpuFeatures detect() {
   f.avx512bw = os_avx512 && (b & bit_AVX512BW);
   f.avx512vl = os_avx512 && (b & bit_AVX512VL);
   f.avx512dq = os_avx512 && (b & bit_AVX512DQ);
+  f.avx512vbmi = os_avx512 && (c & bit_AVX512VBMI);
   f.avx512vbmi2 = os_avx512 && (c & bit_AVX512VBMI2);
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = os_avx512 && (a & bit_AVX512BF16);
@@ -54,10 +55,11 @@ bool supports(const CpuFeatures& f, Isa isa) {
   switch (isa) {
     case Isa::scalar: return true;
     case Isa::avx2: return f.avx2 && f.fma && f.f16c && f.bmi2 && f.popcnt;
-    // VBMI2 (16-bit expand) is what the bitmask kernels are built around; BF16 dot products are
-    // used only where the CPU also has them (checked per call).
+    // VBMI2 (16-bit expand) and VBMI (multishift) are what the bitmask and N:M kernels are built
+    // around; BF16 dot products are used only where the CPU also has them (use_bf16_dot).
     case Isa::avx512:
-      return supports(f, Isa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vbmi2;
+      return supports(f, Isa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vbmi &&
+             f.avx512vbmi2;
   }
   return false;
 }
@@ -93,6 +95,11 @@ Isa best_isa() {
     return Isa::scalar;
   }();
   return best;
+}
+
+bool use_bf16_dot() {
+  const char* off = std::getenv("SPARSEFLOW_NO_BF16_DOT");
+  return cpu_features().avx512bf16 && (off == nullptr || *off == '\0' || *off == '0');
 }
 
 Isa active_isa() {

@@ -9,7 +9,7 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, bmi2 = false, popcnt = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-  bool avx512vbmi2 = false, avx512bf16 = false;
+  bool avx512vbmi = false, avx512vbmi2 = false, avx512bf16 = false;
   std::string model;
 };
 
@@ -20,5 +20,8 @@ Isa best_isa();  // the highest level this CPU supports
 // for a level this CPU lacks or an unknown name throws std::invalid_argument).
 Isa active_isa();
 Isa parse_isa(const std::string& name);
+// Whether AVX-512 kernels may use BF16 dot products (vdpbf16ps): the CPU has them and
+// SPARSEFLOW_NO_BF16_DOT is unset (tests set it to cover the conversion path too).
+bool use_bf16_dot();
 
 }  // namespace sparseflow::cpu

@@ -56,7 +56,8 @@ void axpy_rows(float* acc, int64_t len, const void* const* rows, const float* xs
 #endif
 }
 
-// acc[0:cols] += x * (row of a bitmask matrix, expanded)
+// acc[0:cols] += x * (row k of a bitmask matrix, expanded). acc is padded to a multiple of 32
+// columns, so whole chunks are written without masks (mask bits past `cols` are zero).
 void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DType t) {
   const uint8_t* row = w.mask + k * w.mask_stride;
   int64_t v = w.row_offsets[k];
@@ -66,30 +67,24 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
     const float* vals = static_cast<const float*>(w.values);
     for (int64_t n = 0; n < w.cols; n += 16) {
       const uint32_t bits = mask_bits(row, w.mask_stride, n, 16);
-      if (!bits) continue;
       const int cnt = popcount32(bits);
       const __m512 wv = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits),
                                                _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(~0u, cnt)), vals + v));
-      const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, w.cols - n))));
-      _mm512_mask_storeu_ps(acc + n, live, _mm512_fmadd_ps(xv, wv, _mm512_maskz_loadu_ps(live, acc + n)));
+      _mm512_storeu_ps(acc + n, _mm512_fmadd_ps(xv, wv, _mm512_loadu_ps(acc + n)));
       v += cnt;
     }
     return;
   }
   const uint16_t* vals = static_cast<const uint16_t*>(w.values);
+  const bool bf16 = t == DType::bf16;
   for (int64_t n = 0; n < w.cols; n += 32) {
     const uint32_t bits = mask_bits(row, w.mask_stride, n, 32);
-    if (!bits) continue;
     const int cnt = popcount32(bits);
     const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), vals + v));
     const __m256i lo16 = _mm512_castsi512_si256(wv), hi16 = _mm512_extracti64x4_epi64(wv, 1);
-    const bool bf16 = t == DType::bf16;
     const __m512 lo = bf16 ? cvt16_bf16(lo16) : cvt16_f16(lo16), hi = bf16 ? cvt16_bf16(hi16) : cvt16_f16(hi16);
-    const int64_t left = w.cols - n;
-    const __mmask16 live0 = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, left))));
-    const __mmask16 live1 = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(left - 16, 0, 16))));
-    _mm512_mask_storeu_ps(acc + n, live0, _mm512_fmadd_ps(xv, lo, _mm512_maskz_loadu_ps(live0, acc + n)));
-    _mm512_mask_storeu_ps(acc + n + 16, live1, _mm512_fmadd_ps(xv, hi, _mm512_maskz_loadu_ps(live1, acc + n + 16)));
+    _mm512_storeu_ps(acc + n, _mm512_fmadd_ps(xv, lo, _mm512_loadu_ps(acc + n)));
+    _mm512_storeu_ps(acc + n + 16, _mm512_fmadd_ps(xv, hi, _mm512_loadu_ps(acc + n + 16)));
     v += cnt;
   }
 #else
@@ -145,21 +140,22 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
   // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).
   const int64_t parts = std::max(1, io.threads);
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
+  const int64_t ld = round_up(io.N, 32);  // accumulator rows padded for whole-chunk stores
   std::vector<Active> active;
-  std::vector<float> partial(static_cast<size_t>(parts * io.N));
+  std::vector<float> partial(static_cast<size_t>(parts * ld));
   for (int64_t m = 0; m < io.M; ++m) {
     const bool finite = collect_active(io, m, threshold, active);
     if (io.nonfinite) io.nonfinite[m] = finite ? 0 : 1;
     parallel_for(parts, io.threads, [&](int64_t p) {
-      float* acc = partial.data() + p * io.N;
-      std::fill(acc, acc + io.N, 0.0f);
+      float* acc = partial.data() + p * ld;
+      std::fill(acc, acc + ld, 0.0f);
       const size_t lo = active.size() * p / parts, hi = active.size() * (p + 1) / parts;
       for (size_t a = lo; a < hi; ++a) axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype);
     });
     parallel_for(tasks, io.threads, [&](int64_t task) {
       const int64_t n0 = task * chunk, n1 = std::min(io.N, n0 + chunk);
       for (int64_t p = 1; p < parts; ++p)
-        for (int64_t n = n0; n < n1; ++n) partial[n] += partial[p * io.N + n];
+        for (int64_t n = n0; n < n1; ++n) partial[n] += partial[p * ld + n];
       store_y_row(io, m, n0, n1, partial.data() + n0);
     });
   }

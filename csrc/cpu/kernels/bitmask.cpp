@@ -7,7 +7,7 @@ namespace sparseflow::cpu::SF_ISA {
 namespace {
 
 template <int R>
-void bitmask_dot_scalar(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+void bitmask_dot_scalar(const BitmaskView& w, DType t, int64_t n, const XRows& x, float* out) {
   float acc[R] = {};
   int64_t v = w.row_offsets[n];
   const uint8_t* row = w.mask + n * w.mask_stride;
@@ -22,8 +22,32 @@ void bitmask_dot_scalar(const BitmaskView& w, DType t, int64_t n, const float* c
 }
 
 #if defined(SF_ISA_avx512)
+// bf16 with BF16 dot products: the expanded weights meet x in bf16 directly, no conversion.
 template <int R>
-void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+void bitmask_dot_bf16(const BitmaskView& w, int64_t n, const XRows& x, float* out) {
+  __m512 acc0[R], acc1[R];  // two accumulators per row hide the dot-product latency
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const uint8_t* row = w.mask + n * w.mask_stride;
+  const uint16_t* v = static_cast<const uint16_t*>(w.values) + w.row_offsets[n];
+  const auto step = [&](uint32_t bits, int64_t k, __m512* acc) {
+    const int cnt = popcount32(bits);
+    const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v));
+    for (int r = 0; r < R; ++r) acc[r] = dot_bf16(acc[r], wv, _mm512_loadu_si512(x.bf16[r] + k));
+    v += cnt;
+  };
+  int64_t k = 0;
+  for (; k + 64 <= w.cols; k += 64) {  // whole 64-column chunks: both mask words exist
+    uint32_t bits[2];
+    std::memcpy(bits, row + k / 8, 8);
+    step(bits[0], k, acc0);
+    step(bits[1], k + 32, acc1);
+  }
+  for (; k < w.cols; k += 32) step(mask_bits(row, w.mask_stride, k, 32), k, acc0);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+template <int R>
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float* out) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const uint8_t* row = w.mask + n * w.mask_stride;
@@ -84,7 +108,7 @@ struct ExpandTables {
 const ExpandTables kExpand;
 
 template <int R>
-void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const uint8_t* row = w.mask + n * w.mask_stride;
@@ -122,7 +146,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x
 }
 #else
 template <int R>
-void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x, float* out) {
+void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float* out) {
   bitmask_dot_scalar<R>(w, t, n, x, out);
 }
 #endif
@@ -130,10 +154,19 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const float* const* x
 }  // namespace
 
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
-  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const float* const* x, int R, float* acc) {
+  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;
       float out[RR];
+#if defined(SF_ISA_avx512)
+      if (io.dtype == DType::bf16 && use_bf16_dot()) {
+        for (int64_t n = n0; n < n1; ++n) {
+          bitmask_dot_bf16<RR>(w, n, x, out);
+          for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];
+        }
+        return;
+      }
+#endif
       for (int64_t n = n0; n < n1; ++n) {
         bitmask_dot<RR>(w, io.dtype, n, x, out);
         for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];

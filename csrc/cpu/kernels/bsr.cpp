@@ -15,7 +15,7 @@ constexpr int kLanes = 1;
 #endif
 
 template <int R>
-void bsr_block_row(const BsrView& w, DType t, int64_t br, const float* const* x, float* vacc, float* out,
+void bsr_block_row(const BsrView& w, DType t, int64_t br, const XRows& x, float* vacc, float* out,
                    int64_t out_ld) {
   const int64_t bm = w.bm, bk = w.bk, rows = std::min(bm, w.rows - br * bm);
   std::fill(vacc, vacc + rows * R * kLanes, 0.0f);
@@ -67,7 +67,7 @@ void bsr_block_row(const BsrView& w, DType t, int64_t br, const float* const* x,
 }  // namespace
 
 void bsr_linear(const BsrView& w, const LinearIO& io) {
-  run_rowwise(io, w.bm, [&](int64_t n0, int64_t n1, const float* const* x, int R, float* acc) {
+  run_rowwise(io, w.bm, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     thread_local std::vector<float> vacc;
     vacc.resize(static_cast<size_t>(w.bm * 4 * kLanes));
     with_rows(R, [&](auto rows) {

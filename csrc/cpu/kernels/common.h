@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpuinfo.h"
 #include "cpu/kernels/args.h"
 #include "cpu/thread_pool.h"
 
@@ -144,6 +145,14 @@ inline uint32_t mask_bits(const uint8_t* row, int64_t stride, int64_t k, int wid
 }
 
 constexpr int64_t kRowGroup = 4;     // rows of x that share one pass over the weights
+
+// Up to kRowGroup rows of x, zero-padded to padded_k(K): as float32 (x[r]) and, for bf16 inputs,
+// also as the original bf16 bits (x.bf16[r]) for kernels that use bf16 dot-product instructions.
+struct XRows {
+  const float* f32[4] = {};
+  const uint16_t* bf16[4] = {};
+  const float* operator[](int r) const { return f32[r]; }
+};
 constexpr int64_t kXBlockRows = 64;  // rows of x converted at a time
 
 // Room for a whole last block (bk <= 128) and for 64-byte vector reads past K.
@@ -160,9 +169,15 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
   const int64_t units_per_task = std::max<int64_t>(1, (units + want_tasks - 1) / want_tasks);
   const int64_t tasks = (units + units_per_task - 1) / units_per_task;
   std::vector<float> xbuf(static_cast<size_t>(std::min(io.M, kXBlockRows) * kpad));
+  std::vector<uint16_t> xbf16(io.dtype == DType::bf16 ? xbuf.size() : 0);
   for (int64_t m0 = 0; m0 < io.M; m0 += kXBlockRows) {
     const int64_t mb = std::min(kXBlockRows, io.M - m0);
     load_x_block(io, m0, mb, kpad, xbuf.data());
+    for (int64_t r = 0; r < mb && !xbf16.empty(); ++r) {
+      const uint16_t* src = static_cast<const uint16_t*>(io.x) + (m0 + r) * io.ldx;
+      std::copy(src, src + io.K, xbf16.data() + r * kpad);
+      std::fill(xbf16.data() + r * kpad + io.K, xbf16.data() + (r + 1) * kpad, uint16_t{0});
+    }
     parallel_for(tasks, io.threads, [&](int64_t t) {
       const int64_t n0 = t * units_per_task * align;
       const int64_t n1 = std::min(io.N, n0 + units_per_task * align);
@@ -171,8 +186,11 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
       acc.resize(static_cast<size_t>(kRowGroup * (n1 - n0)));
       for (int64_t r0 = 0; r0 < mb; r0 += kRowGroup) {
         const int R = static_cast<int>(std::min(kRowGroup, mb - r0));
-        const float* xrows[kRowGroup];
-        for (int r = 0; r < R; ++r) xrows[r] = xbuf.data() + (r0 + r) * kpad;
+        XRows xrows;
+        for (int r = 0; r < R; ++r) {
+          xrows.f32[r] = xbuf.data() + (r0 + r) * kpad;
+          if (!xbf16.empty()) xrows.bf16[r] = xbf16.data() + (r0 + r) * kpad;
+        }
         rows_fn(n0, n1, xrows, R, acc.data());
         for (int r = 0; r < R; ++r) store_y_row(io, m0 + r0 + r, n0, n1, acc.data() + r * (n1 - n0));
       }
@@ -195,6 +213,8 @@ inline void with_rows(int R, const F& f) {
 // 16 bf16 / f16 / f32 values at p (already in registers as 16-bit lanes for the 16-bit types).
 inline __m512 cvt16_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512 cvt16_f16(__m256i h) { return _mm512_cvtph_ps(h); }
+// acc += pairwise bf16 products of a and b (vdpbf16ps: exact products, float32 accumulation)
+inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 inline __m512 load16_f32(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::f32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);

@@ -6,7 +6,7 @@ namespace sparseflow::cpu::SF_ISA {
 namespace {
 
 template <class Index, int R>
-void csr_dot(const CsrView& w, DType t, int64_t n, const float* const* x, float* out) {
+void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   const Index* col = static_cast<const Index*>(w.col);
   int64_t i = w.row_ptr[n];
   const int64_t end = w.row_ptr[n + 1];
@@ -50,7 +50,7 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const float* const* x, float*
 
 template <class Index>
 void csr_run(const CsrView& w, const LinearIO& io) {
-  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const float* const* x, int R, float* acc) {
+  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;
       float out[RR];

@@ -23,8 +23,58 @@ constexpr int kLanes = 8;
 constexpr int kLanes = 1;
 #endif
 
+#if defined(SF_ISA_avx512)
+// bf16, n / m = 1/2 (2:4, 4:8, 8:16), BF16 dot products: 32 values cover 64 x elements, which
+// two registers of bf16 hold, so one 16-bit permute fetches the x element of every value. The
+// positions come out of the packed index with one multishift (VBMI).
 template <int R>
-void nm_dot(const NMView& w, DType t, int64_t n, const float* const* x, float* out) {
+void nm_dot_bf16_half(const NMView& w, int64_t n, const XRows& x, float* out) {
+  const int b = index_bits(w);
+  const int64_t groups = (w.cols + w.m - 1) / w.m, per_row = groups * w.n;
+  const uint16_t* vals = static_cast<const uint16_t*>(w.values) + n * per_row;
+  const uint8_t* idx_row = w.index + n * w.index_stride;
+  alignas(64) uint8_t ctrl[64];
+  alignas(64) uint16_t base[32];
+  for (int j = 0; j < 32; ++j) {
+    ctrl[2 * j] = static_cast<uint8_t>((j * b) % 64);  // bit offset of lane j's field in its qword
+    ctrl[2 * j + 1] = 0;
+    base[j] = static_cast<uint16_t>(j / w.n * w.m);
+  }
+  const __m512i vctrl = _mm512_load_si512(ctrl), vbase = _mm512_load_si512(base);
+  const __m512i low = _mm512_set1_epi16(static_cast<short>((1 << b) - 1));
+  __m512 acc0[R], acc1[R];  // two accumulators per row hide the dot-product latency
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const auto step = [&](int64_t v, int64_t k, __m512* acc) {
+    uint64_t words[2] = {0, 0};
+    std::memcpy(words, idx_row + v * b / 8, 32 * b / 8);
+    // qwords 0-3 carry lanes 0-15, qwords 4-7 lanes 16-31 (the same word when b == 2)
+    const __m512i data = _mm512_inserti64x4(_mm512_set1_epi64(static_cast<long long>(words[0])),
+                                            _mm256_set1_epi64x(static_cast<long long>(b == 2 ? words[0] : words[1])), 1);
+    const __m512i pos = _mm512_add_epi16(_mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, data), low), vbase);
+    const __m512i wv = _mm512_loadu_si512(vals + v);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* xr = x.bf16[r] + k;
+      const __m512i xv = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), pos, _mm512_loadu_si512(xr + 32));
+      acc[r] = dot_bf16(acc[r], wv, xv);
+    }
+  };
+  int64_t v = 0, k = 0;
+  for (; v + 64 <= per_row; v += 64, k += 128) {
+    step(v, k, acc0);
+    step(v + 32, k + 64, acc1);
+  }
+  for (; v + 32 <= per_row; v += 32, k += 64) step(v, k, acc0);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+  for (; v < per_row; ++v) {  // tail
+    const float wv = bf16_to_f32(vals[v]);
+    const int64_t kk = v / w.n * w.m + nm_index(w, n, v);
+    for (int r = 0; r < R; ++r) out[r] += wv * x[r][kk];
+  }
+}
+#endif
+
+template <int R>
+void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
   const int64_t groups = (w.cols + w.m - 1) / w.m, per_row = groups * w.n;
   const int64_t vbase = n * per_row;
   float acc[R] = {};
@@ -94,10 +144,19 @@ void nm_dot(const NMView& w, DType t, int64_t n, const float* const* x, float* o
 }  // namespace
 
 void nm_linear(const NMView& w, const LinearIO& io) {
-  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const float* const* x, int R, float* acc) {
+  run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;
       float out[RR];
+#if defined(SF_ISA_avx512)
+      if (io.dtype == DType::bf16 && 2 * w.n == w.m && use_bf16_dot()) {
+        for (int64_t n = n0; n < n1; ++n) {
+          nm_dot_bf16_half<RR>(w, n, x, out);
+          for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];
+        }
+        return;
+      }
+#endif
       for (int64_t n = n0; n < n1; ++n) {
         nm_dot<RR>(w, io.dtype, n, x, out);
         for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];
