@@ -17,24 +17,25 @@ using namespace sparseflow::cpu;
 
 namespace {
 
-int64_t count_flags(const LinearIO& io) {
-  int64_t n = 0;
-  if (io.nonfinite)
-    for (int64_t m = 0; m < io.M; ++m) n += io.nonfinite[m];
-  return n;
+// Rows of x that held NaN or inf: the caller recomputes them with the reference.
+std::vector<int64_t> flagged_rows(const LinearIO& io) {
+  std::vector<int64_t> rows;
+  for (int64_t m = 0; m < io.M; ++m)
+    if (io.nonfinite[m]) rows.push_back(m);
+  return rows;
 }
 
 template <class T>
 const T* ptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 
 LinearIO make_io(int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t y, int64_t N, int64_t ldy,
-                 uintptr_t bias, uintptr_t nonfinite, int threads) {
+                 uintptr_t bias, uint8_t* nonfinite, int threads) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
   if (M < 0 || K < 0 || N < 0) throw std::invalid_argument("negative size");
   if (ldx < K || ldy < N) throw std::invalid_argument("row stride smaller than the row");
   if ((M > 0 && K > 0 && !x) || (M > 0 && N > 0 && !y)) throw std::invalid_argument("null data pointer");
   return LinearIO{static_cast<DType>(dtype), ptr<void>(x), M, K, ldx, reinterpret_cast<void*>(y), N, ldy,
-                  ptr<void>(bias), reinterpret_cast<uint8_t*>(nonfinite), threads < 1 ? 1 : threads};
+                  ptr<void>(bias), nonfinite, threads < 1 ? 1 : threads};
 }
 
 const KernelTable& table(const std::string& isa) { return isa.empty() ? kernels() : kernels_for(isa.c_str()); }
@@ -48,10 +49,12 @@ void check_cols(int64_t w_cols, int64_t K, const char* what) {
 }  // namespace
 
 #define SF_IO_ARGS int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t y, int64_t N, int64_t ldy, \
-                   uintptr_t bias, uintptr_t nonfinite, int threads, const std::string& isa
-#define SF_IO make_io(dtype, x, M, K, ldx, y, N, ldy, bias, nonfinite, threads)
+                   uintptr_t bias, int threads, const std::string& isa
+// Each call owns its NaN/inf row flags (a kernel may run in several Python threads at once).
+#define SF_IO std::vector<uint8_t> flags(static_cast<size_t>(M > 0 ? M : 0)); \
+              const LinearIO io = make_io(dtype, x, M, K, ldx, y, N, ldy, bias, flags.data(), threads)
 #define SF_IO_NAMES py::arg("dtype"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("y"), \
-                    py::arg("N"), py::arg("ldy"), py::arg("bias"), py::arg("nonfinite"), py::arg("threads"), \
+                    py::arg("N"), py::arg("ldy"), py::arg("bias"), py::arg("threads"), \
                     py::arg("isa") = ""
 
 PYBIND11_MODULE(_C, m) {
@@ -94,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
   // ---- kernels (the caller validated the weight and sized every buffer) ----
   m.def("bitmask_linear",
         [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(cols, K, "bitmask_linear");
           const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
           const KernelTable& t = table(isa);
@@ -102,13 +105,13 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.bitmask_linear(w, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
         py::arg("nnz"), SF_IO_NAMES);
   m.def("csr_linear",
         [](uintptr_t values, uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(cols, K, "csr_linear");
           const CsrView w{ptr<void>(values), ptr<void>(col), ptr<int64_t>(row_ptr), rows, cols, nnz, bits};
           const KernelTable& t = table(isa);
@@ -116,14 +119,14 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.csr_linear(w, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("values"), py::arg("col"), py::arg("bits"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"),
         py::arg("nnz"), SF_IO_NAMES);
   m.def("bsr_linear",
         [](uintptr_t values, uintptr_t col, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t bm, int64_t bk,
            int64_t nblocks, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(cols, K, "bsr_linear");
           const BsrView w{ptr<void>(values), ptr<int32_t>(col), ptr<int64_t>(row_ptr), rows, cols, bm, bk, nblocks};
           const KernelTable& t = table(isa);
@@ -131,13 +134,13 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.bsr_linear(w, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("values"), py::arg("col"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"), py::arg("bm"),
         py::arg("bk"), py::arg("nblocks"), SF_IO_NAMES);
   m.def("nm_linear",
         [](uintptr_t values, uintptr_t index, int64_t rows, int64_t cols, int64_t n, int64_t mm, int64_t stride, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(cols, K, "nm_linear");
           const NMView w{ptr<void>(values), ptr<uint8_t>(index), rows, cols, n, mm, stride};
           const KernelTable& t = table(isa);
@@ -145,13 +148,13 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.nm_linear(w, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("values"), py::arg("index"), py::arg("rows"), py::arg("cols"), py::arg("n"), py::arg("m"),
         py::arg("stride"), SF_IO_NAMES);
   m.def("act_sparse_dense",
         [](uintptr_t w_t, int64_t rows, int64_t cols, int64_t ld, float threshold, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(rows, K, "act_sparse_dense");
           if (cols != N || ld < cols) throw std::invalid_argument("act_sparse_dense: w_t shape does not match y");
           const DenseView w{ptr<void>(w_t), rows, cols, ld};
@@ -160,13 +163,13 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.act_sparse_dense(w, threshold, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("w_t"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("threshold"), SF_IO_NAMES);
   m.def("act_sparse_bitmask",
         [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz,
            float threshold, SF_IO_ARGS) {
-          const LinearIO io = SF_IO;
+          SF_IO;
           check_cols(rows, K, "act_sparse_bitmask");
           if (cols != N) throw std::invalid_argument("act_sparse_bitmask: w_t shape does not match y");
           const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
@@ -175,7 +178,7 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             t.act_sparse_bitmask(w, threshold, io);
           }
-          return count_flags(io);
+          return flagged_rows(io);
         },
         py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
         py::arg("nnz"), py::arg("threshold"), SF_IO_NAMES);

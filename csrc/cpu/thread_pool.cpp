@@ -50,8 +50,9 @@ class ThreadPool {
 
   void worker_loop(int id, uint64_t seen) {
     for (;;) {
-      // Spin briefly (a decode step calls us again within microseconds), then sleep.
-      for (int spin = 0; spin < 20000 && job_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      // Spin briefly (a decode step calls us again within microseconds), then sleep. Short, so that
+      // a spinning worker does not steal the core from the next op (torch's own threads included).
+      for (int spin = 0; spin < 1000 && job_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
       if (job_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lock(wake_mutex_);
         wake_.wait(lock, [&] { return job_.load(std::memory_order_acquire) != seen; });

@@ -88,8 +88,10 @@ void validate_nm(const NMView& w) {
       for (int64_t j = 0; j < w.n; ++j) {
         const int64_t bit = (g * w.n + j) * bits;
         const int64_t pos = (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
-        // pos < m always holds for the index width; a position past the last column of a partial
-        // last group reads the zero padding of x, so it stays in bounds.
+        // A 4-bit field can say up to 15 when m = 8. A position past the last column of a partial
+        // last group is fine: it reads the zero padding of x, which stays in bounds.
+        if (pos >= w.m)
+          fail("n:m: row " + s(r) + " group " + s(g) + " holds position " + s(pos) + ", which is not below m=" + s(w.m));
         if (pos <= prev) fail("n:m: positions in row " + s(r) + " group " + s(g) + " are not strictly increasing");
         prev = pos;
       }

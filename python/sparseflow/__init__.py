@@ -8,8 +8,12 @@ from ._ext import available_isas, isa
 from ._version import __version__
 from .formats import BSR, CSR, NM, Bitmask, Pattern, SparseFormat, detect_pattern
 from .info import info
+from .model_io import export_compressed_tensors, export_dense, from_pretrained, load, save, save_pretrained
+from .nn import ActSparseLinear, SparseLinear
+from .sparsify import sparsify
 
 __all__ = [
-    "BSR", "CSR", "NM", "Bitmask", "Pattern", "SparseFormat", "__version__", "available_isas", "detect_pattern",
-    "info", "isa", "ops",
+    "BSR", "CSR", "NM", "ActSparseLinear", "Bitmask", "Pattern", "SparseFormat", "SparseLinear", "__version__",
+    "available_isas", "detect_pattern", "export_compressed_tensors", "export_dense", "from_pretrained", "info", "isa",
+    "load", "ops", "save", "save_pretrained", "sparsify",
 ]

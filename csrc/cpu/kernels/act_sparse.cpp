@@ -116,7 +116,7 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
       rows[a] = static_cast<const char*>(w_t.values) + active[a].k * w_t.ld * esize;
       xs[a] = active[a].x;
     }
-    parallel_for(tasks, io.threads, [&](int64_t task) {
+    parallel_for(tasks, threads_for(io.threads, static_cast<int64_t>(rows.size()) * io.N), [&](int64_t task) {
       const int64_t n0 = task * chunk, len = std::min(chunk, io.N - n0);
       thread_local std::vector<float> acc;
       acc.assign(static_cast<size_t>(len), 0.0f);
@@ -138,7 +138,7 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
 void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io) {
   // Each thread sums its share of the active rows into a private accumulator over all N outputs;
   // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).
-  const int64_t parts = std::max(1, io.threads);
+  const int64_t parts = threads_for(io.threads, io.K * io.N);
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
   const int64_t ld = round_up(io.N, 32);  // accumulator rows padded for whole-chunk stores
   std::vector<Active> active;
@@ -146,13 +146,13 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
   for (int64_t m = 0; m < io.M; ++m) {
     const bool finite = collect_active(io, m, threshold, active);
     if (io.nonfinite) io.nonfinite[m] = finite ? 0 : 1;
-    parallel_for(parts, io.threads, [&](int64_t p) {
+    parallel_for(parts, static_cast<int>(parts), [&](int64_t p) {
       float* acc = partial.data() + p * ld;
       std::fill(acc, acc + ld, 0.0f);
       const size_t lo = active.size() * p / parts, hi = active.size() * (p + 1) / parts;
       for (size_t a = lo; a < hi; ++a) axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype);
     });
-    parallel_for(tasks, io.threads, [&](int64_t task) {
+    parallel_for(tasks, static_cast<int>(parts), [&](int64_t task) {
       const int64_t n0 = task * chunk, n1 = std::min(io.N, n0 + chunk);
       for (int64_t p = 1; p < parts; ++p)
         for (int64_t n = n0; n < n1; ++n) partial[n] += partial[p * ld + n];

@@ -158,6 +158,13 @@ constexpr int64_t kXBlockRows = 64;  // rows of x converted at a time
 // Room for a whole last block (bk <= 128) and for 64-byte vector reads past K.
 inline int64_t padded_k(int64_t K) { return round_up(K, 128) + 128; }
 
+// Threads worth waking for `work` multiply-adds: waking a sleeping thread costs tens of
+// microseconds (much more on a busy machine), so small problems run on the caller alone.
+inline int threads_for(int threads, int64_t work) {
+  constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
+  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(1, threads)));
+}
+
 // Runs a row kernel over all outputs. `rows_fn(n0, n1, xrows, R, acc)` must write
 // acc[r * (n1 - n0) + (n - n0)] = dot(W[n, :], xrows[r]) for r < R, n in [n0, n1).
 // Output features are split into tasks of `align` rows (a block row for BSR).
@@ -168,6 +175,7 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
   const int64_t want_tasks = std::max<int64_t>(1, io.threads) * 8;
   const int64_t units_per_task = std::max<int64_t>(1, (units + want_tasks - 1) / want_tasks);
   const int64_t tasks = (units + units_per_task - 1) / units_per_task;
+  const int threads = threads_for(io.threads, io.N * io.K * std::min(io.M, kXBlockRows));
   std::vector<float> xbuf(static_cast<size_t>(std::min(io.M, kXBlockRows) * kpad));
   std::vector<uint16_t> xbf16(io.dtype == DType::bf16 ? xbuf.size() : 0);
   for (int64_t m0 = 0; m0 < io.M; m0 += kXBlockRows) {
@@ -178,7 +186,7 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
       std::copy(src, src + io.K, xbf16.data() + r * kpad);
       std::fill(xbf16.data() + r * kpad + io.K, xbf16.data() + (r + 1) * kpad, uint16_t{0});
     }
-    parallel_for(tasks, io.threads, [&](int64_t t) {
+    parallel_for(tasks, threads, [&](int64_t t) {
       const int64_t n0 = t * units_per_task * align;
       const int64_t n1 = std::min(io.N, n0 + units_per_task * align);
       if (n0 >= n1) return;

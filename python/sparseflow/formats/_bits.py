@@ -1,37 +1,92 @@
-"""Vectorised bit packing shared by the formats (little bit order: bit j of byte b is element 8b+j,
-as numpy.packbits(..., bitorder="little") writes it)."""
+"""Vectorised helpers shared by the formats: bit packing (little bit order: bit j of byte b is element
+8b+j, as numpy.packbits(..., bitorder="little") writes it), packed fields, and row chunking.
+
+Conversions walk the weight in chunks of rows: the temporaries of a chunk stay in cache and are
+reused by the allocator, which makes a 14336x4096 conversion several times faster than one pass
+of whole-matrix temporaries (those are fresh pages, and page faults dominate)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-_WEIGHTS = {}
+CHUNK_ELEMENTS = 1 << 20
+
+_POPCOUNT: dict[torch.device, torch.Tensor] = {}
 
 
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    if device not in _WEIGHTS:
-        _WEIGHTS[device] = (1 << torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
-    return _WEIGHTS[device]
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def as_int(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same width. torch's bf16 gather and scatter_ on CPU
+    rewrite every NaN as 0xFFFF; moving the bits as integers keeps each value exactly."""
+    return t.view(_SAME_WIDTH_INT[t.dtype])
+
+
+def row_chunks(rows: int, cols: int, multiple: int = 1, target: int | None = None) -> Iterator[slice]:
+    """Slices of about `target` (default CHUNK_ELEMENTS) elements covering rows 0..rows; each starts
+    at a multiple of `multiple`, and has at least `multiple` rows."""
+    target = CHUNK_ELEMENTS if target is None else target
+    step = max(multiple, target // max(cols, 1) // multiple * multiple)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [R, C] -> uint8 [R, ceil(C / 8)]."""
     rows, cols = mask.shape
-    padded = torch.nn.functional.pad(mask, (0, (-cols) % 8)).view(rows, -1, 8)
-    return (padded.to(torch.uint8) * _bit_weights(mask.device)).sum(-1, dtype=torch.uint8)
+    if cols % 8:
+        mask = torch.nn.functional.pad(mask, (0, (-cols) % 8))
+    # Eight 0/1 bytes as one int64 (little-endian): fold byte j+1, j+2..3, j+4..7 into byte j's bits.
+    x = mask.contiguous().view(torch.uint8).view(torch.int64)
+    x = x | (x >> 7)
+    x = x | (x >> 14)
+    x = x | (x >> 28)
+    return (x & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """uint8 [R, B] -> bool [R, cols]."""
-    bits = packed.unsqueeze(-1).bitwise_and(_bit_weights(packed.device)).ne(0)
-    return bits.reshape(packed.shape[0], -1)[:, :cols]
+    # The inverse spread: bit k of a byte moves to bit 0 of byte k of an int64 (little-endian).
+    x = packed.to(torch.int64)
+    x = (x | (x << 28)) & 0x0000000F0000000F
+    x = (x | (x << 14)) & 0x0003000300030003
+    x = (x | (x << 7)) & 0x0101010101010101
+    return x.view(torch.uint8).view(torch.bool)[:, :cols]
+
+
+def popcount(codes: torch.Tensor) -> torch.Tensor:
+    """Set bits of each element of an integer tensor holding values below 2**16 -> int64."""
+    device = codes.device
+    if device not in _POPCOUNT:
+        table = torch.zeros(1 << 16, dtype=torch.int64)
+        for bit in range(16):
+            table += (torch.arange(1 << 16) >> bit) & 1
+        _POPCOUNT[device] = table.to(device)
+    return _POPCOUNT[device][codes.to(torch.int64)]
+
+
+def group_codes(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """bool [R, G * m] (m in 4, 8, 16) -> int64 [R, G]: bit j of a group's code is its element j."""
+    rows, count = mask.shape
+    groups = count // m
+    packed = pack_bits(mask).to(torch.int64)
+    if m == 4:
+        return torch.stack((packed & 0xF, packed >> 4), -1).view(rows, -1)[:, :groups]
+    if m == 8:
+        return packed
+    pairs = packed.view(rows, groups, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 8)
 
 
 def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [R, F] of values < 2**bits (bits in {2, 4}) -> uint8 [R, ceil(F * bits / 8)], low bits first."""
     per_byte = 8 // bits
     rows, count = fields.shape
-    padded = torch.nn.functional.pad(fields, (0, (-count) % per_byte)).view(rows, -1, per_byte).to(torch.int32)
+    padded = torch.nn.functional.pad(fields, (0, (-count) % per_byte)).view(rows, -1, per_byte)
+    padded = padded.to(torch.int32)
     shifts = torch.arange(per_byte, device=fields.device, dtype=torch.int32) * bits
     return (padded << shifts).sum(-1).to(torch.uint8)
 

@@ -23,6 +23,27 @@ def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
     return w
 
 
+def check_shape(fmt) -> None:
+    """A format's logical shape must be two positive ints [out_features, in_features]."""
+    if len(fmt.shape) != 2 or min(fmt.shape) < 1:
+        raise ValueError(f"{fmt.format_name}: shape must be 2-D and non-empty, got {tuple(fmt.shape)}")
+
+
+def take_tensors(cls, tensors, validate: bool = True) -> tuple[torch.Tensor, ...]:
+    """The buffers `cls.tensor_names` from a name -> tensor mapping (a checkpoint's view); with
+    `validate`, a missing name or a non-tensor raises a ValueError/TypeError naming it."""
+    if validate:
+        missing = [name for name in cls.tensor_names if name not in tensors]
+        if missing:
+            expected = list(cls.tensor_names)
+            raise ValueError(f"{cls.format_name}: missing buffers {missing}; expected {expected}")
+        for name in cls.tensor_names:
+            if not isinstance(tensors[name], torch.Tensor):
+                got = type(tensors[name]).__name__
+                raise TypeError(f"{cls.format_name}: {name} must be a torch.Tensor, got {got}")
+    return tuple(tensors[name] for name in cls.tensor_names)
+
+
 class SparseFormat:
     """Base of Bitmask, CSR, BSR and NM. Instances are immutable: methods return new objects."""
 
@@ -36,6 +57,9 @@ class SparseFormat:
         if getattr(self, "_frozen", False):
             raise AttributeError(f"{type(self).__name__} is immutable")
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def _freeze(self) -> None:
         object.__setattr__(self, "_frozen", True)
@@ -80,7 +104,12 @@ class SparseFormat:
         return self.nnz / (rows * cols)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """Moves every buffer to `device`; `dtype` converts the values only (metadata keeps its type)."""
+        """Moves every buffer to `device`; `dtype` converts the values only (metadata keeps its type).
+        Like Tensor.to, a dtype may come first: w.to(torch.bfloat16)."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to() got two dtypes")
+            device, dtype = None, device
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"values must be float32, bfloat16 or float16, got {dtype}")
         tensors = {}

@@ -1,12 +1,14 @@
 """CSR: for very high sparsity. Values, column indices (int16 when K <= 65536, read as unsigned,
-else int32) and int64 row pointers. A -0.0 counts as zero."""
+else int32) and int64 row pointers. A -0.0 counts as zero (it is not stored and comes back as +0.0);
+NaN and inf are stored and round-trip."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
-from .base import SparseFormat, check_weight
+from ._bits import row_chunks
+from .base import SparseFormat, check_shape, check_weight, take_tensors
 
 
 class CSR(SparseFormat):
@@ -28,31 +30,43 @@ class CSR(SparseFormat):
     def from_dense(cls, w: torch.Tensor) -> CSR:
         w = check_weight(w)
         rows, cols = w.shape
-        nonzero = w != 0
+        index_dtype = cls.index_dtype(cols)
+        values, columns, counts = [], [], []
+        for s in row_chunks(rows, cols):
+            chunk = w[s]
+            nonzero = chunk != 0
+            flat = nonzero.reshape(-1).nonzero().squeeze(1)  # row-major positions in the chunk
+            values.append(chunk.reshape(-1)[flat] if chunk.is_contiguous() else chunk[nonzero])
+            col = flat % cols
+            # int16 holds 0..65535 as two's complement; kernels and to_dense read it as unsigned.
+            if index_dtype == torch.int16:
+                col = torch.where(col >= 32768, col - 65536, col)
+            columns.append(col.to(index_dtype))
+            counts.append(nonzero.sum(1))
         row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=w.device)
-        torch.cumsum(nonzero.sum(1), 0, out=row_ptr[1:])
-        col = nonzero.nonzero()[:, 1]
-        # int16 holds 0..65535 as two's complement; kernels and to_dense read it as unsigned.
-        col = torch.where(col >= 32768, col - 65536, col) if cls.index_dtype(cols) == torch.int16 else col
-        return cls(w.shape, w[nonzero].contiguous(), col.to(cls.index_dtype(cols)), row_ptr, validate=False)
+        torch.cumsum(torch.cat(counts), 0, out=row_ptr[1:])
+        return cls(w.shape, torch.cat(values), torch.cat(columns), row_ptr, validate=False)
 
     @classmethod
     def from_tensors(cls, shape, tensors, validate=True) -> CSR:
-        return cls(shape, tensors["values"], tensors["col_indices"], tensors["row_ptr"], validate=validate)
+        return cls(shape, *take_tensors(cls, tensors, validate), validate=validate)
 
     def _validate(self) -> None:
+        check_shape(self)
         rows, cols = self.shape
         v, col, ptr = self.values, self.col_indices, self.row_ptr
-        if rows < 1 or cols < 1:
-            raise ValueError(f"csr: shape {tuple(self.shape)} is empty")
         if v.dim() != 1 or v.dtype not in _ext.DTYPE_CODES:
             raise ValueError(f"csr: values must be a 1-D float tensor, got {v.dtype} {tuple(v.shape)}")
         if col.dtype not in (torch.int16, torch.int32) or tuple(col.shape) != tuple(v.shape):
-            raise ValueError(f"csr: col_indices must be int16/int32 of shape {tuple(v.shape)}, got {col.dtype} {tuple(col.shape)}")
+            raise ValueError(
+                f"csr: col_indices must be int16/int32 of shape {tuple(v.shape)}, "
+                f"got {col.dtype} {tuple(col.shape)}"
+            )
         if ptr.dtype != torch.int64 or tuple(ptr.shape) != (rows + 1,):
             raise ValueError(f"csr: row_ptr must be int64 ({rows + 1},), got {ptr.dtype} {tuple(ptr.shape)}")
         c, p = col.cpu().contiguous(), ptr.cpu().contiguous()
-        _ext._C.validate_csr(c.data_ptr(), 16 if c.dtype == torch.int16 else 32, p.data_ptr(), rows, cols, v.numel())
+        bits = 16 if c.dtype == torch.int16 else 32
+        _ext._C.validate_csr(c.data_ptr(), bits, p.data_ptr(), rows, cols, v.numel())
 
     @property
     def nnz(self) -> int:

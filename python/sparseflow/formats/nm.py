@@ -1,21 +1,45 @@
 """N:M: every group of m consecutive weights in a row keeps n values (any n < m, m in {4, 8, 16}).
 Values [rows, groups * n] and each value's position in its group: 2 bits for m = 4 (so 2:4 costs
 4 bits per group), 4 bits otherwise. A group with fewer than n non-zeros stores zeros; a row whose
-length is not a multiple of m ends in a partial group whose missing columns read as zero."""
+length is not a multiple of m ends in a partial group whose missing columns read as zero. A -0.0
+counts as zero and comes back as +0.0; NaN and inf are stored and round-trip."""
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
 from .. import _ext
-from ._bits import pack_fields, unpack_fields
-from .base import SparseFormat, check_weight
+from ._bits import as_int, group_codes, pack_fields, popcount, row_chunks, unpack_fields
+from .base import SparseFormat, check_shape, check_weight, take_tensors
 
 
 def check_nm(n: int, m: int) -> tuple[int, int]:
+    try:
+        n, m = operator.index(n), operator.index(m)
+    except TypeError:
+        raise ValueError(f"n and m must be integers, got {n!r}:{m!r}") from None
     if m not in (4, 8, 16) or not 0 < n < m:
         raise ValueError(f"n:m needs 0 < n < m and m in {{4, 8, 16}}, got {n}:{m}")
-    return int(n), int(m)
+    return n, m
+
+
+_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _position_table(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every group code (bit j set = element j is non-zero): the n positions to store, int64
+    [2**m, n], and the number of non-zeros, int64 [2**m]. The positions are the non-zeros, then the
+    earliest zeros to fill the group, in increasing order."""
+    key = (n, m, device)
+    if key not in _TABLES:
+        codes = torch.arange(1 << m)
+        nonzero = (codes[:, None] >> torch.arange(m)) & 1
+        score = nonzero * 2 * m - torch.arange(m)  # non-zeros first, earlier first
+        positions = score.topk(n, dim=1).indices.sort(1).values
+        _TABLES[key] = positions.to(device), popcount(codes).to(device)
+    return _TABLES[key]
 
 
 class NM(SparseFormat):
@@ -44,46 +68,63 @@ class NM(SparseFormat):
     @classmethod
     def from_dense(cls, w: torch.Tensor, n: int = 2, m: int = 4, prune: bool = False) -> NM:
         """Raises ValueError naming the first row and group with more than n non-zeros, unless
-        `prune=True`, which keeps the n largest magnitudes of each group instead."""
+        `prune=True`, which keeps the n largest magnitudes of each group instead (NaN counts as
+        largest). A -0.0 counts as zero and is stored as +0.0."""
         w = check_weight(w)
         n, m = check_nm(n, m)
         rows, cols = w.shape
-        grouped = torch.nn.functional.pad(w, (0, (-cols) % m)).view(rows, -1, m)
-        nonzero = grouped != 0
-        if prune:
-            score = grouped.abs().float().nan_to_num(nan=float("inf"))
-        else:
-            over = nonzero.sum(-1) > n
-            if bool(over.any()):
-                r, g = (int(i) for i in over.nonzero()[0])
-                raise ValueError(
-                    f"weight is not {n}:{m} sparse: row {r}, group {g} (columns {g * m}..{min(cols, g * m + m) - 1}) "
-                    f"has {int(nonzero[r, g].sum())} non-zeros; use prune=True to keep the {n} largest"
-                )
-            # Non-zeros first, then the earliest zero positions fill up the group.
-            score = nonzero.float() * 2 - torch.arange(m, device=w.device) / m
-        position = score.topk(n, dim=-1).indices.sort(-1).values
-        values = grouped.gather(-1, position).reshape(rows, -1)
-        index = pack_fields(position.reshape(rows, -1).to(torch.uint8), 2 if m == 4 else 4)
-        return cls(w.shape, values.contiguous(), index, n, m, validate=False)
+        groups = -(-cols // m)
+        positions_of, count_of = _position_table(n, m, w.device)
+        values, index = [], []
+        for s in row_chunks(rows, cols):
+            chunk = w[s]
+            if cols % m:
+                chunk = torch.nn.functional.pad(chunk, (0, (-cols) % m))
+            grouped = chunk.reshape(chunk.shape[0], groups, m)
+            if prune:
+                score = grouped.abs().float().nan_to_num(nan=float("inf"))
+                position = score.topk(n, dim=-1).indices.sort(-1).values
+            else:
+                code = group_codes((chunk != 0).reshape(chunk.shape[0], -1), m)  # [rows, groups]
+                over = count_of[code] > n
+                if bool(over.any()):
+                    r, g = (int(i) for i in over.nonzero()[0])
+                    r += s.start
+                    raise ValueError(
+                        f"weight is not {n}:{m} sparse: row {r}, group {g} (columns {g * m}.."
+                        f"{min(cols, g * m + m) - 1}) has {int(count_of[code[r - s.start, g]])} non-zeros; "
+                        f"use prune=True to keep the {n} largest"
+                    )
+                position = positions_of[code]  # [rows, groups, n]
+            kept = as_int(grouped).gather(-1, position).reshape(chunk.shape[0], -1).view(w.dtype)
+            values.append(kept.masked_fill_(kept == 0, 0))
+            fields = position.reshape(chunk.shape[0], -1).to(torch.uint8)
+            index.append(pack_fields(fields, 2 if m == 4 else 4))
+        return cls(w.shape, torch.cat(values), torch.cat(index), n, m, validate=False)
 
     @classmethod
     def from_tensors(cls, shape, tensors, validate=True, n=2, m=4) -> NM:
-        return cls(shape, tensors["values"], tensors["index"], n, m, validate=validate)
+        return cls(shape, *take_tensors(cls, tensors, validate), n, m, validate=validate)
 
     def _validate(self) -> None:
+        check_shape(self)
         rows, cols = self.shape
         per_row = self.groups * self.n
         stride = -(-per_row * self.index_bits // 8)
         v, idx = self.values, self.index
-        if rows < 1 or cols < 1:
-            raise ValueError(f"n:m: shape {tuple(self.shape)} is empty")
         if v.dtype not in _ext.DTYPE_CODES or tuple(v.shape) != (rows, per_row):
             raise ValueError(f"n:m: values must be float {(rows, per_row)}, got {v.dtype} {tuple(v.shape)}")
         if idx.dtype != torch.uint8 or tuple(idx.shape) != (rows, stride):
             raise ValueError(f"n:m: index must be uint8 {(rows, stride)}, got {idx.dtype} {tuple(idx.shape)}")
         i = idx.cpu().contiguous()
         _ext._C.validate_nm(i.data_ptr(), rows, cols, self.n, self.m, stride)
+        # m = 8 stores 4-bit positions, which can hold 8..15; the C++ check assumes pos < m always
+        # holds, so a crafted index would make kernels read x past the group (and past K at the end).
+        if self.m == 8:
+            over = unpack_fields(i, per_row, self.index_bits) >= self.m
+            if bool(over.any()):
+                r, j = (int(k) for k in over.nonzero()[0])
+                raise ValueError(f"n:m: position in row {r} group {j // self.n} is >= m = {self.m}")
 
     def positions(self) -> torch.Tensor:
         """uint8 [rows, groups * n]: each value's position within its group."""
@@ -100,10 +141,14 @@ class NM(SparseFormat):
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
-        out = torch.zeros(rows, self.groups, self.m, dtype=self.dtype, device=self.device)
-        pos = self.positions().view(rows, self.groups, self.n).to(torch.int64)
-        out.scatter_(-1, pos, self.values.view(rows, self.groups, self.n))
-        return out.view(rows, -1)[:, :cols]
+        groups, n, m = self.groups, self.n, self.m
+        out = torch.zeros(rows, groups * m, dtype=self.dtype, device=self.device)
+        for s in row_chunks(rows, groups * m):
+            pos = unpack_fields(self.index[s], groups * n, self.index_bits)
+            pos = pos.view(-1, groups, n).to(torch.int64)
+            values = as_int(self.values[s]).reshape(-1, groups, n)
+            as_int(out[s]).view(-1, groups, m).scatter_(-1, pos, values)
+        return out if cols == groups * m else out[:, :cols].contiguous()
 
     def to_semi_structured(self):
         """torch's semi-structured sparse tensor (cuSPARSELt / CUTLASS layout) of this 2:4 weight.
@@ -111,5 +156,7 @@ class NM(SparseFormat):
         if (self.n, self.m) != (2, 4):
             raise ValueError(f"torch's semi-structured layout is 2:4 only, this weight is {self.n}:{self.m}")
         if self.device.type != "cuda":
-            raise RuntimeError("torch semi-structured sparse tensors need a CUDA device; call .to('cuda') first")
+            raise RuntimeError(
+                "torch semi-structured sparse tensors need a CUDA device; call .to('cuda') first"
+            )
         return torch.sparse.to_sparse_semi_structured(self.to_dense())

@@ -16,25 +16,25 @@ POISON_OUTPUTS = False
 
 
 def _io(x2: torch.Tensor, n_out: int, bias: torch.Tensor | None):
-    """Output, nonfinite flags and the keyword arguments every kernel takes."""
+    """Contiguous-row x, the output, and the keyword arguments every kernel takes."""
     if x2.stride(-1) != 1 or x2.stride(0) < x2.shape[1]:
         x2 = x2.contiguous()
     m, k = x2.shape
     y = torch.empty(m, n_out, dtype=x2.dtype)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    flags = torch.empty(m, dtype=torch.uint8)
     kw = dict(
         dtype=dtype_code(x2.dtype), x=ptr(x2), M=m, K=k, ldx=max(x2.stride(0), k) if m > 1 else k,
-        y=ptr(y), N=n_out, ldy=n_out, bias=ptr(bias), nonfinite=ptr(flags), threads=torch.get_num_threads(),
+        y=ptr(y), N=n_out, ldy=n_out, bias=ptr(bias), threads=torch.get_num_threads(),
     )
-    return x2, y, flags, kw
+    return x2, y, None, kw
 
 
-def _fix_nonfinite(count, x2, y, flags, recompute):
-    if count:
-        rows = flags.nonzero().squeeze(1)
-        y[rows] = recompute(x2[rows])
+def _fix_nonfinite(rows, x2, y, _flags, recompute):
+    """Rows of x that held NaN/inf (listed by the kernel) are recomputed by the reference."""
+    if rows:
+        idx = torch.tensor(rows, dtype=torch.int64)
+        y[idx] = recompute(x2[idx])
     return y
 
 

@@ -6,8 +6,9 @@ the table selects."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..formats import BSR, CSR, NM, Bitmask, SparseFormat
+from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
 
 LIB = "sparseflow"
@@ -17,6 +18,11 @@ def _run_linear(fmt: str, x: torch.Tensor, w: SparseFormat, bias, backend: str) 
     x2 = x.reshape(-1, x.shape[-1])
     b = table.select("linear", fmt, x, w, x2.shape[0], backend)
     return b.fn(x2, w, bias).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, no tracing mode, no tensor subclass."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
 def _empty_out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -125,15 +131,26 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
     _check(x, k, n, w.dtype, w.device, bias)
     if bias is not None:
         bias = bias.contiguous()
-    if isinstance(w, Bitmask):
-        return linear_bitmask(x, w.values, w.mask, w.row_offsets, bias, backend)
-    if isinstance(w, CSR):
-        return linear_csr(x, w.values, w.col_indices, w.row_ptr, bias, backend)
-    if isinstance(w, BSR):
-        return linear_bsr(x, w.values, w.col_indices, w.row_ptr, n, bias, backend)
-    if isinstance(w, NM):
-        return linear_nm(x, w.values, w.index, w.n, w.m, bias, backend)
-    raise TypeError(f"no linear op for {type(w).__name__}")
+    return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), n, bias, backend)
+
+
+def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params: dict, out_features: int,
+                        bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    """The custom op of a format, called with its (validated) buffers: what modules use in forward,
+    so that torch.compile traces tensors and constants only."""
+    t = tensors
+    if _eager(x):  # skip the dispatcher's ~15 us per call; tracing (compile, export) still sees the op
+        w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
+        return _run_linear(format_name, x, w, bias, backend)
+    if format_name == "bitmask":
+        return linear_bitmask(x, t["values"], t["mask"], t["row_offsets"], bias, backend)
+    if format_name == "csr":
+        return linear_csr(x, t["values"], t["col_indices"], t["row_ptr"], bias, backend)
+    if format_name == "bsr":
+        return linear_bsr(x, t["values"], t["col_indices"], t["row_ptr"], out_features, bias, backend)
+    if format_name == "nm":
+        return linear_nm(x, t["values"], t["index"], params["n"], params["m"], bias, backend)
+    raise TypeError(f"no linear op for format {format_name!r}")
 
 
 def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor | None = None,

@@ -1,0 +1,86 @@
+"""Measured memory bandwidth of this machine, with torch at the current thread count, on buffers
+much larger than the last-level cache. Kernel results are reported as a fraction of it.
+
+Copy: `dst.copy_(src)` moves 2 * nbytes (every byte read once and written once; a CPU that
+allocates on write reads dst as well, which is not counted, as STREAM does not).
+Read: `x.sum()` reads nbytes: the traffic pattern of a GEMV, which is read-only on the weight.
+Both are cached per process (per thread count and size): the first call takes about a second."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_BYTES = 256 << 20
+
+
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs), 32 MiB when it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return best or 32 << 20
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    copy_gbps: float  # (read + write) bytes per second / 1e9
+    read_gbps: float  # read-only (x.sum() over a float32 buffer)
+    read_bf16_gbps: float
+    threads: int
+    buffer_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_seconds(fn, reps: int) -> float:
+    from .timing import compare  # timing imports this module for llc_bytes
+
+    return compare({"fn": fn}, warmup=1, reps=reps).get("fn").median
+
+
+@functools.cache
+def _copy_gbps(threads: int, nbytes: int, reps: int) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), reps) / 1e9
+
+
+@functools.cache
+def _read_gbps(threads: int, nbytes: int, dtype: torch.dtype, reps: int) -> float:
+    x = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+    return nbytes / _median_seconds(x.sum, reps) / 1e9
+
+
+def copy_bandwidth(nbytes: int = DEFAULT_BYTES, reps: int = 7) -> float:
+    """GB/s of a large torch copy (read + write counted) at torch.get_num_threads()."""
+    return _copy_gbps(torch.get_num_threads(), nbytes, reps)
+
+
+def read_bandwidth(dtype: torch.dtype = torch.float32, nbytes: int = DEFAULT_BYTES, reps: int = 7) -> float:
+    """GB/s of a large torch reduction (x.sum(), read only) at torch.get_num_threads()."""
+    return _read_gbps(torch.get_num_threads(), nbytes, dtype, reps)
+
+
+def measure(nbytes: int = DEFAULT_BYTES) -> Bandwidth:
+    """Copy and read bandwidth at the current thread count (cached per process)."""
+    return Bandwidth(
+        copy_gbps=copy_bandwidth(nbytes),
+        read_gbps=read_bandwidth(torch.float32, nbytes),
+        read_bf16_gbps=read_bandwidth(torch.bfloat16, nbytes),
+        threads=torch.get_num_threads(),
+        buffer_bytes=nbytes,
+    )

@@ -1,0 +1,173 @@
+"""Interleaved timing: every callable runs once per round, rounds in a fresh order, so that a
+drift of the machine (another process, clock changes, a thermal step) hits all callables alike,
+and a ratio can be taken round by round (paired) instead of between two far-apart medians."""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .bandwidth import llc_bytes
+
+FLUSH_MODES = ("torch", "numpy", "none")
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of a non-empty sequence."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call of one callable; `samples_ns[i]` was taken in round i."""
+
+    samples_ns: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.samples_ns)
+
+    @property
+    def median(self) -> float:
+        return quantile(self.samples_ns, 0.5) * 1e-9
+
+    @property
+    def p10(self) -> float:
+        return quantile(self.samples_ns, 0.1) * 1e-9
+
+    @property
+    def p90(self) -> float:
+        return quantile(self.samples_ns, 0.9) * 1e-9
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples_ns) / len(self.samples_ns) * 1e-9
+
+    @property
+    def min(self) -> float:
+        return min(self.samples_ns) * 1e-9
+
+    def as_dict(self) -> dict:
+        return {
+            "median_s": self.median,
+            "p10_s": self.p10,
+            "p90_s": self.p90,
+            "mean_s": self.mean,
+            "min_s": self.min,
+            "n": self.n,
+        }
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Paired ratio num/den: taken within each round, then summarised."""
+
+    median: float
+    p10: float
+    p90: float
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "p10": self.p10, "p90": self.p90}
+
+
+def paired_ratio(num: Stats, den: Stats) -> Ratio:
+    """Per-round num/den of two callables timed by the same `compare` call (speedup of den over
+    num when num is the baseline). Pairing cancels slow drifts that hit both within a round."""
+    if num.n != den.n:
+        raise ValueError(f"paired_ratio needs stats from one compare() call ({num.n} vs {den.n} samples)")
+    r = [a / b for a, b in zip(num.samples_ns, den.samples_ns, strict=True) if b > 0]
+    return Ratio(quantile(r, 0.5), quantile(r, 0.1), quantile(r, 0.9))
+
+
+def _round_order(names: list[str], i: int, order: str, rng: random.Random, last: str | None) -> list[str]:
+    if order == "rotate":
+        k = i % len(names)
+        seq = names[k:] + names[:k]
+    elif order == "shuffle":
+        seq = names[:]
+        rng.shuffle(seq)
+    else:
+        raise ValueError(f"order must be 'shuffle' or 'rotate', got {order!r}")
+    if len(seq) > 1 and seq[0] == last:
+        # Never the same callable twice in a row: its data would still be in the caches.
+        seq = seq[1:] + seq[:1]
+    return seq
+
+
+def compare(
+    fns: dict[str, Callable[[], object]],
+    warmup: int = 3,
+    reps: int = 30,
+    *,
+    before: Callable[[], object] | None = None,
+    order: str = "shuffle",
+    seed: int = 0,
+    max_seconds: float | None = None,
+    min_reps: int = 5,
+) -> dict[str, Stats]:
+    """Times each callable `reps` times, interleaved: one call of each per round, the rounds in
+    shuffled (or rotating) order, never the same callable twice in a row. `before` runs, untimed,
+    before every call (e.g. a cache flush). `warmup` untimed rounds come first. With `max_seconds`,
+    timing stops early once that much wall time was spent and at least `min_reps` rounds were taken.
+    Returns {name: Stats} (seconds from time.perf_counter_ns; median, p10, p90, ...)."""
+    if not fns:
+        return {}
+    names = list(fns)
+    rng = random.Random(seed)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    last = None
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection inside a timed call would land on one callable only
+    try:
+        for i in range(warmup):
+            for name in _round_order(names, i, order, rng, last):
+                if before is not None:
+                    before()
+                fns[name]()
+                last = name
+        start = time.perf_counter()
+        for i in range(reps):
+            for name in _round_order(names, i, order, rng, last):
+                if before is not None:
+                    before()
+                t0 = time.perf_counter_ns()
+                fns[name]()
+                samples[name].append(time.perf_counter_ns() - t0)
+                last = name
+            if max_seconds is not None and i + 1 >= min_reps and time.perf_counter() - start > max_seconds:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: Stats(tuple(s)) for name, s in samples.items()}
+
+
+def cache_flusher(mode: str = "torch", nbytes: int | None = None) -> Callable[[], object] | None:
+    """A callable that evicts the caches by reading a buffer of 2x the last-level cache (at least
+    64 MiB), or None for mode "none".
+
+    "torch" reads with torch at the current thread count, so every core's private caches are
+    swept too; it also leaves torch's OpenMP workers as a real model leaves them before a linear
+    layer (busy-waiting for a while), which a kernel with its own thread pool competes with.
+    "numpy" reads on the calling thread only (numpy reductions are single-threaded); it takes long
+    enough that every pool has gone to sleep, so each timed call starts idle."""
+    if mode == "none":
+        return None
+    if mode not in FLUSH_MODES:
+        raise ValueError(f"flush mode must be one of {FLUSH_MODES}, got {mode!r}")
+    size = nbytes or max(64 << 20, 2 * llc_bytes())
+    buf = torch.ones(size // 8, dtype=torch.int64)
+    if mode == "numpy":
+        arr = buf.numpy()
+        return arr.sum
+    return buf.sum

@@ -1,0 +1,242 @@
+"""Whole sparse models in and out: sf.save / sf.load (any model; models of torch.nn building
+blocks rebuild themselves), sf.save_pretrained / sf.from_pretrained (transformers models, rebuilt
+from config.json with their sparse layers and no dense copy of those layers), and exports to
+dense-with-zeros and to the legacy compressed-tensors formats. Tensors go to safetensors, the
+description to JSON; nothing is pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .io._atomic import atomic_write_bytes
+from .io._safetensors import read_safetensors, write_safetensors
+from .io.compressed_tensors import write_compressed_tensors
+from .nn import ActSparseLinear, SparseLinear
+
+WEIGHTS = "model.safetensors"
+DESCRIPTION = "sparseflow.json"
+BUFFER_PREFIX = "__buffers__."  # non-persistent buffers (rotary tables, position ids) are saved too
+
+DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+# ---- architecture of torch.nn building blocks: class name -> (args of a module, constructor) ----
+def _no_args(cls):
+    return (lambda m: {}, lambda a: cls())
+
+
+BUILDING_BLOCKS = {
+    "Linear": (lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                          "dtype": str(m.weight.dtype)},
+               lambda a: nn.Linear(a["in_features"], a["out_features"], a["bias"], dtype=DTYPES[a["dtype"]])),
+    "Embedding": (lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                             "padding_idx": m.padding_idx, "dtype": str(m.weight.dtype)},
+                  lambda a: nn.Embedding(a["num_embeddings"], a["embedding_dim"], a["padding_idx"],
+                                         dtype=DTYPES[a["dtype"]])),
+    "LayerNorm": (lambda m: {"shape": list(m.normalized_shape), "eps": m.eps, "affine": m.elementwise_affine,
+                             "bias": getattr(m, "bias", None) is not None},
+                  lambda a: nn.LayerNorm(a["shape"], a["eps"], a["affine"], bias=a["bias"])),
+    "Dropout": (lambda m: {"p": m.p}, lambda a: nn.Dropout(a["p"])),
+    "GELU": (lambda m: {"approximate": m.approximate}, lambda a: nn.GELU(a["approximate"])),
+    **{name: _no_args(getattr(nn, name)) for name in ("ReLU", "SiLU", "Tanh", "Sigmoid", "Identity", "Flatten")},
+}
+CONTAINERS = {"Sequential": lambda children: nn.Sequential(*children), "ModuleList": nn.ModuleList}
+
+
+def architecture(module: nn.Module) -> dict | None:
+    """A JSON description that rebuilds the module, or None when it is not made of known blocks."""
+    name = type(module).__name__
+    if isinstance(module, (SparseLinear, ActSparseLinear)):
+        return {"class": name, "spec": module.spec()}
+    if type(module) in (nn.Sequential, nn.ModuleList):
+        children = [architecture(c) for c in module]
+        return None if any(c is None for c in children) else {"class": name, "children": children}
+    if name in BUILDING_BLOCKS and type(module) is getattr(nn, name):
+        return {"class": name, "args": BUILDING_BLOCKS[name][0](module)}
+    return None
+
+
+def build(arch: dict) -> nn.Module:
+    if not isinstance(arch, dict) or "class" not in arch:
+        raise ValueError(f"{DESCRIPTION}: bad architecture entry {arch!r}")
+    name = arch["class"]
+    if name in CONTAINERS:
+        return CONTAINERS[name]([build(c) for c in arch.get("children", [])])
+    if name in ("SparseLinear", "ActSparseLinear"):
+        return skeleton(arch["spec"])
+    if name in BUILDING_BLOCKS:
+        return BUILDING_BLOCKS[name][1](arch["args"])
+    raise ValueError(f"{DESCRIPTION}: cannot rebuild a {name!r}; pass model= a skeleton to sf.load")
+
+
+# ---- sparse module skeletons, filled by load_state_dict (which validates every index) ----
+def skeleton(spec: dict) -> nn.Module:
+    try:
+        kind, shape = spec["type"], tuple(int(s) for s in spec["shape"])
+        if kind == "SparseLinear":
+            return SparseLinear.empty(spec["format"], spec.get("params") or {}, shape, bool(spec["bias"]),
+                                      spec.get("dense_above"))
+        if kind == "ActSparseLinear":
+            return ActSparseLinear.empty(shape, float(spec["threshold"]), spec["weight_format"], bool(spec["bias"]),
+                                         bool(spec["shift"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{DESCRIPTION}: bad module spec {spec!r} ({e})") from None
+    raise ValueError(f"{DESCRIPTION}: unknown module type {kind!r}")
+
+
+def _sparse_modules(model: nn.Module) -> dict[str, dict]:
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
+
+
+def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for mname, module in model.named_modules():
+        for bname in getattr(module, "_non_persistent_buffers_set", ()):
+            t = module._buffers.get(bname)
+            if t is not None:
+                out[f"{BUFFER_PREFIX}{mname + '.' if mname else ''}{bname}"] = t
+    return out
+
+
+def _write(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {**model.state_dict(), **_nonpersistent_buffers(model)}
+    description = {"sparseflow": __version__, "modules": _sparse_modules(model), **extra}
+    write_safetensors(directory / WEIGHTS, tensors, {"sparseflow": json.dumps(description)})
+    atomic_write_bytes(directory / DESCRIPTION, json.dumps(description, indent=1).encode())
+
+
+def _read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}: not a model saved by sparseflow")
+    metadata, tensors = read_safetensors(directory / WEIGHTS)
+    try:
+        description = json.loads(metadata["sparseflow"])
+        assert isinstance(description, dict) and isinstance(description["modules"], dict)
+    except (KeyError, ValueError, AssertionError, TypeError):
+        raise ValueError(f"{directory / WEIGHTS}: missing or damaged sparseflow description") from None
+    return description, tensors
+
+
+def _fill(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    for name, spec in description["modules"].items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{DESCRIPTION}: bad spec for {name!r}")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{DESCRIPTION}: the model has no module {name!r}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, skeleton(spec))
+    buffers = {k[len(BUFFER_PREFIX):]: v for k, v in tensors.items() if k.startswith(BUFFER_PREFIX)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(BUFFER_PREFIX)}
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, t in buffers.items():
+        mname, _, bname = name.rpartition(".")
+        module = model.get_submodule(mname) if mname else model
+        module._buffers[bname] = t
+    return model
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Saves any model with its sparse layers: model.safetensors + sparseflow.json."""
+    _write(model, directory, {"architecture": architecture(model)})
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Loads what sf.save wrote. Models of torch.nn building blocks rebuild by themselves; for
+    others pass `model`, a skeleton of the original (its dense weights are replaced)."""
+    description, tensors = _read(directory)
+    if model is None:
+        arch = description.get("architecture")
+        if arch is None:
+            raise ValueError(f"{directory}: this model is not made of torch.nn building blocks only; "
+                             "pass model= an instance of its class")
+        model = build(arch)
+        description = {**description, "modules": {}}  # the architecture already holds the sparse modules
+    return _fill(model, description, tensors).eval()
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Saves a transformers model with its sparse layers: config.json + model.safetensors + sparseflow.json."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("save_pretrained needs a transformers model (with .config); use sf.save otherwise")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    _write(model, directory, {"transformers_class": type(model).__name__})
+
+
+def from_pretrained(directory: str | os.PathLike) -> nn.Module:
+    """Rebuilds a transformers model saved by save_pretrained. The model is created on the meta
+    device, its sparse layers are swapped in, and only saved tensors are materialised."""
+    import transformers
+
+    description, tensors = _read(directory)
+    cls_name = description.get("transformers_class")
+    cls = getattr(transformers, str(cls_name), None)
+    if cls is None:
+        raise ValueError(f"{directory}: unknown transformers class {cls_name!r}")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = cls(config)
+    model = _fill(model, description, tensors)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+# ---- exports ----
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent dense model (zeros where pruned): what other engines load."""
+    out = {}
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
+    for key, t in model.state_dict().items():
+        if not any(key.startswith(name + ".") for name in sparse):
+            out[key] = t
+    for name, m in sparse.items():
+        if isinstance(m, SparseLinear):
+            w = m.weight if m.format_name == "dense" else m.weight.to_dense()
+            bias = m.bias
+        else:
+            wt = m.w_t()
+            w = (wt if isinstance(wt, torch.Tensor) else wt.to_dense()).t().contiguous()
+            bias = m.bias
+            if m.shift is not None:  # the shift was folded into the bias: take it out again
+                bias = (bias.float() - (w.float() @ m.shift.float())).to(w.dtype)
+        out[f"{name}.weight"] = w
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach()
+    return out
+
+
+def export_dense(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Dense-with-zeros safetensors (+ config.json for transformers models) that transformers and
+    vLLM load unchanged."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    if getattr(model, "config", None) is not None:
+        model.config.save_pretrained(directory)
+    write_safetensors(Path(directory) / WEIGHTS, dense_state_dict(model), {"format": "pt"})
+
+
+def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,
+                              format: str = "sparse-bitmask") -> None:
+    """The legacy compressed-tensors layout (sparse-bitmask or sparse-24-bitmask)."""
+    from .io.inputs import compress
+
+    sparse_names = {name for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
+    weights: dict[str, Any] = {}
+    for key, t in dense_state_dict(model).items():
+        is_sparse_weight = key.endswith(".weight") and key[: -len(".weight")] in sparse_names
+        weights[key] = compress(t, "bitmask" if format == "sparse-bitmask" else "2:4") if is_sparse_weight else t
+    config = model.config.to_dict() if getattr(model, "config", None) is not None else None
+    write_compressed_tensors(weights, directory, format, config)

@@ -1,0 +1,122 @@
+"""ActSparseLinear: activation sparsity at run time. Inputs with |x - shift| <= threshold are
+skipped; the weight is stored transposed ([in, out], dense or a Bitmask of it) so each active input
+reads one contiguous row. With mode-centering (SCAP), `shift` is the calibrated per-input mode:
+y = W (x - s) + (b + W s), so the shift folds into the bias and more inputs fall under the
+threshold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import Bitmask
+from ..io.inputs import dense_weight
+from ..ops import linear as _linear_ops
+
+
+class ActSparseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 0.0,
+                 shift: torch.Tensor | None = None, weight_format: str = "dense"):
+        """weight: the dense [out, in] weight (zeros allowed); weight_format "dense" | "bitmask"."""
+        super().__init__()
+        if weight_format not in ("dense", "bitmask"):
+            raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.threshold = float(threshold)
+        self.weight_format = weight_format
+        w_t = weight.detach().t().contiguous()
+        if weight_format == "bitmask":
+            b = Bitmask.from_dense(w_t)
+            for name, t in b.tensors().items():
+                self.register_buffer(f"weight_t_{name}", t)
+        else:
+            self.register_buffer("weight_t", w_t)
+        effective = bias.detach().clone() if bias is not None else None
+        if shift is not None:
+            shift = shift.detach().to(weight.dtype)
+            folded = (weight.float() @ shift.float()).to(weight.dtype)
+            effective = folded if effective is None else (effective.float() + folded.float()).to(weight.dtype)
+        self.register_buffer("shift", shift)
+        self.bias = None if effective is None else nn.Parameter(effective, requires_grad=False)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], threshold: float, weight_format: str, bias: bool,
+              shift: bool) -> ActSparseLinear:
+        """A module with placeholder buffers; load_state_dict fills (and validates) them."""
+        if weight_format not in ("dense", "bitmask"):
+            raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.out_features, mod.in_features = (int(s) for s in shape)
+        mod.threshold, mod.weight_format = float(threshold), weight_format
+        names = ["weight_t"] if weight_format == "dense" else [f"weight_t_{n}" for n in Bitmask.tensor_names]
+        for name in names:
+            mod.register_buffer(name, torch.empty(0))
+        mod.register_buffer("shift", torch.empty(0) if shift else None)
+        mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, threshold: float = 0.0, shift: torch.Tensor | None = None,
+                    weight_format: str = "dense") -> ActSparseLinear:
+        return cls(dense_weight(linear), getattr(linear, "bias", None), threshold, shift, weight_format)
+
+    def w_t(self):
+        if self.weight_format == "dense":
+            return self.weight_t
+        tensors = {n: getattr(self, f"weight_t_{n}") for n in Bitmask.tensor_names}
+        return Bitmask.from_tensors((self.in_features, self.out_features), tensors, validate=False)
+
+    def spec(self) -> dict:
+        return {"type": "ActSparseLinear", "shape": [self.out_features, self.in_features],
+                "threshold": self.threshold, "weight_format": self.weight_format, "bias": self.bias is not None,
+                "shift": self.shift is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shift is not None:
+            x = x - self.shift
+        if self.weight_format == "dense":
+            return _linear_ops.act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias)
+        return _linear_ops.act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask,
+                                                     self.weight_t_row_offsets, self.out_features, self.threshold,
+                                                     self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for n, _ in list(self.named_buffers(recurse=False)):
+            if prefix + n in state_dict:
+                setattr(self, n, state_dict[prefix + n].detach().clone())
+            elif strict and getattr(self, n) is not None:
+                missing_keys.append(prefix + n)
+        names = [prefix + f"weight_t_{n}" for n in Bitmask.tensor_names]
+        if self.weight_format == "bitmask" and all(n in state_dict for n in names):
+            self.w_t()._validate()
+        if self.bias is not None and prefix + "bias" in state_dict:
+            self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().clone(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}, "
+                f"weight_format={self.weight_format}, shift={self.shift is not None}")
+
+
+def input_modes(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Per-input-feature mode of calibration inputs x [samples, in] (histogram peak, SCAP)."""
+    x = x.float()
+    lo, hi = x.min(0).values, x.max(0).values
+    width = (hi - lo).clamp_min(1e-12) / bins
+    idx = ((x - lo) / width).long().clamp_(0, bins - 1)
+    counts = torch.zeros(x.shape[1], bins, dtype=torch.int64)
+    counts.scatter_add_(1, idx.t().contiguous(), torch.ones_like(idx.t(), dtype=torch.int64))
+    peak = counts.argmax(1)
+    return lo + (peak.float() + 0.5) * width
+
+
+def threshold_for(x: torch.Tensor, sparsity: float, shift: torch.Tensor | None = None) -> float:
+    """The magnitude below which `sparsity` of the (shifted) calibration inputs fall (TEAL)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"activation sparsity must be in [0, 1), got {sparsity}")
+    a = (x.float() - (0 if shift is None else shift.float())).abs().flatten()
+    if sparsity == 0.0:
+        return 0.0
+    k = max(1, int(sparsity * a.numel()))
+    return float(a.kthvalue(k).values)

@@ -1,0 +1,149 @@
+"""SparseLinear: an nn.Linear whose weight is stored compressed (Bitmask, CSR, BSR, N:M).
+
+The format's buffers are registered as module buffers `weight_<name>` (so state_dict, .to() and
+torch.compile see plain tensors) and forward calls the format's custom op. Above `dense_above`
+rows of x, where the sparse kernel measured slower than dense, forward decompresses and runs
+dense instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import FORMATS, SparseFormat, detect_pattern
+from ..io.inputs import compress, dense_weight
+from ..ops import linear_from_buffers
+
+FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
+
+
+def auto_format(w: torch.Tensor) -> str:
+    """The format a weight's pattern allows, without measuring (sparsify measures)."""
+    pattern = detect_pattern(w)
+    if pattern.kind == "dense":
+        return "dense"
+    if pattern.kind == "n:m":
+        return str(pattern)
+    if pattern.kind == "block":
+        return f"block({pattern.block[0]},{pattern.block[1]})"
+    return "csr" if pattern.density <= 0.1 else "bitmask"
+
+
+class SparseLinear(nn.Module):
+    def __init__(self, weight: SparseFormat | torch.Tensor, bias: torch.Tensor | None = None,
+                 dense_above: int | None = None):
+        super().__init__()
+        if isinstance(weight, SparseFormat):
+            self.format_name, self.format_params = weight.format_name, weight.params()
+            for name, t in weight.tensors().items():
+                self.register_buffer(f"weight_{name}", t)
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            self.format_name, self.format_params = "dense", {}
+            self.register_buffer("weight_dense", weight.detach())
+        else:
+            raise TypeError(f"weight must be a sparseflow format or a 2-D tensor, got {type(weight).__name__}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.dense_above = dense_above
+
+    # ---- construction ----
+    @classmethod
+    def from_linear(cls, linear: nn.Module, format: str = "auto", dense_above: int | None = None) -> SparseLinear:
+        """Compresses an nn.Linear (torch prune masks and parametrizations are folded in) into
+        `format`: "auto" | "bitmask" | "csr" | "bsr" | "block(bm,bk)" | "2:4" | "n:m" (e.g. "4:8") | "dense"."""
+        w = dense_weight(linear)
+        bias = getattr(linear, "bias", None)
+        if format == "auto":
+            format = auto_format(w)
+        elif format == "n:m":  # the n:m the weight already has
+            pattern = detect_pattern(w)
+            if pattern.kind != "n:m":
+                raise ValueError(f"format 'n:m' needs an n:m sparse weight; this one is {pattern}")
+            format = str(pattern)
+        if format == "dense":
+            return cls(w.clone(), bias, dense_above)
+        return cls(compress(w, format), bias, dense_above)
+
+    @classmethod
+    def empty(cls, format_name: str, params: dict, shape: tuple[int, int], bias: bool,
+              dense_above: int | None = None) -> SparseLinear:
+        """A module with placeholder buffers; load_state_dict fills (and validates) them."""
+        if format_name != "dense" and format_name not in FORMATS:
+            raise ValueError(f"unknown format {format_name!r}")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.format_name, mod.format_params = format_name, dict(params)
+        for name in ("dense",) if format_name == "dense" else FORMATS[format_name].tensor_names:
+            mod.register_buffer(f"weight_{name}", torch.empty(0))
+        mod.out_features, mod.in_features = (int(s) for s in shape)
+        mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
+        mod.dense_above = dense_above
+        return mod
+
+    @property
+    def weight(self) -> SparseFormat | torch.Tensor:
+        """The weight as a format object (or the dense tensor for format "dense")."""
+        if self.format_name == "dense":
+            return self.weight_dense
+        cls = FORMATS[self.format_name]
+        return cls.from_tensors((self.out_features, self.in_features), self._weight_tensors(), validate=False,
+                                **self.format_params)
+
+    def _weight_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"weight_{name}") for name in FORMATS[self.format_name].tensor_names}
+
+    def spec(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this module (see sparseflow.model_io)."""
+        return {"type": "SparseLinear", "format": self.format_name, "params": self.format_params,
+                "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
+                "dense_above": self.dense_above}
+
+    def to_linear(self) -> nn.Linear:
+        """Back to a dense nn.Linear with zeros (what other engines load)."""
+        w = self.weight if self.format_name == "dense" else self.weight.to_dense()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    # ---- compute ----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format_name == "dense":
+            return F.linear(x, self.weight_dense, self.bias)
+        backend = ""
+        if self.dense_above is not None and x.numel() // max(1, x.shape[-1]) > self.dense_above:
+            backend = "reference"  # decompress + dense: faster than the sparse kernel at this many rows
+        return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
+                                   self.out_features, self.bias, backend)
+
+    # ---- state dict: buffer sizes depend on the data, so loading replaces them (validated) ----
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = [n for n, _ in self.named_buffers(recurse=False)]
+        incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if self.format_name != "dense" and len(incoming) == len(names):
+            tensors = {n.removeprefix("weight_"): t for n, t in incoming.items()}
+            FORMATS[self.format_name].from_tensors((self.out_features, self.in_features), tensors, validate=True,
+                                                   **self.format_params)
+        for n, t in incoming.items():
+            setattr(self, n, t.detach().clone().to(getattr(self, n).device))
+        bias_key = prefix + "bias"
+        if self.bias is not None and bias_key in state_dict:
+            self.bias = nn.Parameter(state_dict[bias_key].detach().clone(), requires_grad=False)
+        for n in names:
+            if prefix + n not in state_dict and strict:
+                missing_keys.append(prefix + n)
+        if self.bias is not None and bias_key not in state_dict and strict:
+            missing_keys.append(bias_key)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        density = 1.0 if self.format_name == "dense" else w.density
+        params = "".join(f", {k}={v}" for k, v in self.format_params.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}{params}, "
+                f"density={density:.3f}, bias={self.bias is not None}, dense_above={self.dense_above}")

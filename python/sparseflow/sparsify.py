@@ -1,0 +1,201 @@
+"""sparsify(model): swap each nn.Linear for the sparse module that was measured fastest on this
+machine, or leave it dense. Works in place and returns a per-layer report."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .formats import detect_pattern
+from .io.inputs import compress, dense_weight
+from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
+
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    pattern: str
+    density: float
+    choice: str                  # format kept ("dense" when sparse lost), or "act-sparse(...)"
+    backend: str
+    bytes_before: int
+    bytes_after: int
+    speedup: dict[int, float] = field(default_factory=dict)  # rows of x -> dense time / chosen time
+    note: str = ""
+
+
+@dataclass
+class SparsifyReport:
+    layers: list[LayerReport]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": [asdict(layer) for layer in self.layers], "bytes_before": self.bytes_before,
+                           "bytes_after": self.bytes_after}, indent=1)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<40} {'shape':>12} {'pattern':>13} {'density':>8} {'choice':>18} {'MB':>13}  speedup"
+        lines = [head]
+        for r in self.layers:
+            sp = " ".join(f"m{m}:{s:.2f}x" for m, s in sorted(r.speedup.items()))
+            mb = f"{r.bytes_before / 2**20:.1f}->{r.bytes_after / 2**20:.1f}"
+            lines.append(f"{r.name[-40:]:<40} {'x'.join(map(str, r.shape)):>12} {r.pattern:>13} {r.density:>8.3f} "
+                         f"{r.choice:>18} {mb:>13}  {sp}{'  ' + r.note if r.note else ''}")
+        lines.append(f"total: {self.bytes_before / 2**20:.1f} MB -> {self.bytes_after / 2**20:.1f} MB")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p for p in (patterns or ()))
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """Storage of parameters used by more than one module (tied embeddings / lm_head)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
+    return {ptr for ptr, count in seen.items() if count > 1}
+
+
+def target_linears(model: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude) or (include is None and _matches(name, DEFAULT_EXCLUDE)):
+            continue
+        out.append((name, module))
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def candidates_for(w: torch.Tensor, format: str) -> dict[str, object]:
+    """Format label -> compressed weight, for the formats the weight's pattern allows."""
+    if format != "auto":
+        return {format: compress(w, format)}
+    pattern = detect_pattern(w)
+    if pattern.kind == "dense":
+        labels = []
+    elif pattern.kind == "n:m":
+        labels = [str(pattern), "bitmask"]
+    elif pattern.kind == "block":
+        labels = [f"block({pattern.block[0]},{pattern.block[1]})", "bitmask"]
+    else:
+        labels = ["bitmask", "csr"] if pattern.density <= 0.2 else ["bitmask"]
+    return {label: compress(w, label) for label in labels}
+
+
+def capture_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration, max_rows: int = 4096):
+    """Inputs of each layer over the calibration batches, [rows, in_features] (subsampled)."""
+    store: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: store[name].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float())) for name, m in layers]
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, chunks in store.items():
+        if not chunks:
+            raise ValueError(f"calibration never reached layer {name!r}")
+        x = torch.cat(chunks)
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
+        out[name] = x
+    return out
+
+
+def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
+             calibration=None, m_range: tuple[int, ...] = (1, 16), mode_centering: bool = False,
+             measure: bool = True, use_cache: bool = True) -> SparsifyReport:
+    """Replaces nn.Linear layers in place.
+
+    format: "auto" measures every format the weight's pattern allows against dense at each row count
+      in `m_range` and keeps the fastest only if it beats dense at m_range[0]; above the largest row
+      count where it still wins, the layer decompresses and runs dense. A named format ("bitmask",
+      "2:4", ...) is applied as asked.
+    activation_sparsity: a fraction (per-layer TEAL thresholds calibrated for that target) or a dict
+      {layer name or pattern: fraction}; needs `calibration`, an iterable of model inputs.
+    mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
+    Embeddings, lm_head and tied weights are left alone unless named in `include`."""
+    if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
+        raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
+    m_range = tuple(int(m) for m in m_range)
+    layers = target_linears(model, include, exclude)
+    tied = _tied(model)
+    acts = None
+    if activation_sparsity is not None:
+        if calibration is None:
+            raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
+        acts = capture_inputs(model, layers, calibration)
+    reports = []
+    for name, lin in layers:
+        w = dense_weight(lin)
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        before = w.numel() * w.element_size()
+        pattern = detect_pattern(w)
+        base = dict(name=name, shape=shape, pattern=str(pattern), density=pattern.density, bytes_before=before)
+        if lin.weight.data_ptr() in tied:
+            reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="tied weight"))
+            continue
+        target = activation_sparsity.get(name, next((v for k, v in activation_sparsity.items()
+                                                      if _matches(name, [k])), None)) \
+            if isinstance(activation_sparsity, dict) else activation_sparsity
+        if target is not None:
+            x = acts[name]
+            shift = input_modes(x).to(w.dtype) if mode_centering else None
+            thr = threshold_for(x, float(target), shift)
+            wf = "bitmask" if pattern.density <= 0.7 else "dense"
+            new = ActSparseLinear(w, lin.bias, thr, shift, wf)
+            after = sum(b.numel() * b.element_size() for b in new.buffers())
+            reports.append(LayerReport(**base, choice=f"act-sparse({wf})", backend="cpp", bytes_after=after,
+                                       note=f"threshold {thr:.4g}{', mode-centred' if shift is not None else ''}"))
+            _set_module(model, name, new)
+            continue
+        cands = candidates_for(w, format)
+        if not cands:
+            reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="no zeros"))
+            continue
+        speed = dispatch.measure(w, cands, m_range, use_cache=use_cache) if measure else {k: {} for k in cands}
+        label = max(cands, key=lambda c: speed[c].get(m_range[0], 1.0))
+        first = speed[label].get(m_range[0])
+        if format == "auto" and first is not None and first < 1.0:
+            reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
+                                       speedup={m: 1.0 for m in m_range},
+                                       note=f"sparse measured slower ({label} {first:.2f}x)"))
+            continue
+        wins = [m for m in m_range if speed[label].get(m, 1.0) >= 1.0]
+        dense_above = None if len(wins) == len(m_range) or not wins else max(wins)
+        new = SparseLinear(cands[label], lin.bias, dense_above=dense_above)
+        reports.append(LayerReport(**base, choice=label, backend="cpp", bytes_after=cands[label].nbytes,
+            speedup={m: (s if dense_above is None or m <= dense_above else 1.0) for m, s in speed[label].items()}))
+        _set_module(model, name, new)
+    return SparsifyReport(reports)
