@@ -11,7 +11,7 @@ from torch import nn
 
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
-from ..ops import linear as _linear_ops
+from ..ops.linear import act_sparse_linear_bitmask, act_sparse_linear_dense
 
 
 class ActSparseLinear(nn.Module):
@@ -76,10 +76,9 @@ class ActSparseLinear(nn.Module):
         if self.shift is not None:
             x = x - self.shift
         if self.weight_format == "dense":
-            return _linear_ops.act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias)
-        return _linear_ops.act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask,
-                                                     self.weight_t_row_offsets, self.out_features, self.threshold,
-                                                     self.bias)
+            return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias)
+        return act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask, self.weight_t_row_offsets,
+                                         self.out_features, self.threshold, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -1,0 +1,194 @@
+"""SparseLinear, ActSparseLinear, sparsify and whole-model save/load."""
+
+import pytest
+import torch
+from conftest import assert_close_2x
+from torch import nn
+
+import sparseflow as sf
+
+
+def pruned_mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(96, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 80)).to(dtype)
+    with torch.no_grad():
+        m[0].weight.mul_(torch.rand(256, 96) < 0.3)
+        m[3].weight.copy_(sf.NM.from_dense(m[3].weight, 2, 4, prune=True).to_dense())
+    return m.eval()
+
+
+@pytest.mark.parametrize("format", ["auto", "bitmask", "csr", "bsr", "block(16,16)", "2:4", "n:m", "dense"])
+def test_sparse_linear_matches_linear(format):
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+    sl = sf.SparseLinear.from_linear(lin, format)
+    x = torch.randn(2, 5, 64)
+    ref64 = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert_close_2x(sl(x), ref64, lin(x))
+    assert torch.equal(sl.to_linear().weight, lin.weight)
+
+
+def test_state_dict_round_trip_into_an_empty_module():
+    sl = sf.SparseLinear.from_linear(pruned_mlp()[0], "bitmask")
+    fresh = sf.SparseLinear.empty("bitmask", {}, (256, 96), bias=True)
+    fresh.load_state_dict(sl.state_dict())
+    x = torch.randn(3, 96)
+    assert torch.equal(fresh(x), sl(x))
+    bad = dict(sl.state_dict())
+    bad["weight_row_offsets"] = bad["weight_row_offsets"].clone()
+    bad["weight_row_offsets"][5] += 1
+    with pytest.raises(ValueError, match="row_offsets|row 4|row 5"):
+        sf.SparseLinear.empty("bitmask", {}, (256, 96), bias=True).load_state_dict(bad)
+
+
+def test_sparsify_keeps_outputs_and_compiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    m = pruned_mlp(torch.bfloat16)
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = m(x)
+    report = sf.sparsify(m, format="bitmask")  # a named format is applied as asked
+    assert [r.choice for r in report.layers] == ["bitmask", "bitmask"]
+    assert all(isinstance(m[i], sf.SparseLinear) for i in (0, 3))
+    assert report.bytes_after < report.bytes_before
+    assert "total" in str(report) and '"layers"' in report.to_json()
+    y = m(x)
+    assert torch.allclose(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.no_grad():  # sparse ops are inference-only (no backward)
+        assert torch.allclose(compiled(x).float(), y.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_sparsify_auto_measures_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    m = pruned_mlp()
+    report = sf.sparsify(m, m_range=(1, 4))
+    for layer in report.layers:
+        assert set(layer.speedup) == {1, 4}
+        if layer.choice == "dense":  # kept dense only because sparse measured slower
+            assert "slower" in layer.note
+    assert (tmp_path / "dispatch.json").exists()
+    calls = []
+    monkeypatch.setattr(sf.dispatch, "compare", lambda *a, **k: calls.append(1) or {})
+    sf.sparsify(pruned_mlp(), m_range=(1, 4))  # a second time: every measurement is a cache hit
+    assert not calls
+
+
+def test_sparsify_skips_lm_head_and_tied_weights():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.proj = nn.Linear(32, 32)
+            self.lm_head = nn.Linear(32, 50, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.lm_head(self.proj(self.embed(ids)))
+
+    lm = LM()
+    report = sf.sparsify(lm, format="bitmask")
+    assert [r.name for r in report.layers] == ["proj"]
+    assert isinstance(lm.lm_head, nn.Linear)
+
+
+def test_activation_sparsity_calibration_and_mode_centering():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    calib = [torch.randn(8, 64) for _ in range(4)]
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        dense = m(x)
+    report = sf.sparsify(m, activation_sparsity=0.5, calibration=calib, mode_centering=True)
+    assert all(r.choice.startswith("act-sparse") for r in report.layers)
+    assert all(isinstance(layer, sf.ActSparseLinear) for layer in (m[0], m[2]))
+    assert m[0].threshold > 0 and m[0].shift is not None
+    with torch.no_grad():
+        y = m(x)
+    cos = torch.nn.functional.cosine_similarity(y, dense).mean()
+    assert cos > 0.8, cos
+    with pytest.raises(ValueError, match="calibration"):
+        sf.sparsify(pruned_mlp(), activation_sparsity=0.5)
+
+
+def test_act_sparse_linear_threshold_zero_is_exact():
+    lin = nn.Linear(40, 24)
+    a = sf.ActSparseLinear.from_linear(lin, threshold=0.0)
+    x = torch.randn(3, 40)
+    ref64 = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert_close_2x(a(x), ref64, lin(x))
+    shifted = sf.ActSparseLinear.from_linear(lin, threshold=0.0, shift=torch.randn(40))
+    assert torch.allclose(shifted(x), lin(x), atol=1e-4)  # the shift folds into the bias exactly
+
+
+def test_save_load_rebuilds_building_block_models(tmp_path):
+    m = pruned_mlp()
+    sf.sparsify(m, format="bitmask")
+    sf.save(m, tmp_path / "model")
+    loaded = sf.load(tmp_path / "model")
+    x = torch.randn(3, 96)
+    assert torch.equal(loaded(x), m(x))  # bit-exact
+    assert isinstance(loaded[0], sf.SparseLinear)
+
+
+def test_save_load_custom_model_needs_a_skeleton(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 64)
+
+        def forward(self, x):
+            return self.a(x).relu()
+
+    net = Net()
+    sf.sparsify(net, format="csr")
+    sf.save(net, tmp_path)
+    with pytest.raises(ValueError, match="model="):
+        sf.load(tmp_path)
+    loaded = sf.load(tmp_path, model=Net())
+    x = torch.randn(2, 32)
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_load_rejects_damaged_checkpoints(tmp_path):
+    m = pruned_mlp()
+    sf.sparsify(m, format="bitmask")
+    sf.save(m, tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        sf.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        sf.load(tmp_path / "nowhere")
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_transformers_save_pretrained_round_trip(tmp_path):
+    model = tiny_llama()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and "lm_head" not in name:
+            with torch.no_grad():
+                mod.weight.copy_(sf.NM.from_dense(mod.weight, 2, 4, prune=True).to_dense())
+    ids = torch.randint(0, 100, (1, 7))
+    report = sf.sparsify(model, format="2:4")
+    assert len(report.layers) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    with torch.no_grad():
+        y = model(ids).logits
+    sf.save_pretrained(model, tmp_path)
+    loaded = sf.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, y)
+    sf.export_dense(model, tmp_path / "dense")
+    import transformers
+
+    dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, y, atol=1e-4)
