@@ -85,7 +85,7 @@ def skeleton(spec: dict) -> nn.Module:
                                       spec.get("dense_above"))
         if kind == "ActSparseLinear":
             return ActSparseLinear.empty(shape, float(spec["threshold"]), spec["weight_format"], bool(spec["bias"]),
-                                         bool(spec["shift"]))
+                                         bool(spec["shift"]), spec.get("dense_above"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{DESCRIPTION}: bad module spec {spec!r} ({e})") from None
     raise ValueError(f"{DESCRIPTION}: unknown module type {kind!r}")

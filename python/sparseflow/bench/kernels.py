@@ -210,11 +210,12 @@ class Options:
     ms: list[int] = field(default_factory=lambda: [1])
     crossover_ms: list[int] = field(default_factory=lambda: [16, 128])  # on the first shape
     reps: int = 30
-    warmup: int = 3
-    max_seconds: float = 1.5  # per case: stop after this much timing (at least 5 rounds)
+    warmup: int = 2
+    max_seconds: float = 1.0  # per case: stop after this much timing (at least 5 rounds)
     flush: str = "torch"
     stat: str = "median"  # what the speedup is: "median" (of paired per-round ratios) or "min"
-    torch_csr: bool = True
+    torch_csr: str = "first"  # shapes compared with torch's CSR matmul: "first" | "all" | "none"
+    check_table_reference: bool = False  # also check against the table's `reference` backend (slow)
     seed: int = 0
     device: str = "cpu"
 
@@ -234,15 +235,17 @@ def _nonzero(t: torch.Tensor) -> torch.Tensor:
 
 
 class Workload:
-    """Random weights and inputs of one (N, K, dtype), pruned to each spec's pattern, cached so
-    that specs with the same pattern share the weight (and one seed gives the same weights)."""
+    """Random weights and inputs of one shape (N, K), pruned to each spec's pattern, cached so that
+    specs with the same pattern share the weight. Weights are drawn and compressed once, in
+    float32; other dtypes are casts of those (`SparseFormat.to(dtype=...)` casts the values only),
+    so bf16 and fp32 measure the same weights and the slow compression runs once per shape."""
 
-    def __init__(self, n: int, k: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
-        self.n, self.k, self.dtype, self.seed, self.device = n, k, dtype, seed, device
+    def __init__(self, n: int, k: int, seed: int = 0, device: str = "cpu"):
+        self.n, self.k, self.seed, self.device = n, k, seed, device
         self._cache: dict = {}
 
     def _gen(self, *key) -> torch.Generator:
-        text = f"{self.seed}/{self.n}x{self.k}/{self.dtype}/{key}"
+        text = f"{self.seed}/{self.n}x{self.k}/{key}"
         return torch.Generator().manual_seed(zlib.crc32(text.encode()))
 
     def _cached(self, key, make: Callable[[], object]):
@@ -250,18 +253,20 @@ class Workload:
             self._cache[key] = make()
         return self._cache[key]
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The unpruned random weight [N, K]."""
+        if dtype != torch.float32:
+            return self._cached(("dense", dtype), lambda: self.dense().to(dtype))
         return self._cached(
-            "dense",
-            lambda: _nonzero(torch.randn(self.n, self.k, generator=self._gen("dense")).to(self.dtype)).to(
-                self.device
-            ),
+            ("dense", dtype),
+            lambda: _nonzero(torch.randn(self.n, self.k, generator=self._gen("dense"))).to(self.device),
         )
 
-    def pruned(self, spec: KernelSpec) -> torch.Tensor:
+    def pruned(self, spec: KernelSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] with the spec's pattern of zeros (the dense baseline's weight)."""
-        return self._cached(("pruned", spec.pattern), lambda: self._prune(spec))
+        if dtype != torch.float32:
+            return self._cached(("pruned", spec.pattern, dtype), lambda: self.pruned(spec).to(dtype))
+        return self._cached(("pruned", spec.pattern, dtype), lambda: self._prune(spec))
 
     def _prune(self, spec: KernelSpec) -> torch.Tensor:
         w, (n, k), g = self.dense(), (self.n, self.k), self._gen(*spec.pattern)
@@ -282,8 +287,14 @@ class Workload:
             keep = kept.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
         return torch.where(keep.to(w.device), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
-    def weight(self, spec: KernelSpec):
+    def weight(self, spec: KernelSpec, dtype: torch.dtype = torch.float32):
         """What the sparse op takes: a format object, or w_t [K, N] for the act kinds."""
+        key = ("weight", spec.kind, spec.pattern, dtype)
+        if dtype != torch.float32:
+            w32 = self.weight(spec)
+            return self._cached(
+                key, lambda: w32.to(dtype) if isinstance(w32, torch.Tensor) else w32.to(dtype=dtype)
+            )
 
         def make():
             p = self.pruned(spec)
@@ -299,21 +310,21 @@ class Workload:
                 return p.t().contiguous()
             return Bitmask.from_dense(p.t().contiguous())
 
-        return self._cached(("weight", spec.kind, spec.pattern), make)
+        return self._cached(key, make)
 
-    def x(self, m: int, act_sparsity: float = 0.0) -> torch.Tensor:
+    def x(self, m: int, act_sparsity: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Input [M, K]; with act_sparsity, exactly that fraction of each row is 0."""
 
         def make():
             g = self._gen("x", m, act_sparsity)
-            x = _nonzero(torch.randn(m, self.k, generator=g).to(self.dtype))
+            x = _nonzero(torch.randn(m, self.k, generator=g)).to(dtype)
             zeros = round(act_sparsity * self.k)
             if zeros:
                 idx = torch.rand(m, self.k, generator=g).argsort(1)[:, :zeros]
                 x.scatter_(1, idx, 0.0)
             return x.to(self.device)
 
-        return self._cached(("x", m, act_sparsity), make)
+        return self._cached(("x", m, act_sparsity, dtype), make)
 
 
 def clone_weight(w):
@@ -543,25 +554,34 @@ class Context:
     def speedup(self, base: Stats, s: Stats) -> float:
         return base.min / s.min if self.options.stat == "min" else paired_ratio(base, s).median
 
-    def compare(self, fns: dict[str, Callable[[], object]], max_seconds: float | None = None):
+    def compare(self, fns: dict[str, Callable[[], object]], warmup: int | None = None):
         o = self.options
         return compare(
             fns,
-            warmup=o.warmup,
+            warmup=o.warmup if warmup is None else min(warmup, o.warmup),
             reps=o.reps,
             before=self.flush,
             seed=o.seed,
-            max_seconds=o.max_seconds if max_seconds is None else max_seconds,
+            max_seconds=o.max_seconds,
         )
 
 
-def measure_case(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> list[Result]:
+def reference_output(spec: KernelSpec, x: torch.Tensor, w_dense: torch.Tensor, threshold: float = 0.0):
+    """The op's reference implementation (the math of the table's `reference` rows) applied to
+    the dense weight the compressed one was built from: a compression bug shows up here too, and
+    it skips the decompression the `reference` backend does on every call (seconds at 14336x4096)."""
+    if spec.op == "linear":
+        return ops.linear_reference(x, w_dense, None)
+    return ops.act_sparse_linear_reference(x, w_dense.t(), threshold, None)
+
+
+def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx: Context) -> list[Result]:
     """Checks and times every candidate backend of one case against dense F.linear."""
-    n, k, dtype = wl.n, wl.k, wl.dtype
+    n, k = wl.n, wl.k
     threshold = 0.0
-    w = wl.weight(spec)
-    x = wl.x(m, spec.act_sparsity)
-    w_dense = wl.pruned(spec)
+    w = wl.weight(spec, dtype)
+    x = wl.x(m, spec.act_sparsity, dtype)
+    w_dense = wl.pruned(spec, dtype)
     density = float(active_inputs(x, threshold).float().mean()) if spec.kind == "act" else w.density
     if spec.kind == "act_bitmask":
         density *= float(active_inputs(x, threshold).float().mean())
@@ -580,12 +600,13 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> list[R
                 f"no {spec.op}/{spec.format} backend for {DTYPE_NAMES[dtype]} on {x.device.type}",
             )
         ]
-    y_ref = op_call(spec, x, w, "reference", threshold)()
+    y_ref = reference_output(spec, x, w_dense, threshold)
+    y_table_ref = op_call(spec, x, w, "reference", threshold)() if ctx.options.check_table_reference else None
     y_dense = F.linear(x, w_dense)
     dense_fn = lambda: F.linear(x, w_dense)
     b_dense = dense_bytes(w_dense, x)
     b_sparse = sparse_bytes(spec, w, x, threshold)
-    w_copy = clone_weight(w)
+    w_copy = clone_weight(w) if m == 1 else None
     results = []
     for b in backends:
         r = _base_result(spec, n, k, m, dtype, b.key, density, "ok")
@@ -593,6 +614,9 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> list[R
             with poisoned_outputs(b):
                 y = op_call(spec, x, w, b.name, threshold)()
             ok, r.error, r.tolerance, r.message = check_output(y, y_ref, y_dense)
+            if ok and y_table_ref is not None:
+                ok, _, _, message = check_output(y, y_table_ref, y_dense)
+                r.message = "" if ok else f"against the reference backend: {message}"
         except Exception as e:  # a crashing kernel is a result to report, not a reason to stop
             ok, r.message = False, f"{type(e).__name__}: {e}"
             r.status = "error"
@@ -600,19 +624,17 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> list[R
             r.status = "wrong" if r.status == "ok" else r.status
             results.append(r)
             continue
-        stats = ctx.compare(
-            {
-                "dense": dense_fn,
-                "sparse": op_call(spec, x, w, b.name, threshold),
-                "kernel": kernel_call(spec, b, x, w_copy, threshold),
-            }
-        )
-        d, s, kn = stats["dense"], stats["sparse"], stats["kernel"]
+        fns = {"dense": dense_fn, "sparse": op_call(spec, x, w, b.name, threshold)}
+        if m == 1:  # the op layer's cost per call only matters where a call is short
+            fns["kernel"] = kernel_call(spec, b, x, w_copy, threshold)
+        stats = ctx.compare(fns, warmup=None if m == 1 else 1)
+        d, s = stats["dense"], stats["sparse"]
         paired = paired_ratio(d, s)
         r.dense_s, r.dense_p10_s, r.dense_p90_s = ctx.seconds(d), d.p10, d.p90
         r.sparse_s, r.sparse_p10_s, r.sparse_p90_s = ctx.seconds(s), s.p10, s.p90
-        r.kernel_s = ctx.seconds(kn)
-        r.overhead_s = s.min - kn.min  # a fixed cost per call: the best times show it with the least noise
+        if "kernel" in stats:
+            r.kernel_s = ctx.seconds(stats["kernel"])
+            r.overhead_s = s.min - stats["kernel"].min  # a fixed cost: the best times show it most clearly
         r.ratio_median, r.ratio_p10, r.ratio_p90 = paired.median, paired.p10, paired.p90
         r.ratio_min = d.min / s.min
         r.ratio = ctx.speedup(d, s)
@@ -682,23 +704,24 @@ class TorchCsrResult:
         return asdict(self)
 
 
-def measure_torch_csr(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> list[TorchCsrResult]:
-    x, w, w_dense = wl.x(m), wl.weight(spec), wl.pruned(spec)
+def measure_torch_csr(
+    spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx: Context
+) -> list[TorchCsrResult]:
+    x, w, w_dense = wl.x(m, 0.0, dtype), wl.weight(spec, dtype), wl.pruned(spec, dtype)
     torch_fn, torch_dtype = torch_csr_matmul(w_dense, x)
     out = []
     for b in candidates(spec, x, w, m):
         with poisoned_outputs(b):
             y = op_call(spec, x, w, b.name)()
-        ok, *_ = check_output(y, op_call(spec, x, w, "reference")(), F.linear(x, w_dense))
+        ok, *_ = check_output(y, reference_output(spec, x, w_dense), F.linear(x, w_dense))
         if not ok:
-            continue  # reported as wrong by the main table
-        stats = ctx.compare(
-            {
-                "torch_csr": torch_fn,
-                "sparse": op_call(spec, x, w, b.name),
-                "dense": lambda: F.linear(x, w_dense),
-            }
-        )
+            continue  # the main table reports it
+        fns = {
+            "torch_csr": torch_fn,
+            "sparse": op_call(spec, x, w, b.name),
+            "dense": lambda: F.linear(x, w_dense),
+        }
+        stats = ctx.compare(fns, warmup=1)  # torch's CSR takes 10-100x longer than our kernels
         speed = ctx.speedup(stats["torch_csr"], stats["sparse"])
         out.append(
             TorchCsrResult(
@@ -707,7 +730,7 @@ def measure_torch_csr(spec: KernelSpec, wl: Workload, m: int, ctx: Context) -> l
                 n=wl.n,
                 k=wl.k,
                 m=m,
-                dtype=DTYPE_NAMES[wl.dtype],
+                dtype=DTYPE_NAMES[dtype],
                 torch_dtype=DTYPE_NAMES[torch_dtype],
                 torch_call="torch.sparse.mm(W_csr, x.T).T",
                 sparse_s=ctx.seconds(stats["sparse"]),
@@ -769,12 +792,13 @@ def crossover_rows(results: Sequence[Result]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The whole run
 # ---------------------------------------------------------------------------------------------
-def _plan(options: Options) -> list[tuple[torch.dtype, tuple[int, int], list[int]]]:
+def _plan(options: Options) -> list[tuple[tuple[int, int], list[int], bool]]:
+    """(shape, Ms, with torch CSR) per shape; the crossover Ms and torch's CSR on the first shape."""
     plan = []
-    for dtype in options.dtypes:
-        for i, shape in enumerate(options.shapes):
-            ms = sorted(set(options.ms) | (set(options.crossover_ms) if i == 0 else set()))
-            plan.append((dtype, shape, ms))
+    for i, shape in enumerate(options.shapes):
+        ms = sorted(set(options.ms) | (set(options.crossover_ms) if i == 0 else set()))
+        csr = 1 in ms and (options.torch_csr == "all" or (options.torch_csr == "first" and i == 0))
+        plan.append((shape, ms, csr))
     return plan
 
 
@@ -800,27 +824,33 @@ def run(options: Options, command: str | None = None, log: Callable[[str], None]
     )
     ctx = Context(options, bandwidth, cache_flusher(options.flush))
     plan = _plan(options)
-    total = sum(len(ms) * len(options.specs) for _, _, ms in plan)
+    total = sum(len(ms) * len(options.specs) for _, ms, _ in plan) * len(options.dtypes)
     results: list[Result] = []
     torch_csr: list[TorchCsrResult] = []
     done = 0
-    for dtype, (n, k), ms in plan:
-        wl = Workload(n, k, dtype, options.seed, options.device)
-        for m in ms:
-            for spec in options.specs:
-                done += 1
-                for r in measure_case(spec, wl, m, ctx):
-                    results.append(r)
-                    log(f"[{done}/{total}] {_fmt_progress(r)}")
-        if options.torch_csr and 1 in ms:
-            for spec in TORCH_CSR_SPECS:
-                for t in measure_torch_csr(spec, wl, 1, ctx):
-                    torch_csr.append(t)
-                    log(
-                        f"torch CSR {t.kernel:<16} {n}x{k} {t.dtype}: ours is {t.speedup:.1f}x faster "
-                        f"(torch in {t.torch_dtype}: {t.torch_s * 1e3:.2f} ms)"
-                    )
+    for (n, k), ms, with_torch_csr in plan:
+        wl = Workload(n, k, options.seed, options.device)  # one set of weights per shape, for every dtype
+        for dtype in options.dtypes:
+            for m in ms:
+                for spec in options.specs:
+                    done += 1
+                    for r in measure_case(spec, wl, m, dtype, ctx):
+                        results.append(r)
+                        log(f"[{done}/{total} {time.perf_counter() - start:4.0f}s] {_fmt_progress(r)}")
+            if with_torch_csr:
+                for spec in TORCH_CSR_SPECS:
+                    for t in measure_torch_csr(spec, wl, 1, dtype, ctx):
+                        torch_csr.append(t)
+                        elapsed = time.perf_counter() - start
+                        log(
+                            f"[torch CSR {elapsed:4.0f}s] {t.kernel:<14} {n}x{k} {t.dtype}: ours "
+                            f"{t.speedup:.1f}x faster (torch in {t.torch_dtype}: {t.torch_s * 1e3:.2f} ms)"
+                        )
         del wl
+    # Tables read best by dtype, then shape (the loop goes by shape to build each weight once).
+    order = {d: i for i, d in enumerate(DTYPE_NAMES[d] for d in options.dtypes)}
+    results.sort(key=lambda r: order[r.dtype])
+    torch_csr.sort(key=lambda t: order[t.dtype])
     about = info()
     meta = {
         "cpu": about["cpu"],
@@ -927,8 +957,8 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
     p.add_argument("--isa", choices=_ext.ISA_LEVELS, help="force the kernels' ISA level")
     p.add_argument("--quick", action="store_true", help="one 2048x2048 shape, bf16, fewer repetitions")
     p.add_argument("--reps", type=int, help="timed rounds per case (default 30, quick 15)")
-    p.add_argument("--warmup", type=int, help="untimed rounds per case (default 3)")
-    p.add_argument("--max-seconds", type=float, help="stop timing a case after this long (default 1.5)")
+    p.add_argument("--warmup", type=int, help="untimed rounds per case (default 2)")
+    p.add_argument("--max-seconds", type=float, help="stop timing a case after this long (default 1.0)")
     p.add_argument(
         "--flush",
         choices=FLUSH_MODES,
@@ -942,7 +972,17 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
         help="speedup from the median of paired per-round ratios (default) or from the best times "
         "(min: for a machine other processes keep busy); the JSON has both",
     )
-    p.add_argument("--no-torch-csr", action="store_true", help="skip the comparison with torch's CSR matmul")
+    p.add_argument(
+        "--torch-csr",
+        choices=("first", "all", "none"),
+        default="first",
+        help="shapes to compare with torch's CSR matmul at M=1 (default: the first shape)",
+    )
+    p.add_argument(
+        "--check-reference-backend",
+        action="store_true",
+        help="also check against the table's `reference` backend (it decompresses on every call: slow)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--json",
@@ -975,7 +1015,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     for name in ("reps", "warmup", "max_seconds"):
         if getattr(args, name) is not None:
             setattr(o, name, getattr(args, name))
-    o.flush, o.stat, o.torch_csr, o.seed = args.flush, args.stat, not args.no_torch_csr, args.seed
+    o.flush, o.stat, o.torch_csr, o.seed = args.flush, args.stat, args.torch_csr, args.seed
+    o.check_table_reference = args.check_reference_backend
     return o
 
 
@@ -993,14 +1034,13 @@ def main(
     options = options_from_args(args)
     # Wide enough for the main table when the output is a file or a pipe.
     console = Console(width=None if sys.stdout.isatty() else 220)
-    log_console = Console(stderr=True)
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     command = " ".join([prog or Path(sys.argv[0]).name, *argv])
     try:
         with _ext.isa(args.isa) if args.isa else contextlib.nullcontext():
-            result = run(options, command=command, log=lambda msg: log_console.print(msg, highlight=False))
+            result = run(options, command=command, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(old_threads)
     report.print_report(result, console)

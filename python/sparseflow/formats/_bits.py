@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 20
@@ -23,6 +24,27 @@ def as_int(t: torch.Tensor) -> torch.Tensor:
     """The same memory as integers of the same width. torch's bf16 gather and scatter_ on CPU
     rewrite every NaN as 0xFFFF; moving the bits as integers keeps each value exactly."""
     return t.view(_SAME_WIDTH_INT[t.dtype])
+
+
+def select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values[mask] (1-D, row-major order), bit for bit. On the CPU the positions come from numpy,
+    whose nonzero is several times faster than torch's there."""
+    if values.device.type != "cpu":
+        return values[mask]
+    positions = np.flatnonzero(mask.numpy())
+    flat = as_int(values).contiguous().numpy().reshape(-1)
+    return torch.from_numpy(flat.take(positions)).view(values.dtype)
+
+
+def scatter_into(out: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> None:
+    """out[mask] = values (values in row-major order of mask), bit for bit; `out` contiguous."""
+    if out.device.type != "cpu":
+        out[mask] = values
+        return
+    positions = np.flatnonzero(mask.numpy())
+    if positions.size != values.numel():
+        raise ValueError(f"{positions.size} mask bits set but {values.numel()} values")
+    as_int(out).numpy().reshape(-1)[positions] = as_int(values).contiguous().numpy()
 
 
 def row_chunks(rows: int, cols: int, multiple: int = 1, target: int | None = None) -> Iterator[slice]:
@@ -69,31 +91,33 @@ def popcount(codes: torch.Tensor) -> torch.Tensor:
 
 
 def group_codes(mask: torch.Tensor, m: int) -> torch.Tensor:
-    """bool [R, G * m] (m in 4, 8, 16) -> int64 [R, G]: bit j of a group's code is its element j."""
-    rows, count = mask.shape
-    groups = count // m
-    packed = pack_bits(mask).to(torch.int64)
-    if m == 4:
-        return torch.stack((packed & 0xF, packed >> 4), -1).view(rows, -1)[:, :groups]
+    """bool [R, G * m] (m in 4, 8, 16) -> int32 [R, G]: bit j of a group's code is its element j."""
+    rows = mask.shape[0]
+    x = mask.contiguous().view(torch.uint8)
+    if m == 4:  # a group is the four 0/1 bytes of one int32: fold them into byte 0 as for pack_bits
+        x = x.view(torch.int32)
+        x = x | (x >> 7)
+        x = x | (x >> 14)
+        return x & 0xF
+    packed = pack_bits(x.view(torch.bool))
     if m == 8:
-        return packed
-    pairs = packed.view(rows, groups, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 8)
+        return packed.to(torch.int32)
+    return packed.view(rows, -1, 2).view(torch.int16).squeeze(-1).to(torch.int32) & 0xFFFF
 
 
 def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [R, F] of values < 2**bits (bits in {2, 4}) -> uint8 [R, ceil(F * bits / 8)], low bits first."""
+    """Integers [R, F] below 2**bits (bits in {2, 4}) -> uint8 [R, ceil(F * bits / 8)], low bits first."""
     per_byte = 8 // bits
     rows, count = fields.shape
+    fields = fields.to(torch.int32)
     padded = torch.nn.functional.pad(fields, (0, (-count) % per_byte)).view(rows, -1, per_byte)
-    padded = padded.to(torch.int32)
     shifts = torch.arange(per_byte, device=fields.device, dtype=torch.int32) * bits
     return (padded << shifts).sum(-1).to(torch.uint8)
 
 
-def unpack_fields(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    """Inverse of pack_fields: uint8 [R, B] -> uint8 [R, count]."""
+def unpack_fields(packed: torch.Tensor, count: int, bits: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of pack_fields: uint8 [R, B] -> [R, count] of `dtype`."""
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     fields = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(packed.shape[0], -1)[:, :count].to(torch.uint8)
+    return fields.reshape(packed.shape[0], -1)[:, :count].to(dtype)

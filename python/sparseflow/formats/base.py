@@ -11,7 +11,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
-    """A 2-D, non-empty, floating weight (any strides); raises a ValueError/TypeError naming the problem."""
+    """A 2-D, non-empty, floating weight (any strides), detached; raises a ValueError/TypeError naming
+    the problem."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
@@ -20,7 +21,7 @@ def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
         raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(w.shape)})")
-    return w
+    return w.detach()  # formats store data; a Parameter's autograd history is not part of it
 
 
 def check_shape(fmt) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._bits import pack_bits, row_chunks, unpack_bits
+from ._bits import pack_bits, row_chunks, scatter_into, select, unpack_bits
 from .base import SparseFormat, check_shape, check_weight, take_tensors
 
 
@@ -32,7 +32,7 @@ class Bitmask(SparseFormat):
         for s in row_chunks(rows, cols):
             chunk = w[s]
             nonzero = chunk != 0
-            values.append(chunk[nonzero])
+            values.append(select(chunk, nonzero))
             masks.append(pack_bits(nonzero))
             counts.append(nonzero.sum(1))
         row_offsets = torch.zeros(rows + 1, dtype=torch.int64, device=w.device)
@@ -71,5 +71,5 @@ class Bitmask(SparseFormat):
         bounds = self.row_offsets[[s.start for s in chunks] + [rows]].tolist()
         for i, s in enumerate(chunks):
             chunk = self.values[bounds[i]:bounds[i + 1]]
-            out[s].masked_scatter_(unpack_bits(self.mask[s], cols), chunk)
+            scatter_into(out[s], unpack_bits(self.mask[s], cols), chunk)
         return out

@@ -25,20 +25,21 @@ def check_nm(n: int, m: int) -> tuple[int, int]:
     return n, m
 
 
-_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
-def _position_table(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every group code (bit j set = element j is non-zero): the n positions to store, int64
-    [2**m, n], and the number of non-zeros, int64 [2**m]. The positions are the non-zeros, then the
-    earliest zeros to fill the group, in increasing order."""
+def _position_table(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """For every group code (bit j set = element j is non-zero), the n positions to store, int64
+    [2**m, n]: the non-zeros, then the earliest zeros to fill the group, in increasing order. A code
+    with more than n non-zeros has -1 in every position."""
     key = (n, m, device)
     if key not in _TABLES:
         codes = torch.arange(1 << m)
         nonzero = (codes[:, None] >> torch.arange(m)) & 1
         score = nonzero * 2 * m - torch.arange(m)  # non-zeros first, earlier first
         positions = score.topk(n, dim=1).indices.sort(1).values
-        _TABLES[key] = positions.to(device), popcount(codes).to(device)
+        positions[popcount(codes) > n] = -1
+        _TABLES[key] = positions.to(device)
     return _TABLES[key]
 
 
@@ -74,8 +75,10 @@ class NM(SparseFormat):
         n, m = check_nm(n, m)
         rows, cols = w.shape
         groups = -(-cols // m)
-        positions_of, count_of = _position_table(n, m, w.device)
-        values, index = [], []
+        index_bits = 2 if m == 4 else 4
+        table = _position_table(n, m, w.device)
+        values = torch.empty(rows, groups * n, dtype=w.dtype, device=w.device)
+        index = torch.empty(rows, -(-groups * n * index_bits // 8), dtype=torch.uint8, device=w.device)
         for s in row_chunks(rows, cols):
             chunk = w[s]
             if cols % m:
@@ -85,22 +88,21 @@ class NM(SparseFormat):
                 score = grouped.abs().float().nan_to_num(nan=float("inf"))
                 position = score.topk(n, dim=-1).indices.sort(-1).values
             else:
-                code = group_codes((chunk != 0).reshape(chunk.shape[0], -1), m)  # [rows, groups]
-                over = count_of[code] > n
+                code = group_codes(chunk != 0, m)  # [rows, groups]
+                position = table.index_select(0, code.view(-1)).view(*code.shape, n)
+                over = position[..., 0] < 0
                 if bool(over.any()):
                     r, g = (int(i) for i in over.nonzero()[0])
-                    r += s.start
                     raise ValueError(
-                        f"weight is not {n}:{m} sparse: row {r}, group {g} (columns {g * m}.."
-                        f"{min(cols, g * m + m) - 1}) has {int(count_of[code[r - s.start, g]])} non-zeros; "
+                        f"weight is not {n}:{m} sparse: row {s.start + r}, group {g} (columns {g * m}.."
+                        f"{min(cols, g * m + m) - 1}) has {int(popcount(code[r, g]))} non-zeros; "
                         f"use prune=True to keep the {n} largest"
                     )
-                position = positions_of[code]  # [rows, groups, n]
-            kept = as_int(grouped).gather(-1, position).reshape(chunk.shape[0], -1).view(w.dtype)
-            values.append(kept.masked_fill_(kept == 0, 0))
-            fields = position.reshape(chunk.shape[0], -1).to(torch.uint8)
-            index.append(pack_fields(fields, 2 if m == 4 else 4))
-        return cls(w.shape, torch.cat(values), torch.cat(index), n, m, validate=False)
+            kept = values[s].view(position.shape)
+            torch.gather(as_int(grouped), -1, position, out=as_int(kept))
+            kept.masked_fill_(kept == 0, 0)  # -0.0 is stored as +0.0
+            index[s] = pack_fields(position.view(position.shape[0], -1), index_bits)
+        return cls(w.shape, values, index, n, m, validate=False)
 
     @classmethod
     def from_tensors(cls, shape, tensors, validate=True, n=2, m=4) -> NM:
@@ -144,8 +146,7 @@ class NM(SparseFormat):
         groups, n, m = self.groups, self.n, self.m
         out = torch.zeros(rows, groups * m, dtype=self.dtype, device=self.device)
         for s in row_chunks(rows, groups * m):
-            pos = unpack_fields(self.index[s], groups * n, self.index_bits)
-            pos = pos.view(-1, groups, n).to(torch.int64)
+            pos = unpack_fields(self.index[s], groups * n, self.index_bits, torch.int64).view(-1, groups, n)
             values = as_int(self.values[s]).reshape(-1, groups, n)
             as_int(out[s]).view(-1, groups, m).scatter_(-1, pos, values)
         return out if cols == groups * m else out[:, :cols].contiguous()

@@ -16,9 +16,11 @@ from ..ops.linear import act_sparse_linear_bitmask, act_sparse_linear_dense
 
 class ActSparseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 0.0,
-                 shift: torch.Tensor | None = None, weight_format: str = "dense"):
-        """weight: the dense [out, in] weight (zeros allowed); weight_format "dense" | "bitmask"."""
+                 shift: torch.Tensor | None = None, weight_format: str = "dense", dense_above: int | None = 16):
+        """weight: the dense [out, in] weight (zeros allowed); weight_format "dense" | "bitmask".
+        Above `dense_above` rows of x (prefill) the same thresholded product runs as one dense matmul."""
         super().__init__()
+        self.dense_above = dense_above
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
@@ -41,14 +43,14 @@ class ActSparseLinear(nn.Module):
 
     @classmethod
     def empty(cls, shape: tuple[int, int], threshold: float, weight_format: str, bias: bool,
-              shift: bool) -> ActSparseLinear:
+              shift: bool, dense_above: int | None = 16) -> ActSparseLinear:
         """A module with placeholder buffers; load_state_dict fills (and validates) them."""
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.out_features, mod.in_features = (int(s) for s in shape)
-        mod.threshold, mod.weight_format = float(threshold), weight_format
+        mod.threshold, mod.weight_format, mod.dense_above = float(threshold), weight_format, dense_above
         names = ["weight_t"] if weight_format == "dense" else [f"weight_t_{n}" for n in Bitmask.tensor_names]
         for name in names:
             mod.register_buffer(name, torch.empty(0))
@@ -70,15 +72,18 @@ class ActSparseLinear(nn.Module):
     def spec(self) -> dict:
         return {"type": "ActSparseLinear", "shape": [self.out_features, self.in_features],
                 "threshold": self.threshold, "weight_format": self.weight_format, "bias": self.bias is not None,
-                "shift": self.shift is not None}
+                "shift": self.shift is not None, "dense_above": self.dense_above}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
             x = x - self.shift
+        backend = ""
+        if self.dense_above is not None and x.numel() // max(1, x.shape[-1]) > self.dense_above:
+            backend = "reference"  # many rows: one thresholded dense matmul beats row-by-row skipping
         if self.weight_format == "dense":
-            return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias)
+            return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias, backend)
         return act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask, self.weight_t_row_offsets,
-                                         self.out_features, self.threshold, self.bias)
+                                         self.out_features, self.threshold, self.bias, backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

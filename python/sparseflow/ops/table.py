@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu
+from . import cpu, gpu
 from .reference import act_sparse_linear_reference, linear_reference
 
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,6 +56,18 @@ BACKENDS: list[Backend] = [
     Backend("linear", "nm", "cpu", "cpp", cpu.nm_linear),
     Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
     Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
+    # ---- GPU (CUDA device): torch 2:4, CUDA C++ (csrc/cuda), Triton (kernels/); see ops/gpu.py ----
+    Backend("linear", "nm", "cuda", "torch", gpu.torch_semi_structured_linear, (torch.bfloat16, torch.float16),
+            applies=gpu.semi_structured_applies, available=gpu.semi_structured_ready),
+    Backend("linear", "nm", "cuda", "cuda", gpu.cuda_nm24_linear, applies=gpu.nm24_decode,
+            available=gpu.cuda_ext_ready),
+    Backend("linear", "nm", "cuda", "triton", gpu.triton_nm_linear, available=gpu.triton_ready),
+    Backend("linear", "bsr", "cuda", "triton", gpu.triton_bsr_linear, available=gpu.triton_ready),
+    Backend("linear", "bitmask", "cuda", "triton", gpu.triton_bitmask_linear, applies=gpu.decode_only,
+            available=gpu.triton_ready),
+    Backend("act_sparse_linear", "dense", "cuda", "cuda", gpu.cuda_act_sparse_dense, applies=gpu.decode_only,
+            available=gpu.cuda_ext_ready),
+    Backend("act_sparse_linear", "dense", "cuda", "triton", gpu.triton_act_sparse_dense, available=gpu.triton_ready),
     # ---- plain torch, any device ----
     *(Backend("linear", f, d, "reference", _ref_linear)
       for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),

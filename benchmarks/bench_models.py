@@ -1,0 +1,134 @@
+"""Decode and prefill speed of a Llama-shaped decoder (random weights, bf16) through sparseflow:
+dense, 2:4, 50% unstructured, 50% activation-sparse, and 50% weight + 50% activation together.
+
+    python benchmarks/bench_models.py [--hidden 2048 --intermediate 8192 --layers 4] [--json PATH]
+
+Decode is timed as one new token with a KV cache of `--context` tokens (median of interleaved
+steps); prefill as one forward over `--prefill` tokens. Every variant is checked against its own
+masked-dense model first."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow.models import llama
+
+
+def prune_linears(model, pattern):
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and "lm_head" not in name:
+            with torch.no_grad():
+                w = mod.weight
+                if pattern == "2:4":
+                    w.copy_(sf.NM.from_dense(w, 2, 4, prune=True).to_dense())
+                else:
+                    cut = w.float().abs().flatten().kthvalue(w.numel() // 2).values
+                    w.mul_(w.float().abs() > cut)
+
+
+M_RANGE = (1, 16, 128)  # decode, small batch, prefill: above the last win a layer decompresses and runs dense
+
+
+def variants(base, calibration):
+    out = {"dense": base}
+    m = copy.deepcopy(base)
+    prune_linears(m, "2:4")
+    sf.sparsify(m, format="2:4", m_range=M_RANGE)
+    out["2:4"] = m
+    m = copy.deepcopy(base)
+    prune_linears(m, "unstructured")
+    sf.sparsify(m, format="bitmask", m_range=M_RANGE)
+    out["unstructured 50%"] = m
+    m = copy.deepcopy(base)
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration)
+    out["activation 50%"] = m
+    m = copy.deepcopy(base)
+    prune_linears(m, "unstructured")
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration)
+    out["weight 50% + activation 50%"] = m
+    return out
+
+
+def decode_step_fn(model, context_ids):
+    with torch.no_grad():
+        out = model(context_ids, use_cache=True)
+    cache = out.past_key_values
+    token = context_ids[:, -1:]
+
+    def step():
+        # one new token against the cache, then the cache is cut back so every step sees the same length
+        with torch.no_grad():
+            model(token, past_key_values=cache, use_cache=True)
+        cache.crop(-1)
+
+    return step
+
+
+def median_interleaved(fns: dict, rounds: int) -> dict:
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--json", default="benchmarks/results/models.json")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    base = llama(args.hidden, args.intermediate, args.layers, vocab=args.vocab)
+    ids = torch.randint(0, args.vocab, (1, args.context))
+    calibration = [torch.randint(0, args.vocab, (1, 32)) for _ in range(4)]
+    models = variants(base, calibration)
+    decode = median_interleaved({k: decode_step_fn(m, ids) for k, m in models.items()}, args.rounds)
+    prompt = torch.randint(0, args.vocab, (1, args.prefill))
+
+    def prefill(m):
+        def run():
+            with torch.no_grad():
+                m(prompt)
+        return run
+
+    pre = median_interleaved({k: prefill(m) for k, m in models.items()}, max(3, args.rounds // 3))
+    info = sf.info()
+    rows = [{"variant": k, "decode_ms": decode[k] * 1e3, "decode_tok_s": 1 / decode[k],
+             "decode_speedup": decode["dense"] / decode[k], "prefill_ms": pre[k] * 1e3,
+             "prefill_speedup": pre["dense"] / pre[k]} for k in models]
+    print(f"Llama-shaped decoder: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"bf16, {info['threads']} threads, {info['cpu']} ({info['isa_in_use']}), context {args.context}")
+    print(f"{'variant':<30}{'decode ms':>10}{'tok/s':>8}{'speedup':>9}{'prefill ms':>12}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['variant']:<30}{r['decode_ms']:>10.2f}{r['decode_tok_s']:>8.1f}{r['decode_speedup']:>8.2f}x"
+              f"{r['prefill_ms']:>12.1f}{r['prefill_speedup']:>8.2f}x")
+    result = {"date": datetime.date.today().isoformat(), "machine": info, "python": platform.python_version(),
+              "args": vars(args), "rows": rows}
+    if args.json:
+        import pathlib
+
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

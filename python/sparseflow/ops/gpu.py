@@ -1,0 +1,177 @@
+"""The CUDA-device backends of the table: Triton kernels (top-level kernels/, installed as
+sparseflow.kernels), the CUDA C++ kernels in _C (csrc/cuda, built with -DSPARSEFLOW_CUDA=ON) and
+torch's own semi-structured 2:4 (cuSPARSELt or CUTLASS).
+
+Nothing here imports Triton until a Triton row runs; `available()` of each row only checks that
+a GPU and the library are there. Every function has the table's signature: linear fn(x2d, w, bias),
+act_sparse_linear fn(x2d, w_t, threshold, bias). Kernels launch on torch's current stream of x's
+device and never synchronise, so they work under CUDA graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .._ext import _C, dtype_code, ptr
+
+# Tests set this so that every output element a kernel fails to write shows up as NaN.
+POISON_OUTPUTS = False
+
+DECODE_MAX_M = 16  # rows of x the decode (GEMV) kernels take
+
+
+# ---- availability -------------------------------------------------------------------------------
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_ready() -> bool:
+    return torch.cuda.is_available() and triton_installed()
+
+
+def cuda_ext_ready() -> bool:
+    """The CUDA C++ kernels were compiled into _C and a GPU is present."""
+    return hasattr(_C, "cuda_act_sparse_gemv") and torch.cuda.is_available()
+
+
+def semi_structured_ready() -> bool:
+    """torch's 2:4 sparse matmul needs sm_80 or newer."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _out(x2: torch.Tensor, n: int) -> torch.Tensor | None:
+    if not POISON_OUTPUTS:
+        return None
+    return torch.full((x2.shape[0], n), float("nan"), dtype=x2.dtype, device=x2.device)
+
+
+def _device(t: torch.Tensor):
+    if t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Unit stride along the last dimension (kernels take any row stride)."""
+    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[-1]) else t.contiguous()
+
+
+def rounded_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The threshold as the reference compares it: |x| <= threshold evaluated in x's dtype."""
+    return float(torch.tensor(float(threshold), dtype=dtype).float())
+
+
+# ---- Triton -------------------------------------------------------------------------------------
+def triton_bsr_linear(x2, w, bias):
+    from sparseflow.kernels import bsr
+
+    return bsr.bsr_linear(x2, w, bias, out=_out(x2, w.shape[0]))
+
+
+def triton_nm_linear(x2, w, bias):
+    from sparseflow.kernels import nm
+
+    return nm.nm_linear(x2, w, bias, out=_out(x2, w.shape[0]))
+
+
+def triton_bitmask_linear(x2, w, bias):
+    from sparseflow.kernels import bitmask
+
+    return bitmask.bitmask_linear(x2, w, bias, out=_out(x2, w.shape[0]))
+
+
+def triton_act_sparse_dense(x2, w_t, threshold, bias):
+    from sparseflow.kernels import act_sparse
+
+    return act_sparse.act_sparse_dense(x2, w_t, threshold, bias, out=_out(x2, w_t.shape[1]))
+
+
+# ---- CUDA C++ (csrc/cuda) -----------------------------------------------------------------------
+def _cuda_io(x2: torch.Tensor, n: int, bias, workspace_bytes):
+    x2 = _rows(x2)
+    m = x2.shape[0]
+    y = _out(x2, n)
+    if y is None:
+        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    nbytes = workspace_bytes(m, n, x2.shape[1])
+    ws = torch.zeros((nbytes + 3) // 4, dtype=torch.int32, device=x2.device)
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    return x2, y, dict(bias=ptr(bias), y=ptr(y), ldy=y.stride(0), workspace=ptr(ws), workspace_bytes=nbytes,
+                       stream=stream)
+
+
+def cuda_act_sparse_dense(x2, w_t, threshold, bias):
+    """CUDA C++ activation-sparse GEMV (M <= 16)."""
+    w_t = _rows(w_t)
+    k, n = w_t.shape
+    if x2.shape[0] == 0:
+        return x2.new_empty(0, n)
+    with _device(x2):
+        x2, y, io = _cuda_io(x2, n, bias, _C.cuda_act_sparse_gemv_workspace_bytes)
+        _C.cuda_act_sparse_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
+                                w_t=ptr(w_t), N=n, ldw=w_t.stride(0),
+                                threshold=rounded_threshold(threshold, x2.dtype), **io)
+    return y
+
+
+def cuda_nm24_linear(x2, w, bias):
+    """CUDA C++ 2:4 GEMV (M <= 16)."""
+    n, k = w.shape
+    if x2.shape[0] == 0:
+        return x2.new_empty(0, n)
+    values, index = _rows(w.values), _rows(w.index)
+    with _device(x2):
+        x2, y, io = _cuda_io(x2, n, bias, _C.cuda_nm24_gemv_workspace_bytes)
+        _C.cuda_nm24_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
+                          values=ptr(values), ldv=values.stride(0), index=ptr(index), ldi=index.stride(0), N=n, **io)
+    return y
+
+
+# ---- torch semi-structured 2:4 (cuSPARSELt / CUTLASS) -------------------------------------------
+# The compressed weight is built once per NM weight and cached by the identity of its values
+# tensor (dropped with it); a changed version counter (in-place update) rebuilds it.
+_SEMI_STRUCTURED: dict[int, tuple] = {}
+
+
+def semi_structured_weight(w):
+    values = w.values
+    stamp = (values._version, w.index._version, w.index.data_ptr(), tuple(w.shape))
+    entry = _SEMI_STRUCTURED.get(id(values))
+    if entry is not None and entry[0]() is values and entry[1] == stamp:
+        return entry[2]
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUSPARSELT if torch.backends.cusparselt.is_available() else \
+        SparseSemiStructuredTensorCUTLASS
+    sparse = cls.from_dense(w.to_dense())
+    if entry is None or entry[0]() is not values:
+        weakref.finalize(values, _SEMI_STRUCTURED.pop, id(values), None)
+    _SEMI_STRUCTURED[id(values)] = (weakref.ref(values), stamp, sparse)
+    return sparse
+
+
+def semi_structured_applies(w, m: int) -> bool:
+    """2:4, prefill-sized M, and shapes every backend of torch's semi-structured matmul accepts
+    (CUTLASS wants rows % 32 and columns % 64 for fp16/bf16)."""
+    n, k = w.shape
+    return (w.n, w.m) == (2, 4) and m > DECODE_MAX_M and n % 64 == 0 and k % 64 == 0
+
+
+def torch_semi_structured_linear(x2, w, bias):
+    return F.linear(x2.contiguous(), semi_structured_weight(w), bias)
+
+
+# ---- shape rules of the table rows --------------------------------------------------------------
+def decode_only(w, m: int) -> bool:
+    return m <= DECODE_MAX_M
+
+
+def nm24_decode(w, m: int) -> bool:
+    return (w.n, w.m) == (2, 4) and m <= DECODE_MAX_M
