@@ -14,13 +14,12 @@ import copy
 import datetime
 import json
 import platform
-import time
-
-import torch
-from torch import nn
 
 import sparseflow as sf
+import torch
+from sparseflow.bench.model import decode_step_fn, median_interleaved
 from sparseflow.models import llama
+from torch import nn
 
 
 def prune_linears(model, pattern):
@@ -56,31 +55,6 @@ def variants(base, calibration):
     sf.sparsify(m, activation_sparsity=0.5, calibration=calibration)
     out["weight 50% + activation 50%"] = m
     return out
-
-
-def decode_step_fn(model, context_ids):
-    with torch.no_grad():
-        out = model(context_ids, use_cache=True)
-    cache = out.past_key_values
-    token = context_ids[:, -1:]
-
-    def step():
-        # one new token against the cache, then the cache is cut back so every step sees the same length
-        with torch.no_grad():
-            model(token, past_key_values=cache, use_cache=True)
-        cache.crop(-1)
-
-    return step
-
-
-def median_interleaved(fns: dict, rounds: int) -> dict:
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main(argv=None):

@@ -32,6 +32,45 @@ def cmd_demo(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_bench(args) -> int:
+    if args.what == "kernels":
+        from .bench.kernels import main as bench_kernels
+
+        return bench_kernels(args.rest, prog="sparseflow bench kernels")
+    if not args.rest:
+        raise CliError("bench model needs a directory saved by sparseflow")
+    from .bench.model import main as bench_model
+
+    return bench_model(args.rest, prog="sparseflow bench model")
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_model import inspect
+
+    rows = inspect(args.path, measure=not args.no_measure)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'tensor':<48}{'shape':>13}{'pattern':>14}{'density':>9}{'format':>9}{'MB':>8}  sparsify would choose")
+    for r in rows:
+        choice = r["would_choose"] or "-"
+        if "speedup" in r:
+            choice += "  (" + ", ".join(f"m{m}: {s:.2f}x" for m, s in r["speedup"].items()) + ")"
+        print(f"{r['name'][-48:]:<48}{'x'.join(map(str, r['shape'])):>13}{r['pattern']:>14}{r['density']:>9.3f}"
+              f"{r['format']:>9}{r['bytes'] / 2**20:>8.2f}  {choice}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    report = convert(args.src, args.dst, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                     calibration=args.calibration, export=args.export, show=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseflow", description="Compiled-kernel sparse runtime for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -46,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller shapes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="kernel table (bench kernels --help) or a saved model (bench model DIR)")
+    p.add_argument("what", choices=["kernels", "model"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (--help for its options)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", help="per-layer pattern, density, format, bytes and what sparsify would choose")
+    p.add_argument("path", help="a sparseflow model dir or weights file, a compressed-tensors dir, a safetensors file")
+    p.add_argument("--no-measure", action="store_true", help="skip the timing that says what sparsify would choose")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="prune + compress a transformers model directory")
+    p.add_argument("src", help="a transformers model directory")
+    p.add_argument("dst", help="output directory (written atomically: never half-written)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default="2:4", help="unstructured, n:m (e.g. 2:4), block(bm,bk)")
+    p.add_argument("--calibration", help="a text file, one calibration sentence per line (default: built-in)")
+    p.add_argument("--export", choices=["sparseflow", "dense", "compressed-tensors"], default="sparseflow")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -54,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CliError, ValueError, TypeError, OSError, ImportError) as e:
         if args.debug:
             raise
         print(f"sparseflow {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,96 @@
+"""Model-level timing: one decode step (one new token against a KV cache) and one prefill, for
+several variants of a model, interleaved. Used by benchmarks/bench_models.py and by
+`sparseflow bench model DIR` (a saved sparse model against its own dense equivalent)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def decode_step_fn(model: nn.Module, context_ids: torch.Tensor) -> Callable[[], None]:
+    """A callable that decodes one token after `context_ids` (the cache is cut back after each step)."""
+    with torch.no_grad():
+        cache = model(context_ids, use_cache=True).past_key_values
+    token = context_ids[:, -1:]
+
+    def step():
+        with torch.no_grad():
+            model(token, past_key_values=cache, use_cache=True)
+        cache.crop(-1)
+
+    return step
+
+
+def encode_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            model(ids)
+
+    return run
+
+
+def median_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds of each callable, called round-robin so all see the same machine state."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """A copy with every sparse layer replaced by the equivalent dense nn.Linear."""
+    from ..nn import SparseLinear
+
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, SparseLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, mod.to_linear())
+    return dense
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    from .. import model_io
+
+    p = argparse.ArgumentParser(prog=prog, description="Decode and prefill time of a saved sparse model against "
+                                "its dense equivalent (same process, interleaved medians).")
+    p.add_argument("dir", help="a directory written by sf.save_pretrained or sf.save")
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    description = json.loads((__import__("pathlib").Path(args.dir) / model_io.DESCRIPTION).read_text())
+    model = model_io.from_pretrained(args.dir) if description.get("transformers_class") else model_io.load(args.dir)
+    variants = {"dense": densified(model), "sparse": model}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError("bench model needs a transformers model with a vocabulary")
+    ids = torch.randint(0, vocab, (1, args.context))
+    prompt = torch.randint(0, vocab, (1, args.prefill))
+    causal = hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM")
+    rows = {}
+    if causal:
+        rows["decode"] = median_interleaved({k: decode_step_fn(m, ids) for k, m in variants.items()}, args.rounds)
+    rows["prefill" if causal else "encode"] = median_interleaved(
+        {k: encode_fn(m, prompt) for k, m in variants.items()}, max(3, args.rounds // 2))
+    result = {phase: {"dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
+                      "speedup": t["dense"] / t["sparse"]} for phase, t in rows.items()}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for phase, r in result.items():
+            print(f"{phase:<8} dense {r['dense_ms']:8.2f} ms   sparse {r['sparse_ms']:8.2f} ms   {r['speedup']:.2f}x")
+    return 0

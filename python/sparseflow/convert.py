@@ -1,0 +1,86 @@
+"""`sparseflow convert SRC DST`: a transformers model directory in, a pruned and compressed
+directory out (sparseflow's own, dense-with-zeros, or compressed-tensors). DST is written in a
+temporary sibling directory and renamed into place at the end, so it is never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import model_io
+from .prune import parse_pattern, prune
+from .sparsify import sparsify
+
+
+def _calibration(tokenizer, path: str | None, batches: int = 8, batch_size: int = 8):
+    if path:
+        sentences = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
+        if not sentences:
+            raise ValueError(f"{path} holds no sentences")
+    else:
+        from .data import load_sentences
+
+        sentences = load_sentences("calibration")
+    chunks = [sentences[i : i + batch_size] for i in range(0, len(sentences), batch_size)][:batches]
+    return [dict(tokenizer(c, padding=True, truncation=True, max_length=128, return_tensors="pt")) for c in chunks]
+
+
+def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=None, export="sparseflow",
+            show=True) -> dict:
+    import transformers
+
+    spec = parse_pattern(pattern)  # a bad pattern string fails before any work
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json)")
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; choose a new directory")
+    if export not in ("sparseflow", "dense", "compressed-tensors"):
+        raise ValueError(f"export must be sparseflow, dense or compressed-tensors, got {export!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = transformers.AutoConfig.from_pretrained(src)
+    arch = (config.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, arch, transformers.AutoModel)
+    model = cls.from_pretrained(src).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src) if any(src.glob("tokenizer*")) else None
+    calib = None
+    if method != "magnitude":
+        if tokenizer is None:
+            raise ValueError(f"{method} needs calibration inputs, and {src} has no tokenizer")
+        calib = _calibration(tokenizer, calibration)
+    prune_report = prune(model, method=method, sparsity=sparsity, pattern=pattern, calibration=calib)
+    if spec.kind in ("neurons", "heads"):
+        from .prune import shrink
+
+        shrink(model)  # structured: smaller dense layers, no sparse format needed
+    storable = spec.kind == "block" or (spec.kind == "n:m" and spec.m in (4, 8, 16))
+    pruned = [row.name for row in prune_report if row.sparsity > 0]
+    sparsify_report = sparsify(model, format=str(spec) if storable else "auto", include=pruned)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        if export == "sparseflow":
+            model_io.save_pretrained(model, tmp)
+        elif export == "dense":
+            model_io.export_dense(model, tmp)
+        else:
+            ct_format = "sparse-24-bitmask" if str(spec) == "2:4" else "sparse-bitmask"
+            model_io.export_compressed_tensors(model, tmp, ct_format)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = {"src": str(src), "dst": str(dst), "method": method, "sparsity": sparsity, "pattern": pattern,
+              "export": export, "bytes_before": sparsify_report.bytes_before,
+              "bytes_after": sparsify_report.bytes_after,
+              "layers": json.loads(sparsify_report.to_json())["layers"]}
+    if show:
+        print(prune_report)
+        print(sparsify_report)
+        print(f"wrote {dst}")
+    return report

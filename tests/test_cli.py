@@ -1,0 +1,57 @@
+"""The command line: each subcommand runs, --json is JSON, user errors exit 2 with one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparseflow.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["isa_in_use"] in data["isa_available"]
+
+
+def test_demo_quick_json(tmp_path, capsys):
+    assert main(["demo", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and all(r["correct"] for r in report["rows"])
+    assert (tmp_path / "report.json").exists()
+
+
+def test_user_errors_exit_2_with_one_line():
+    r = run_cli("inspect", "/nonexistent/path")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    r = run_cli("convert", "/nonexistent/src", "/tmp/x", "--pattern", "3:3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_inspect_and_bench_model(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and "lm_head" not in name:
+            with torch.no_grad():
+                mod.weight.copy_(sf.NM.from_dense(mod.weight, 2, 4, prune=True).to_dense())
+    sf.sparsify(model, format="2:4")
+    sf.save_pretrained(model, tmp_path)
+    assert main(["inspect", str(tmp_path), "--no-measure", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    q = next(r for r in rows if r["name"].endswith("q_proj.weight"))
+    assert q["pattern"] == "2:4" and q["format"] == "nm"
+    assert main(["bench", "model", str(tmp_path), "--rounds", "2", "--context", "8", "--prefill", "8", "--json"]) == 0
+    timing = json.loads(capsys.readouterr().out)
+    assert set(timing) == {"decode", "prefill"}
