@@ -277,3 +277,37 @@ def test_compile_fullgraph():
     f = torch.compile(lambda x: sf.ops.linear(x, w) * 2, fullgraph=True)
     x = torch.randn(3, 40)
     assert torch.allclose(f(x), sf.ops.linear(x, w) * 2)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr32", "2:4"])
+def test_gradients_flow_to_x_and_bias(fmt):
+    w_dense = random_weight(24, 40, torch.float32)
+    if fmt.startswith("bsr"):
+        w_dense = block_weight(24, 40, torch.float32, (32, 32), 1.0)
+    sparse = FORMATS[fmt](w_dense)
+    w_dense = sparse.to_dense()
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    sf.ops.linear(x, sparse, bias).square().sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w_dense, b2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4) and torch.allclose(bias.grad, b2.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_gradients(weight):
+    w = torch.randn(24, 40) * (torch.rand(24, 40) < 0.5)
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    x = torch.randn(3, 40, requires_grad=True)
+    sf.ops.act_sparse_linear(x, w_t_sparse, 0.5).sum().backward()
+    active = (x.detach().abs() > 0.5).float()
+    assert torch.allclose(x.grad, (torch.ones(3, 24) @ w_t.t()) * active, atol=1e-5)
+
+
+def test_compile_with_grad_enabled():
+    m = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24))
+    m[2] = sf.SparseLinear.from_linear(m[2], "bitmask")
+    x = torch.randn(3, 40)
+    compiled = torch.compile(m, fullgraph=True)
+    assert torch.allclose(compiled(x), m(x), atol=1e-5)

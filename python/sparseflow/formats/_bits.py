@@ -1,9 +1,13 @@
 """Vectorised helpers shared by the formats: bit packing (little bit order: bit j of byte b is element
-8b+j, as numpy.packbits(..., bitorder="little") writes it), packed fields, and row chunking.
+8b+j, as numpy.packbits(..., bitorder="little") writes it), packed fields, group codes, exact
+(bitwise) selection and scattering of values, and row chunking.
 
-Conversions walk the weight in chunks of rows: the temporaries of a chunk stay in cache and are
-reused by the allocator, which makes a 14336x4096 conversion several times faster than one pass
-of whole-matrix temporaries (those are fresh pages, and page faults dominate)."""
+Speed notes, measured on a 14336x4096 weight (benchmarks/bench_formats.py):
+- conversions walk the weight in chunks of rows: a chunk's temporaries stay in cache and the
+  allocator reuses them, where whole-matrix temporaries are fresh pages and page faults dominate;
+- on the CPU, positions of non-zeros come from numpy's nonzero, several times faster than torch's;
+- values move as same-width integers (as_int), which is also what keeps NaN payloads exact.
+"""
 
 from __future__ import annotations
 
@@ -26,25 +30,38 @@ def as_int(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_WIDTH_INT[t.dtype])
 
 
-def select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values[mask] (1-D, row-major order), bit for bit. On the CPU the positions come from numpy,
-    whose nonzero is several times faster than torch's there."""
-    if values.device.type != "cpu":
+def _numpy_ok(*tensors: torch.Tensor) -> bool:
+    """numpy shortcuts only for plain CPU tensors outside tracing (compile, export, fake tensors)."""
+    return (all(t.device.type == "cpu" and type(t) is torch.Tensor for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    """int64 positions of the True elements of mask in row-major order (mask.flatten().nonzero()).
+    On the CPU they come from numpy, whose nonzero is several times faster than torch's there."""
+    if not _numpy_ok(mask):
+        return mask.reshape(-1).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+
+
+def select(values: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """values[mask] (1-D, row-major order), bit for bit; `positions` = flat_positions(mask) if known."""
+    if not _numpy_ok(values, mask):
         return values[mask]
-    positions = np.flatnonzero(mask.numpy())
-    flat = as_int(values).contiguous().numpy().reshape(-1)
-    return torch.from_numpy(flat.take(positions)).view(values.dtype)
+    positions = flat_positions(mask) if positions is None else positions
+    flat = as_int(values.detach()).contiguous().numpy().reshape(-1)
+    return torch.from_numpy(flat.take(positions.numpy())).view(values.dtype)
 
 
 def scatter_into(out: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> None:
     """out[mask] = values (values in row-major order of mask), bit for bit; `out` contiguous."""
-    if out.device.type != "cpu":
+    if not _numpy_ok(out, mask, values):
         out[mask] = values
         return
     positions = np.flatnonzero(mask.numpy())
     if positions.size != values.numel():
         raise ValueError(f"{positions.size} mask bits set but {values.numel()} values")
-    as_int(out).numpy().reshape(-1)[positions] = as_int(values).contiguous().numpy()
+    as_int(out).numpy().reshape(-1)[positions] = as_int(values.detach()).contiguous().numpy()
 
 
 def row_chunks(rows: int, cols: int, multiple: int = 1, target: int | None = None) -> Iterator[slice]:
@@ -87,7 +104,7 @@ def popcount(codes: torch.Tensor) -> torch.Tensor:
         for bit in range(16):
             table += (torch.arange(1 << 16) >> bit) & 1
         _POPCOUNT[device] = table.to(device)
-    return _POPCOUNT[device][codes.to(torch.int64)]
+    return _POPCOUNT[device].index_select(0, codes.reshape(-1)).view(codes.shape)
 
 
 def group_codes(mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -115,7 +132,7 @@ def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
     return (padded << shifts).sum(-1).to(torch.uint8)
 
 
-def unpack_fields(packed: torch.Tensor, count: int, bits: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def unpack_fields(packed: torch.Tensor, count: int, bits: int, dtype=torch.uint8) -> torch.Tensor:
     """Inverse of pack_fields: uint8 [R, B] -> [R, count] of `dtype`."""
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits

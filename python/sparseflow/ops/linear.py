@@ -139,7 +139,8 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     """The custom op of a format, called with its (validated) buffers: what modules use in forward,
     so that torch.compile traces tensors and constants only."""
     t = tensors
-    if _eager(x):  # skip the dispatcher's ~15 us per call; tracing (compile, export) still sees the op
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if _eager(x) and not needs_grad:  # skip the dispatcher's ~15 us per call; tracing and autograd see the op
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
     if format_name == "bitmask":
@@ -172,3 +173,83 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
         _check(x, k, n, w_t.dtype, w_t.device, bias)
         return act_sparse_linear_dense(x, w_t, threshold, None if bias is None else bias.contiguous(), backend)
     raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: gradients flow to x and bias (weights are fixed, compressed buffers), so a sparse
+# layer inside a model that trains other parts, or under torch.compile with grad enabled, works.
+def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None):
+    return None if bias is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+
+
+def _register_linear_backward(op, weight_of, n_weight_args: int) -> None:
+    """`weight_of(x, *weight_args)` rebuilds the dense [N, K] weight from the op's buffers."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
+        ctx.weight_args = inputs[1 : 1 + n_weight_args]
+        ctx.bias = inputs[1 + n_weight_args]
+
+    def backward(ctx, grad):
+        shape, dtype = ctx.x_shape_dtype
+        w = weight_of(shape[-1], *ctx.weight_args)
+        grad_x = (grad.float() @ w.float()).to(dtype)
+        return (grad_x, *([None] * n_weight_args), _bias_grad(grad, ctx.bias), None)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_linear_backward(
+    linear_bitmask, lambda k, v, mask, offs: Bitmask((mask.shape[0], k), v, mask, offs, validate=False).to_dense(), 3)
+_register_linear_backward(
+    linear_csr, lambda k, v, col, ptr: CSR((ptr.shape[0] - 1, k), v, col, ptr, validate=False).to_dense(), 3)
+_register_linear_backward(
+    linear_nm, lambda k, v, idx, n, m: NM((v.shape[0], k), v, idx, n, m, validate=False).to_dense(), 4)
+
+
+def _bsr_setup(ctx, inputs, output):
+    ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
+    ctx.weight_args, ctx.bias = inputs[1:5], inputs[5]
+
+
+def _bsr_backward(ctx, grad):
+    shape, dtype = ctx.x_shape_dtype
+    values, col, ptr, n = ctx.weight_args
+    w = BSR((n, shape[-1]), values, col, ptr, tuple(values.shape[1:]), validate=False).to_dense()
+    return ((grad.float() @ w.float()).to(dtype), None, None, None, None, _bias_grad(grad, ctx.bias), None)
+
+
+linear_bsr.register_autograd(_bsr_backward, setup_context=_bsr_setup)
+
+
+def _act_dense_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.weight_args = inputs[1:2]
+    ctx.threshold, ctx.bias = inputs[2], inputs[3]
+
+
+def _act_dense_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    (w_t,) = ctx.weight_args
+    active = ~(x.abs() <= ctx.threshold)  # skipped inputs get no gradient, as in the forward
+    grad_x = ((grad.float() @ w_t.float().t()) * active).to(x.dtype)
+    return grad_x, None, None, _bias_grad(grad, ctx.bias), None
+
+
+def _act_bitmask_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.weight_args = inputs[1:5]
+    ctx.threshold, ctx.bias = inputs[5], inputs[6]
+
+
+def _act_bitmask_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    values, mask, offs, n = ctx.weight_args
+    w_t = Bitmask((x.shape[-1], n), values, mask, offs, validate=False).to_dense()
+    active = ~(x.abs() <= ctx.threshold)
+    grad_x = ((grad.float() @ w_t.float().t()) * active).to(x.dtype)
+    return grad_x, None, None, None, None, None, _bias_grad(grad, ctx.bias), None
+
+
+act_sparse_linear_dense.register_autograd(_act_dense_backward, setup_context=_act_dense_setup)
+act_sparse_linear_bitmask.register_autograd(_act_bitmask_backward, setup_context=_act_bitmask_setup)
