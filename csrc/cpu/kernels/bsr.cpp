@@ -69,7 +69,7 @@ void bsr_block_row(const BsrView& w, DType t, int64_t br, const XRows& x, float*
 void bsr_linear(const BsrView& w, const LinearIO& io) {
   run_rowwise(io, w.bm, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     thread_local std::vector<float> vacc;
-    vacc.resize(static_cast<size_t>(w.bm * 4 * kLanes));
+    vacc.resize(static_cast<size_t>(w.bm * kRowGroup * kLanes));
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;
       for (int64_t br = n0 / w.bm; br * w.bm < n1; ++br)

@@ -144,13 +144,13 @@ inline uint32_t mask_bits(const uint8_t* row, int64_t stride, int64_t k, int wid
   return bits;
 }
 
-constexpr int64_t kRowGroup = 4;     // rows of x that share one pass over the weights
+constexpr int64_t kRowGroup = 8;     // rows of x that share one pass over the weights
 
 // Up to kRowGroup rows of x, zero-padded to padded_k(K): as float32 (x[r]) and, for bf16 inputs,
 // also as the original bf16 bits (x.bf16[r]) for kernels that use bf16 dot-product instructions.
 struct XRows {
-  const float* f32[4] = {};
-  const uint16_t* bf16[4] = {};
+  const float* f32[kRowGroup] = {};
+  const uint16_t* bf16[kRowGroup] = {};
   const float* operator[](int r) const { return f32[r]; }
 };
 constexpr int64_t kXBlockRows = 64;  // rows of x converted at a time
@@ -206,14 +206,18 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
   }
 }
 
-// Calls f(std::integral_constant<int, R>) for R in 1..4, so inner loops see R at compile time.
+// Calls f(std::integral_constant<int, R>) for R in 1..kRowGroup, so inner loops see R at compile time.
 template <class F>
 inline void with_rows(int R, const F& f) {
   switch (R) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
