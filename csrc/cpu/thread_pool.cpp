@@ -30,7 +30,7 @@ class ThreadPool {
     task_ = &task;
     n_tasks_ = n_tasks;
     next_.store(0, std::memory_order_relaxed);
-    pending_.store(helpers, std::memory_order_relaxed);
+    finished_.store(false, std::memory_order_seq_cst);
     {
       // One word holds the job number and its helper count, so a worker never pairs one job's
       // number with another job's count.
@@ -40,7 +40,10 @@ class ThreadPool {
     }
     wake_.notify_all();
     drain();
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+    // Wait only for workers that are inside this job, not for ones the OS has not scheduled yet
+    // (on a busy machine that can take milliseconds): a late worker sees `finished_` and backs off.
+    finished_.store(true, std::memory_order_seq_cst);
+    while (running_.load(std::memory_order_seq_cst) != 0) _mm_pause();
   }
 
  private:
@@ -59,8 +62,9 @@ class ThreadPool {
       }
       seen = job_.load(std::memory_order_acquire);
       if (id < static_cast<int>(seen & 0xffff)) {
-        drain();
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        running_.fetch_add(1, std::memory_order_seq_cst);
+        if (!finished_.load(std::memory_order_seq_cst) && job_.load(std::memory_order_seq_cst) == seen) drain();
+        running_.fetch_sub(1, std::memory_order_seq_cst);
       }
     }
   }
@@ -73,7 +77,8 @@ class ThreadPool {
   const std::function<void(int64_t)>* task_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> running_{0};     // workers inside the current job
+  std::atomic<bool> finished_{true};  // the caller has drained every task of the current job
 };
 
 ThreadPool& pool() {

@@ -130,11 +130,18 @@ act_sparse_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ld
 #pragma unroll
     for (int m = 0; m < MT; ++m)
       if (m0 + m < M) atomicAdd(ws + (m0 + m) * N + n, s[m]);
-  if (!last_block_of_tile(counters, int64_t(blockIdx.z) * gridDim.x + blockIdx.x, splits)) return;
+  const int64_t tile = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
+  if (!last_block_of_tile(counters, tile, splits)) return;
+  // Last block of the tile: write the output and leave the workspace zeroed for the next call.
   if (n < N)
 #pragma unroll
     for (int m = 0; m < MT; ++m)
-      if (m0 + m < M) y[(m0 + m) * ldy + n] = from_f32<T>(__ldcg(ws + (m0 + m) * N + n) + b);
+      if (m0 + m < M) {
+        float* cell = ws + (m0 + m) * N + n;
+        y[(m0 + m) * ldy + n] = from_f32<T>(__ldcg(cell) + b);
+        *cell = 0.f;
+      }
+  if (tid == 0) counters[tile] = 0;
 }
 
 struct Plan {

@@ -5,8 +5,9 @@
 // throws std::invalid_argument (bad arguments) or std::runtime_error (CUDA errors).
 //
 // Split-K workspace: the caller passes `workspace_bytes(...)` bytes of ZEROED device memory; the
-// kernels accumulate fp32 partial sums and per-tile tickets there and the last block of each
-// tile writes the output (so fp16/bf16 outputs never see atomics).
+// kernels accumulate fp32 partial sums and per-tile tickets there, and the last block of each tile
+// writes the output (so fp16/bf16 outputs never see atomics) and zeroes what the tile used. The
+// workspace is therefore zero again after every call: callers keep one per stream, no memset.
 #pragma once
 
 #include <cstdint>

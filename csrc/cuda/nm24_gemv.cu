@@ -126,13 +126,19 @@ nm24_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, con
     }
   }
   if (splits == 1) return;
-  if (!last_block_of_tile(counters, int64_t(blockIdx.z) * gridDim.x + blockIdx.x, splits)) return;
+  const int64_t tile = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
+  if (!last_block_of_tile(counters, tile, splits)) return;
+  // Last block of the row tile: write the output and leave the workspace zeroed for the next call.
   for (int i = tid; i < kRowsPerBlock * MT; i += kThreads) {
     const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + i % kRowsPerBlock;
     const int64_t m = m0 + i / kRowsPerBlock;
-    if (n < N && m < M)
-      y[m * ldy + n] = from_f32<T>(__ldcg(ws + m * N + n) + (bias != nullptr ? to_f32(bias[n]) : 0.f));
+    if (n < N && m < M) {
+      float* cell = ws + m * N + n;
+      y[m * ldy + n] = from_f32<T>(__ldcg(cell) + (bias != nullptr ? to_f32(bias[n]) : 0.f));
+      *cell = 0.f;
+    }
   }
+  if (tid == 0) counters[tile] = 0;
 }
 
 template <class T, int MT, bool VEC>

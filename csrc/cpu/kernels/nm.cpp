@@ -46,7 +46,10 @@ void nm_dot_bf16_half(const NMView& w, int64_t n, const XRows& x, float* out) {
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   const auto step = [&](int64_t v, int64_t k, __m512* acc) {
     uint64_t words[2] = {0, 0};
-    std::memcpy(words, idx_row + v * b / 8, 32 * b / 8);
+    if (b == 2)  // constant sizes: a variable-size memcpy becomes a library call in the hot loop
+      std::memcpy(words, idx_row + v / 4, 8);
+    else
+      std::memcpy(words, idx_row + v / 2, 16);
     // qwords 0-3 carry lanes 0-15, qwords 4-7 lanes 16-31 (the same word when b == 2)
     const __m512i data = _mm512_inserti64x4(_mm512_set1_epi64(static_cast<long long>(words[0])),
                                             _mm256_set1_epi64x(static_cast<long long>(b == 2 ? words[0] : words[1])), 1);
@@ -98,7 +101,10 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
     int64_t k = 0;
     for (; v + 16 <= per_row; v += 16, k += span) {
       uint64_t word = 0;
-      std::memcpy(&word, idx_row + v * b / 8, 16 * b / 8);
+      if (b == 2)  // constant sizes: a variable-size memcpy becomes a library call in the hot loop
+        std::memcpy(&word, idx_row + v / 4, 4);
+      else
+        std::memcpy(&word, idx_row + v / 2, 8);
       const __m512i words = _mm512_permutexvar_epi32(vsel, _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>(word))));
       const __m512i pos = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(words, vshift), low), vbase16);
       const __m512 wv = load16_f32(w.values, vbase + v, t);
@@ -124,7 +130,10 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
     int64_t k = 0;
     for (; v + 8 <= per_row; v += 8, k += span) {
       uint32_t word = 0;
-      std::memcpy(&word, idx_row + v * b / 8, 8 * b / 8);
+      if (b == 2)
+        std::memcpy(&word, idx_row + v / 4, 2);
+      else
+        std::memcpy(&word, idx_row + v / 2, 4);
       const __m256i pos = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), vshift), low), vbase8);
       const __m256 wv = load8_f32(w.values, vbase + v, t);
       for (int r = 0; r < R; ++r) vacc[r] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(x[r] + k, pos, 4), vacc[r]);
