@@ -54,15 +54,21 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
   const int64_t K = w.cols;
   if (t == DType::f32) {
     const float* v = static_cast<const float*>(w.values) + w.row_offsets[n];
-    for (int64_t k = 0; k < K; k += 16) {
-      const uint32_t bits = mask_bits(row, w.mask_stride, k, 16);
-      if (!bits) continue;
+    const auto step = [&](uint32_t bits, int64_t k, int slot) {
       const int cnt = popcount32(bits);
       const __m512 wv = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits),
                                                _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(~0u, cnt)), v));
-      for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r] + k), acc[r][0]);
+      for (int r = 0; r < R; ++r) acc[r][slot] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r] + k), acc[r][slot]);
       v += cnt;
+    };
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {  // two 16-column chunks, two accumulator chains
+      uint32_t bits;
+      std::memcpy(&bits, row + k / 8, 4);
+      step(bits & 0xffffu, k, 0);
+      step(bits >> 16, k + 16, 1);
     }
+    for (; k < K; k += 16) step(mask_bits(row, w.mask_stride, k, 16), k, 0);
   } else {
     const uint16_t* v = static_cast<const uint16_t*>(w.values) + w.row_offsets[n];
     const bool bf16 = t == DType::bf16;

@@ -12,8 +12,23 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   const int64_t end = w.row_ptr[n + 1];
   float acc[R] = {};
 #if defined(SF_ISA_avx512)
-  __m512 vacc[R];
-  for (int r = 0; r < R; ++r) vacc[r] = _mm512_setzero_ps();
+  __m512 vacc[R], vacc2[R];  // two accumulators per row: gathers are long-latency
+  for (int r = 0; r < R; ++r) vacc[r] = vacc2[r] = _mm512_setzero_ps();
+  const auto indices = [&](int64_t at) {
+    if constexpr (sizeof(Index) == 2)
+      return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + at)));
+    else
+      return _mm512_loadu_si512(col + at);
+  };
+  for (; i + 32 <= end; i += 32) {  // whole chunks: no lane masks
+    const __m512i idx0 = indices(i), idx1 = indices(i + 16);
+    const __m512 w0 = load16_f32(w.values, i, t), w1 = load16_f32(w.values, i + 16, t);
+    for (int r = 0; r < R; ++r) {
+      vacc[r] = _mm512_fmadd_ps(w0, _mm512_i32gather_ps(idx0, x[r], 4), vacc[r]);
+      vacc2[r] = _mm512_fmadd_ps(w1, _mm512_i32gather_ps(idx1, x[r], 4), vacc2[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) vacc[r] = _mm512_add_ps(vacc[r], vacc2[r]);
   for (; i < end; i += 16) {
     const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, end - i))));
     __m512i idx;
