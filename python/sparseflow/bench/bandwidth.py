@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,41 +48,50 @@ class Bandwidth:
         return asdict(self)
 
 
-def _median_seconds(fn, reps: int) -> float:
+Clock = Callable[[], int]
+
+
+def _median_seconds(fn, reps: int, clock: Clock) -> float:
     from .timing import compare  # timing imports this module for llc_bytes
 
-    return compare({"fn": fn}, warmup=1, reps=reps).get("fn").median
+    return compare({"fn": fn}, warmup=1, reps=reps, clock=clock)["fn"].median
 
 
 @functools.cache
-def _copy_gbps(threads: int, nbytes: int, reps: int) -> float:
+def _copy_gbps(threads: int, nbytes: int, reps: int, clock: Clock) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), reps) / 1e9
+    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), reps, clock) / 1e9
 
 
 @functools.cache
-def _read_gbps(threads: int, nbytes: int, dtype: torch.dtype, reps: int) -> float:
+def _read_gbps(threads: int, nbytes: int, dtype: torch.dtype, reps: int, clock: Clock) -> float:
     x = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
-    return nbytes / _median_seconds(x.sum, reps) / 1e9
+    return nbytes / _median_seconds(x.sum, reps, clock) / 1e9
 
 
-def copy_bandwidth(nbytes: int = DEFAULT_BYTES, reps: int = 7) -> float:
+def copy_bandwidth(nbytes: int = DEFAULT_BYTES, reps: int = 7, clock: Clock = time.perf_counter_ns) -> float:
     """GB/s of a large torch copy (read + write counted) at torch.get_num_threads()."""
-    return _copy_gbps(torch.get_num_threads(), nbytes, reps)
+    return _copy_gbps(torch.get_num_threads(), nbytes, reps, clock)
 
 
-def read_bandwidth(dtype: torch.dtype = torch.float32, nbytes: int = DEFAULT_BYTES, reps: int = 7) -> float:
+def read_bandwidth(
+    dtype: torch.dtype = torch.float32,
+    nbytes: int = DEFAULT_BYTES,
+    reps: int = 7,
+    clock: Clock = time.perf_counter_ns,
+) -> float:
     """GB/s of a large torch reduction (x.sum(), read only) at torch.get_num_threads()."""
-    return _read_gbps(torch.get_num_threads(), nbytes, dtype, reps)
+    return _read_gbps(torch.get_num_threads(), nbytes, dtype, reps, clock)
 
 
-def measure(nbytes: int = DEFAULT_BYTES) -> Bandwidth:
-    """Copy and read bandwidth at the current thread count (cached per process)."""
+def measure(nbytes: int = DEFAULT_BYTES, clock: Clock = time.perf_counter_ns) -> Bandwidth:
+    """Copy and read bandwidth at the current thread count (cached per process). `clock` as in
+    timing.compare (time.thread_time_ns only with one thread)."""
     return Bandwidth(
-        copy_gbps=copy_bandwidth(nbytes),
-        read_gbps=read_bandwidth(torch.float32, nbytes),
-        read_bf16_gbps=read_bandwidth(torch.bfloat16, nbytes),
+        copy_gbps=copy_bandwidth(nbytes, clock=clock),
+        read_gbps=read_bandwidth(torch.float32, nbytes, clock=clock),
+        read_bf16_gbps=read_bandwidth(torch.bfloat16, nbytes, clock=clock),
         threads=torch.get_num_threads(),
         buffer_bytes=nbytes,
     )

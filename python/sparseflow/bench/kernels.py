@@ -2,9 +2,11 @@
 `F.linear` in the same process, dtype and thread count, timed interleaved (see timing.py).
 
 For each case (kernel spec x shape x M x dtype) it builds random weights pruned to the spec's
-pattern, checks every candidate backend against the `reference` backend (a wrong kernel is
-reported and not timed), times it against dense, and reports the speedup next to the physical
-limit of a memory-bound GEMV, bytes(dense) / bytes(sparse), and the bandwidth it reached.
+pattern, checks every candidate backend of the table (all rows but `reference`) against the
+reference math, `ops.linear_reference` on the dense weight the format was built from (with
+--check-reference-backend also against the table's `reference` row); a wrong kernel is reported
+and not timed. Then it times the kernel against dense and reports the speedup next to the
+physical limit of a memory-bound GEMV, bytes(dense) / bytes(sparse), and the bandwidth reached.
 Also: the speedup over torch's own CSR matmul, and the ratio at M = 16 and 128 (where each format
 stops beating dense, for the dispatcher).
 
@@ -214,6 +216,7 @@ class Options:
     max_seconds: float = 1.0  # per case: stop after this much timing (at least 5 rounds)
     flush: str = "torch"
     stat: str = "median"  # what the speedup is: "median" (of paired per-round ratios) or "min"
+    clock: str = "wall"  # "wall" (perf_counter) or "thread" (CPU time of the calling thread; 1 thread only)
     torch_csr: str = "first"  # shapes compared with torch's CSR matmul: "first" | "all" | "none"
     check_table_reference: bool = False  # also check against the table's `reference` backend (slow)
     seed: int = 0
@@ -540,6 +543,7 @@ def _base_result(
 
 
 NOISY_SPREAD = 1.5
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
 @dataclass
@@ -563,6 +567,7 @@ class Context:
             before=self.flush,
             seed=o.seed,
             max_seconds=o.max_seconds,
+            clock=CLOCKS[o.clock],
         )
 
 
@@ -606,7 +611,10 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
     dense_fn = lambda: F.linear(x, w_dense)
     b_dense = dense_bytes(w_dense, x)
     b_sparse = sparse_bytes(spec, w, x, threshold)
-    w_copy = clone_weight(w) if m == 1 else None
+    # The direct call gets its own copy of the weight only when no flush separates the calls (it
+    # would find the weight in the caches); a copy sits elsewhere in memory, which alone moves
+    # the time by a few percent, so with a flush both use the same buffers.
+    w_copy = clone_weight(w) if m == 1 and ctx.flush is None else w
     results = []
     for b in backends:
         r = _base_result(spec, n, k, m, dtype, b.key, density, "ok")
@@ -817,7 +825,9 @@ def run(options: Options, command: str | None = None, log: Callable[[str], None]
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    bandwidth = bw.measure()
+    if options.clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("clock 'thread' times the calling thread only: it needs 1 thread (--threads 1)")
+    bandwidth = bw.measure(clock=CLOCKS[options.clock])
     log(
         f"bandwidth: copy {bandwidth.copy_gbps:.1f} GB/s, read {bandwidth.read_gbps:.1f} GB/s "
         f"({bandwidth.threads} threads)"
@@ -865,6 +875,7 @@ def run(options: Options, command: str | None = None, log: Callable[[str], None]
         "crossover_ms": options.crossover_ms,
         "flush": options.flush,
         "stat": options.stat,
+        "clock": options.clock,
         "reps": options.reps,
         "warmup": options.warmup,
         "max_seconds_per_case": options.max_seconds,
@@ -973,6 +984,13 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
         "(min: for a machine other processes keep busy); the JSON has both",
     )
     p.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall time (default) or the calling thread's CPU time, which other processes on a busy "
+        "machine do not inflate (needs --threads 1)",
+    )
+    p.add_argument(
         "--torch-csr",
         choices=("first", "all", "none"),
         default="first",
@@ -1015,7 +1033,15 @@ def options_from_args(args: argparse.Namespace) -> Options:
     for name in ("reps", "warmup", "max_seconds"):
         if getattr(args, name) is not None:
             setattr(o, name, getattr(args, name))
-    o.flush, o.stat, o.torch_csr, o.seed = args.flush, args.stat, args.torch_csr, args.seed
+    o.flush, o.stat, o.clock, o.torch_csr, o.seed = (
+        args.flush,
+        args.stat,
+        args.clock,
+        args.torch_csr,
+        args.seed,
+    )
+    if o.clock == "thread" and (args.threads or torch.get_num_threads()) != 1:
+        raise SystemExit("--clock thread measures the calling thread only; use it with --threads 1")
     o.check_table_reference = args.check_reference_backend
     return o
 

@@ -64,8 +64,11 @@ def densified(model: nn.Module) -> nn.Module:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from .. import model_io
 
-    p = argparse.ArgumentParser(prog=prog, description="Decode and prefill time of a saved sparse model against "
-                                "its dense equivalent (same process, interleaved medians).")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Decode and prefill time of a saved sparse model against "
+        "its dense equivalent (same process, interleaved medians).",
+    )
     p.add_argument("dir", help="a directory written by sf.save_pretrained or sf.save")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--prefill", type=int, default=128)
@@ -85,9 +88,16 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if causal:
         rows["decode"] = median_interleaved({k: decode_step_fn(m, ids) for k, m in variants.items()}, args.rounds)
     rows["prefill" if causal else "encode"] = median_interleaved(
-        {k: encode_fn(m, prompt) for k, m in variants.items()}, max(3, args.rounds // 2))
-    result = {phase: {"dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
-                      "speedup": t["dense"] / t["sparse"]} for phase, t in rows.items()}
+        {k: encode_fn(m, prompt) for k, m in variants.items()}, max(3, args.rounds // 2)
+    )
+    result = {
+        phase: {
+            "dense_ms": t["dense"] * 1e3,
+            "sparse_ms": t["sparse"] * 1e3,
+            "speedup": t["dense"] / t["sparse"],
+        }
+        for phase, t in rows.items()
+    }
     if args.json:
         print(json.dumps(result, indent=1))
     else:

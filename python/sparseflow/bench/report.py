@@ -46,11 +46,20 @@ def header_lines(report: dict) -> list[str]:
     if meta.get("loadavg_start") is not None:
         load = f"; load avg {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}"
     busy = ""
-    if meta.get("loadavg_start") is not None and meta["loadavg_start"] > 0.5:
+    loads = [v for v in (meta.get("loadavg_start"), meta.get("loadavg_end")) if v is not None]
+    if loads and max(loads) > 0.5 * meta["threads"] and meta.get("clock") == "thread":
         busy = (
-            f"WARNING: the machine was busy before the run (load average {meta['loadavg_start']:.2f}): "
-            "other processes take cores from the timed calls; compare with --stat min"
+            f"note: the machine was busy (load average {max(loads):.1f}); thread CPU time is not inflated by "
+            "preemption, but other processes still share the caches and the memory bandwidth"
         )
+    elif loads and max(loads) > 0.5 * meta["threads"]:
+        busy = (
+            f"WARNING: the machine was busy (load average {max(loads):.1f} on {meta['threads']} threads): "
+            "other processes took cores from timed calls, and dense F.linear suffers more than the kernels "
+            "(its OpenMP threads wait for each other at a barrier, the kernels' pool hands work to whichever "
+            "thread runs), so speedups come out too high; rerun on an idle machine, or with --threads 1"
+        )
+    clock = "" if meta.get("clock", "wall") == "wall" else "; clock: CPU time of the calling thread"
     stat = (
         "speedup = median over rounds of dense/sparse timed in the same round"
         if meta.get("stat") != "min"
@@ -62,7 +71,7 @@ def header_lines(report: dict) -> list[str]:
         f"copy bandwidth {band['copy_gbps']:.1f} GB/s (read+write), read {band['read_gbps']:.1f} GB/s; "
         f"cache flush '{meta['flush']}' before every call; median of <= {meta['reps']} interleaved rounds "
         f"(<= {meta['max_seconds_per_case']} s per case){load}; {meta['elapsed_s']:.0f} s in all",
-        f"{stat}; times shown are {'medians' if meta.get('stat') != 'min' else 'best of the rounds'}",
+        f"{stat}; times shown are {'medians' if meta.get('stat') != 'min' else 'best of the rounds'}{clock}",
         f"command: {meta['command']}",
     ]
     return lines + ([busy] if busy else [])

@@ -113,12 +113,17 @@ def compare(
     seed: int = 0,
     max_seconds: float | None = None,
     min_reps: int = 5,
+    clock: Callable[[], int] = time.perf_counter_ns,
 ) -> dict[str, Stats]:
     """Times each callable `reps` times, interleaved: one call of each per round, the rounds in
     shuffled (or rotating) order, never the same callable twice in a row. `before` runs, untimed,
     before every call (e.g. a cache flush). `warmup` untimed rounds come first. With `max_seconds`,
     timing stops early once that much wall time was spent and at least `min_reps` rounds were taken.
-    Returns {name: Stats} (seconds from time.perf_counter_ns; median, p10, p90, ...)."""
+    Returns {name: Stats} (seconds from `clock`, time.perf_counter_ns by default: wall time).
+
+    `clock=time.thread_time_ns` counts only the CPU time the calling thread got, which a busy
+    machine does not inflate by preempting it; it is right only when all the work runs on the
+    calling thread (torch.set_num_threads(1): torch and sparseflow's kernels then run inline)."""
     if not fns:
         return {}
     names = list(fns)
@@ -140,9 +145,9 @@ def compare(
             for name in _round_order(names, i, order, rng, last):
                 if before is not None:
                     before()
-                t0 = time.perf_counter_ns()
+                t0 = clock()
                 fns[name]()
-                samples[name].append(time.perf_counter_ns() - t0)
+                samples[name].append(clock() - t0)
                 last = name
             if max_seconds is not None and i + 1 >= min_reps and time.perf_counter() - start > max_seconds:
                 break
