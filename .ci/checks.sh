@@ -25,18 +25,7 @@ if [ -f tests/test_triton_kernels.py ]; then
   TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_kernels.py
 fi
 
-echo "== nvcc compile check of csrc/cuda/*.cu (sm_80, sm_90a)"
-if command -v nvcc >/dev/null 2>&1; then
-  shopt -s nullglob
-  cus=(csrc/cuda/*.cu)
-  if [ ${#cus[@]} -eq 0 ]; then echo "notice: no .cu files"; fi
-  for cu in "${cus[@]}"; do
-    for arch in sm_80 sm_90a; do
-      nvcc -std=c++17 -O2 -arch="$arch" -Icsrc -c "$cu" -o /dev/null
-      echo "ok $cu $arch"
-    done
-  done
-else
-  echo "notice: nvcc not on PATH, CUDA compile check skipped"
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "notice: nvcc not on PATH: the CUDA compile check (tests/test_cuda.py::test_nvcc_compiles) was skipped"
 fi
 echo "== all checks passed"

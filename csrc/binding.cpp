@@ -11,6 +11,7 @@
 #include "cpu/cpuinfo.h"
 #include "cpu/dispatch.h"
 #include "cpu/validate.h"
+#include "cuda/register.h"
 
 namespace py = pybind11;
 using namespace sparseflow::cpu;
@@ -182,4 +183,6 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
         py::arg("nnz"), py::arg("threshold"), SF_IO_NAMES);
+
+  register_cuda(m);  // CUDA kernels when built with SPARSEFLOW_CUDA (a no-op otherwise)
 }

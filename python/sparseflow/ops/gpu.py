@@ -4,8 +4,9 @@ torch's own semi-structured 2:4 (cuSPARSELt or CUTLASS).
 
 Nothing here imports Triton until a Triton row runs; `available()` of each row only checks that
 a GPU and the library are there. Every function has the table's signature: linear fn(x2d, w, bias),
-act_sparse_linear fn(x2d, w_t, threshold, bias). Kernels launch on torch's current stream of x's
-device and never synchronise, so they work under CUDA graphs."""
+act_sparse_linear fn(x2d, w_t, threshold, bias). The Triton and CUDA C++ kernels launch on torch's
+current stream of x's device and never synchronise, so they work under CUDA graphs; the torch 2:4
+row waits for a NaN/inf check of x (skipped while a graph is captured)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import _C, dtype_code, ptr
+from .reference import linear_reference
 
 # Tests set this so that every output element a kernel fails to write shows up as NaN.
 POISON_OUTPUTS = False
@@ -100,8 +102,10 @@ def _cuda_io(x2: torch.Tensor, n: int, bias, workspace_bytes):
     y = _out(x2, n)
     if y is None:
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    from sparseflow.kernels._common import zeroed_workspace  # no Triton import
+
     nbytes = workspace_bytes(m, n, x2.shape[1])
-    ws = torch.zeros((nbytes + 3) // 4, dtype=torch.int32, device=x2.device)
+    ws = zeroed_workspace(x2.device, nbytes)  # the kernels leave it zeroed: one per stream, no memset
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     return x2, y, dict(bias=ptr(bias), y=ptr(y), ldy=y.stride(0), workspace=ptr(ws), workspace_bytes=nbytes,
                        stream=stream)
@@ -130,7 +134,8 @@ def cuda_nm24_linear(x2, w, bias):
     with _device(x2):
         x2, y, io = _cuda_io(x2, n, bias, _C.cuda_nm24_gemv_workspace_bytes)
         _C.cuda_nm24_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
-                          values=ptr(values), ldv=values.stride(0), index=ptr(index), ldi=index.stride(0), N=n, **io)
+                          values=ptr(values), ldv=values.stride(0), index=ptr(index), ldi=index.stride(0),
+                          N=n, **io)
     return y
 
 
@@ -165,7 +170,27 @@ def semi_structured_applies(w, m: int) -> bool:
 
 
 def torch_semi_structured_linear(x2, w, bias):
-    return F.linear(x2.contiguous(), semi_structured_weight(w), bias)
+    """F.linear on torch's 2:4 tensor. Sparse tensor cores never multiply the pruned zeros, so a NaN
+    or inf in x would not turn into NaN there as in dense F.linear: such rows are recomputed with
+    the reference. The check runs before the matmul and the host waits only for it (the matmul keeps
+    running); inside CUDA graph capture it is skipped (no host reads are allowed there)."""
+    x2 = x2.contiguous()
+    check = None
+    if not torch.cuda.is_current_stream_capturing():
+        bad = ~torch.isfinite(x2).all(dim=1)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad.any(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        check = (bad, flag, done)
+    y = F.linear(x2, semi_structured_weight(w), bias)
+    if check is not None:
+        bad, flag, done = check
+        done.synchronize()
+        if bool(flag):
+            rows = bad.nonzero().squeeze(1)
+            y[rows] = linear_reference(x2[rows], w.to_dense(), bias)
+    return y
 
 
 # ---- shape rules of the table rows --------------------------------------------------------------

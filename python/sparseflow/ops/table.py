@@ -57,8 +57,9 @@ BACKENDS: list[Backend] = [
     Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
     Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
     # ---- GPU (CUDA device): torch 2:4, CUDA C++ (csrc/cuda), Triton (kernels/); see ops/gpu.py ----
-    Backend("linear", "nm", "cuda", "torch", gpu.torch_semi_structured_linear, (torch.bfloat16, torch.float16),
-            applies=gpu.semi_structured_applies, available=gpu.semi_structured_ready),
+    Backend("linear", "nm", "cuda", "torch", gpu.torch_semi_structured_linear,
+            (torch.bfloat16, torch.float16), applies=gpu.semi_structured_applies,
+            available=gpu.semi_structured_ready),
     Backend("linear", "nm", "cuda", "cuda", gpu.cuda_nm24_linear, applies=gpu.nm24_decode,
             available=gpu.cuda_ext_ready),
     Backend("linear", "nm", "cuda", "triton", gpu.triton_nm_linear, available=gpu.triton_ready),
@@ -67,7 +68,8 @@ BACKENDS: list[Backend] = [
             available=gpu.triton_ready),
     Backend("act_sparse_linear", "dense", "cuda", "cuda", gpu.cuda_act_sparse_dense, applies=gpu.decode_only,
             available=gpu.cuda_ext_ready),
-    Backend("act_sparse_linear", "dense", "cuda", "triton", gpu.triton_act_sparse_dense, available=gpu.triton_ready),
+    Backend("act_sparse_linear", "dense", "cuda", "triton", gpu.triton_act_sparse_dense,
+            available=gpu.triton_ready),
     # ---- plain torch, any device ----
     *(Backend("linear", f, d, "reference", _ref_linear)
       for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),

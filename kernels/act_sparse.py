@@ -1,0 +1,203 @@
+"""Activation-sparse linear in Triton: y = x_active @ w_t (+ bias), w_t the transposed weight [K, N].
+
+An input k is active unless |x[m, k]| <= threshold (NaN and inf are always active). Because the
+weight is transposed, input k owns the contiguous row w_t[k, :]; a row that no x row needs is never
+loaded (its masked loads issue no memory traffic), so the bytes read shrink with the activation
+density. The threshold test is fused into the one read of x.
+
+Decode (M <= 16) splits K across programs so a GEMV fills the GPU: each program adds its fp32
+partial sums into an fp32 workspace with atomics, and the last program of each output tile (a
+per-tile ticket counter) adds the bias, converts to the output dtype and zeroes its part of the
+workspace again (it is cached per stream, see _common.zeroed_workspace: no memset launch per
+call). Atomics never touch bf16 or fp16 memory, which is what lets bf16 work (Triton has no bf16
+atomic add on most GPUs).
+Prefill (M > 16) uses one program per output tile on tensor cores, no split.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    PROGRAMS_PER_SM,
+    autotuning,
+    bias_or_dummy,
+    check_x,
+    dot_precision,
+    m_bucket,
+    on_device,
+    output,
+    patch_interpreter,
+    sm_count,
+    zeroed_workspace,
+)
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+if INTERPRET:
+    patch_interpreter()
+
+
+@triton.jit
+def act_sparse_dense_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, threshold, split_k, m_bucket,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_in = offs_m < M
+    n_in = offs_n < N
+    # This program's slice of K: a whole number of BLOCK_K chunks.
+    k_span = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_in = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
+        # Out-of-range lanes read 0 and threshold >= 0, so they are inactive.
+        active = ~(tl.abs(x) <= threshold)
+        xa = tl.where(active, x, 0.0)
+        row_live = tl.max(active.to(tl.int32), axis=0) > 0
+        w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=row_live[:, None] & n_in[None, :], other=0.0)
+        if USE_DOT:
+            if UPCAST_DOT:  # the interpreter's numpy dot cannot take bf16
+                acc = tl.dot(xa, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(xa.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(xa[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+    out_mask = m_in[:, None] & n_in[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if split_k == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+        # Every thread's partial sums are in before one thread takes the ticket (release).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+        if ticket == split_k - 1:
+            # Last program of this tile: the workspace now holds the full sums (read past L1). It
+            # leaves the workspace and its ticket at zero for the next call (no memset per call).
+            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=out_mask)
+            tl.store(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def split_k_for(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
+                device: torch.device) -> int:
+    """Enough programs to fill the GPU, with no empty ones."""
+    n_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    chunks = triton.cdiv(k, block_k)
+    want = max(1, min(chunks, PROGRAMS_PER_SM * sm_count(device) // n_tiles))
+    return triton.cdiv(chunks, triton.cdiv(chunks, want))
+
+
+def _split_k(args) -> int:
+    return split_k_for(args["M"], args["N"], args["K"], args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"],
+                       args["x_ptr"].device)
+
+
+def _decode_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    configs = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4),
+        triton.Config({"BLOCK_N": 256, "BLOCK_K": 16}, num_warps=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4),
+    ]
+    return configs if autotuning() else configs[:1]
+
+
+def _prefill_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    configs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ]
+    return configs if autotuning() else configs[:1]
+
+
+_KEY = ["m_bucket", "N", "K", "BLOCK_M", "USE_DOT"]
+
+# Decode: split-K; the autotuner zeroes the workspace and tickets around each trial run.
+act_sparse_decode = triton.autotune(_decode_configs(), key=_KEY, reset_to_zero=["ws_ptr", "cnt_ptr"])(
+    triton.heuristics({"split_k": _split_k})(act_sparse_dense_kernel))
+act_sparse_prefill = triton.autotune(_prefill_configs(), key=["m_bucket", "N", "K"])(act_sparse_dense_kernel)
+
+DECODE_MAX_M = 16
+_MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the ticket counters
+
+
+def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """y[M, N] = x2_active @ w_t (+ bias) for a dense transposed weight w_t [K, N].
+
+    `split_k` forces the split of K (tests); by default decode (M <= 16) picks one that fills
+    the GPU and prefill does not split."""
+    k, n = w_t.shape
+    check_x(x2, k, w_t.dtype, "act_sparse_dense", INTERPRET)
+    y = output(x2, n, out)
+    m = x2.shape[0]
+    if m == 0:
+        return y
+    # Compare |x| with the threshold rounded to x's dtype, as the torch reference does.
+    thr = float(torch.tensor(float(threshold), dtype=x2.dtype).float())
+    bias_arg, has_bias = bias_or_dummy(bias, y)
+    upcast = INTERPRET
+    common = dict(HAS_BIAS=has_bias, UPCAST_DOT=upcast, DOT_PRECISION=dot_precision(x2.dtype))
+    strides = (x2.stride(0), x2.stride(1), w_t.stride(0), w_t.stride(1), y.stride(0))
+    with on_device(x2):
+        if m <= DECODE_MAX_M:
+            block_m = 1 if m == 1 else 16
+            use_dot = block_m >= 16
+            counters = triton.cdiv(n, _MIN_BLOCK_N) * triton.cdiv(m, block_m)
+            buf = zeroed_workspace(x2.device, 4 * (m * n + counters))
+            ws, cnt = buf[: m * n].view(torch.float32), buf[m * n: m * n + counters]
+            args = (x2, w_t, bias_arg, y, ws, cnt, m, n, k, *strides, thr)
+
+            def grid(meta):  # the grid sees only constexprs as plain values, so split_k is recomputed
+                split = split_k or split_k_for(m, n, k, block_m, meta["BLOCK_N"], meta["BLOCK_K"], x2.device)
+                return triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m)
+
+            if split_k is None:
+                act_sparse_decode[grid](*args, m_bucket=m_bucket(m), BLOCK_M=block_m, USE_DOT=use_dot,
+                                        **common)
+            else:
+                cfg = _decode_configs()[0]
+                act_sparse_dense_kernel[grid](*args, split_k=split_k, m_bucket=m_bucket(m), BLOCK_M=block_m,
+                                              USE_DOT=use_dot, **cfg.kwargs, num_warps=cfg.num_warps,
+                                              **common)
+        else:
+            if split_k not in (None, 1):
+                raise ValueError("prefill (M > 16) does not split K")
+            # No split: the workspace and tickets are never touched, but typed fp32 / int32 so that
+            # the (dead) atomic branch never compiles a bf16 atomic.
+            ws = torch.empty(1, dtype=torch.float32, device=x2.device)
+            cnt = torch.empty(1, dtype=torch.int32, device=x2.device)
+            args = (x2, w_t, bias_arg, y, ws, cnt, m, n, k, *strides, thr, 1)
+
+            def grid(meta):
+                return triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"])
+
+            act_sparse_prefill[grid](*args, m_bucket=m_bucket(m), USE_DOT=True, **common)
+    return y
