@@ -15,11 +15,12 @@ import datetime
 import json
 import platform
 
-import sparseflow as sf
 import torch
+from torch import nn
+
+import sparseflow as sf
 from sparseflow.bench.model import decode_step_fn, median_interleaved
 from sparseflow.models import llama
-from torch import nn
 
 
 def prune_linears(model, pattern):

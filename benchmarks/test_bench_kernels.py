@@ -11,6 +11,7 @@ The table with ratios, limits and bandwidth is `python benchmarks/bench_kernels.
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sparseflow import ops
 from sparseflow.bench import cache_flusher
 from sparseflow.bench import kernels as K

@@ -1,8 +1,9 @@
 import os
 
 import pytest
-import sparseflow as sf
 import torch
+
+import sparseflow as sf
 from sparseflow.ops import cpu
 
 

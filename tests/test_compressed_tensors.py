@@ -7,11 +7,12 @@ import json
 import os
 
 import pytest
-import sparseflow as sf
 import torch
 from safetensors.torch import load_file, save_file
-from sparseflow.io import compress, read_compressed_tensors, write_compressed_tensors
 from torch import nn
+
+import sparseflow as sf
+from sparseflow.io import compress, read_compressed_tensors, write_compressed_tensors
 
 FORMATS = ["sparse-bitmask", "sparse-24-bitmask"]
 

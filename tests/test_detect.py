@@ -4,12 +4,17 @@ and that n:m, a block pattern's kept blocks are >= 90% full) and against a brute
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+
 import pytest
-import sparseflow as sf
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import sparseflow as sf
 from sparseflow.formats.detect import BLOCK_FILL, BLOCK_SIDES, NM_FILL
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -169,10 +174,16 @@ def test_dtypes_and_non_contiguous(dtype):
     assert sf.detect_pattern(t) == "block(8,16)"
 
 
-def test_repr_and_str():
+def test_repr_str_copy_and_pickle():
     p = sf.detect_pattern(nm_exact(8, 16, 2, 4))
     assert repr(p) == "Pattern('2:4', density=0.5000)"
-    assert {p: 1}["2:4"] == 1 and p.startswith("2:")
+    assert {p: 1}["2:4"] == 1 and p.startswith("2:") and json.dumps({"pattern": p}) == '{"pattern": "2:4"}'
+    b = sf.detect_pattern(blocky(64, 64, (16, 8)))
+    for q in (copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p)), pickle.loads(pickle.dumps(b))):
+        original = b if q == b else p
+        assert type(q) is sf.Pattern and q == original
+        assert (q.kind, q.density, q.n, q.m, q.block) == (original.kind, original.density, original.n,
+                                                          original.m, original.block)
 
 
 @pytest.mark.parametrize("bad,error", [
@@ -209,7 +220,7 @@ def weights(draw):
     return w.to(draw(st.sampled_from(DTYPES)))
 
 
-@settings(FAST, max_examples=40)
+@settings(FAST, max_examples=25)
 @given(w=weights())
 def test_detect_matches_brute_force_and_converts(w):
     p = sf.detect_pattern(w)

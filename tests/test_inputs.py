@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import pytest
-import sparseflow as sf
 import torch
-from sparseflow.io import compress, dense_weight, parse_format, state_dict_weights
 from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize, prune
+
+import sparseflow as sf
+from sparseflow.io import compress, dense_weight, parse_format, state_dict_weights
 
 
 def model():

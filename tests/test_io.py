@@ -9,10 +9,11 @@ import random
 import struct
 
 import pytest
-import sparseflow as sf
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import sparseflow as sf
 from sparseflow.formats._bits import pack_fields
 from sparseflow.io import _safetensors as st_io
 from sparseflow.io import load_metadata, load_weights, save_weights

@@ -4,10 +4,11 @@ CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
 import threading
 
 import pytest
-import sparseflow as sf
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_2x
+
+import sparseflow as sf
 from sparseflow.ops import table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

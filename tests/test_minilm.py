@@ -5,10 +5,11 @@ and save_pretrained / from_pretrained round-trips bit-exact."""
 import copy
 
 import pytest
-import sparseflow as sf
 import torch
 from conftest import assert_close_2x
 from torch import nn
+
+import sparseflow as sf
 
 models = pytest.importorskip("sparseflow.models")
 SENTENCES = ["Sparse kernels make decoding faster.", "The cat sat on the mat.", "A quick brown fox jumps."]

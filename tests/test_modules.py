@@ -1,10 +1,11 @@
 """SparseLinear, ActSparseLinear, sparsify and whole-model save/load."""
 
 import pytest
-import sparseflow as sf
 import torch
 from conftest import assert_close_2x
 from torch import nn
+
+import sparseflow as sf
 
 
 def pruned_mlp(dtype=torch.float32, seed=0):

@@ -115,4 +115,5 @@ class BSR(SparseFormat):
         blocks = torch.zeros(block_rows, block_cols, bm, bk, dtype=self.dtype, device=self.device)
         brow = torch.repeat_interleave(torch.arange(block_rows, device=self.device), self.row_ptr.diff())
         blocks[brow, self.col_indices.to(torch.int64)] = self.values
-        return blocks.transpose(1, 2).reshape(block_rows * bm, block_cols * bk)[:rows, :cols]
+        dense = blocks.transpose(1, 2).reshape(block_rows * bm, block_cols * bk)
+        return dense if dense.shape == self.shape else dense[:rows, :cols].contiguous()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._bits import row_chunks
+from ._bits import flat_positions, row_chunks, select
 from .base import SparseFormat, check_shape, check_weight, take_tensors
 
 
@@ -35,8 +35,8 @@ class CSR(SparseFormat):
         for s in row_chunks(rows, cols):
             chunk = w[s]
             nonzero = chunk != 0
-            flat = nonzero.reshape(-1).nonzero().squeeze(1)  # row-major positions in the chunk
-            values.append(chunk.reshape(-1)[flat] if chunk.is_contiguous() else chunk[nonzero])
+            flat = flat_positions(nonzero)  # row-major positions in the chunk
+            values.append(select(chunk, nonzero, flat))
             col = flat % cols
             # int16 holds 0..65535 as two's complement; kernels and to_dense read it as unsigned.
             if index_dtype == torch.int16:

@@ -24,6 +24,9 @@ class Pattern(str):
         obj.kind, obj.density, obj.n, obj.m, obj.block = kind, density, n, m, block
         return obj
 
+    def __getnewargs__(self):  # so copy, deepcopy and pickle rebuild the details too
+        return str(self), self.kind, self.density, self.n, self.m, self.block
+
     def __repr__(self) -> str:
         return f"Pattern({str(self)!r}, density={self.density:.4f})"
 
