@@ -390,6 +390,7 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
     bytes of weight the kernel reads, note). `copies(nbytes)` says how many weight copies to use."""
     import torch
     import torch.nn.functional as F
+
     from sparseflow.ops import gpu
     from sparseflow.ops.reference import act_sparse_mask
 
@@ -461,8 +462,9 @@ def run_case(bench: Bench, res: Result, x, w: dict, copy_gbps: float | None) -> 
 
 def run_bench(args, deadline: float, checkpoint=None) -> Report:
     """Every case of the plan; `checkpoint(report)` after each one, so a killed run keeps its results."""
-    import sparseflow as sf
     import torch
+
+    import sparseflow as sf
     from sparseflow._ext import _C
 
     report = Report()

@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import sparseflow as sf
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_2x
+
+import sparseflow as sf
 from sparseflow.ops import gpu, table
 from sparseflow.ops.reference import act_sparse_mask
 
@@ -91,6 +92,7 @@ def triton_variants():
     """(name, jit function, signature, constexprs, config) of the kernel variants the wrappers can
     launch: each dtype, autotune config, decode/prefill mode and N:M / block shape family."""
     import triton
+
     from sparseflow.kernels import act_sparse, bitmask, bsr, nm
 
     for dt in ("fp32", "fp16", "bf16"):

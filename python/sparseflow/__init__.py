@@ -10,10 +10,11 @@ from .formats import BSR, CSR, NM, Bitmask, Pattern, SparseFormat, detect_patter
 from .info import info
 from .model_io import export_compressed_tensors, export_dense, from_pretrained, load, save, save_pretrained
 from .nn import ActSparseLinear, SparseLinear
+from .prune import prune, shrink
 from .sparsify import sparsify
 
 __all__ = [
     "BSR", "CSR", "NM", "ActSparseLinear", "Bitmask", "Pattern", "SparseFormat", "SparseLinear", "__version__",
     "available_isas", "detect_pattern", "export_compressed_tensors", "export_dense", "from_pretrained", "info", "isa",
-    "load", "ops", "save", "save_pretrained", "sparsify",
+    "load", "ops", "prune", "save", "save_pretrained", "shrink", "sparsify",
 ]
