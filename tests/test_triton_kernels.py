@@ -11,9 +11,10 @@ Without TRITON_INTERPRET=1 this file skips instead of switching Triton's mode un
 files (on a GPU machine, tests/test_cuda.py runs the same kernels compiled)."""
 
 import pytest
-import sparseflow as sf
 import torch
 import torch.nn.functional as F
+
+import sparseflow as sf
 from sparseflow.kernels import interpreter_active, triton_available
 
 if not triton_available():
@@ -26,6 +27,7 @@ if not interpreter_active():
     )
 
 from conftest import assert_close_2x  # noqa: E402
+
 from sparseflow.kernels import act_sparse, bitmask, bsr, nm  # noqa: E402
 from sparseflow.ops import gpu  # noqa: E402
 from sparseflow.ops.reference import act_sparse_mask  # noqa: E402
