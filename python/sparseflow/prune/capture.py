@@ -128,19 +128,46 @@ class ColumnMoments(SquaredNorms):
 
 class Hessian:
     """H = X^T X over the calibration tokens in float32 (SparseGPT's 2/N factor does not change the
-    result, dampening is relative to mean(diag H))."""
+    result, dampening is relative to mean(diag H)). For wide inputs only the lower block triangle
+    is accumulated (about half the flops of a full X^T X per batch) and mirrored once, when `H` is
+    read."""
+
+    LOWER_ONLY_FROM = 4096  # input features
+    BLOCK = 1024
 
     def __init__(self, features: int, device=None):
-        self.H = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self._H = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self._lower_only = features >= self.LOWER_ONLY_FROM
+        self._mirrored = True
         self.count = 0
 
     def add(self, rows: torch.Tensor) -> None:
-        self.H.addmm_(rows.T, rows)
+        k = self._H.shape[0]
+        if self._lower_only:
+            for j0 in range(0, k, self.BLOCK):
+                j1 = min(j0 + self.BLOCK, k)
+                self._H[j0:, j0:j1].addmm_(rows[:, j0:].T, rows[:, j0:j1])
+            self._mirrored = False
+        else:
+            self._H.addmm_(rows.T, rows)
         self.count += rows.shape[0]
 
     @property
+    def H(self) -> torch.Tensor:
+        if not self._mirrored:
+            k, b = self._H.shape[0], self.BLOCK
+            for i0 in range(0, k, b):
+                i1 = min(i0 + b, k)
+                diag = self._H[i0:i1, i0:i1]
+                diag.copy_(diag.tril() + diag.tril(-1).T)
+                if i1 < k:
+                    self._H[i0:i1, i1:].copy_(self._H[i1:, i0:i1].T)
+            self._mirrored = True
+        return self._H
+
+    @property
     def sum_sq(self) -> torch.Tensor:
-        return self.H.diagonal().double()
+        return self._H.diagonal().double()
 
 
 def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[str, list[nn.Module]] | None:
@@ -166,6 +193,9 @@ def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[str
 class _Trace:
     order: list[str] = field(default_factory=list)  # first-call order
     input_key: dict[str, tuple] = field(default_factory=dict)
+    # The traced inputs are kept alive until grouping is done, so that no two of them can share an
+    # address (a freed tensor's memory is often reused for the next one of the same shape).
+    inputs: list[torch.Tensor] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     first_block_call: int | None = None
 
@@ -280,14 +310,14 @@ class SequentialPruner:
 
     def trace(self) -> _Trace:
         trace = _Trace()
-        item, mask = self.calib.items[0], self.calib.masks[0]
-        del mask
+        item = self.calib.items[0]
 
         def hook_for(name):
             def hook(module, inputs, output):
                 if name not in trace.calls:
                     trace.order.append(name)
                     trace.input_key[name] = _input_key(inputs[0])
+                    trace.inputs.append(inputs[0])
                 trace.calls[name] = trace.calls.get(name, 0) + 1
 
             return hook
@@ -336,6 +366,7 @@ class SequentialPruner:
                 in_block = {}
             block_stages = {b: ([names] if per_block else self.groups(names, trace)) for b, names in in_block.items()}
             pre_stages, post_stages = self.groups(pre, trace), self.groups(post, trace)
+            trace.inputs.clear()
             uncalled = [n for n in self.targets if n not in trace.calls]
             total = len(pre_stages) + sum(len(s) for s in block_stages.values()) + len(post_stages) + len(uncalled)
             with progress_bar(total, self.desc, self.progress) as bar:

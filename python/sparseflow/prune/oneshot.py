@@ -119,9 +119,10 @@ def prune(
     method: "magnitude" | "wanda" | "sparsegpt" ("variance" too for neurons / heads).
     sparsity: fraction of weights (or of neurons / heads per module) to remove; ignored by n:m.
     pattern: "unstructured" | "2:4" | any "n:m" | "block(bm,bk)" | "neurons" | "heads".
-    calibration: an iterable of model inputs (tensors, dicts for transformers models, tuples);
-        needed by wanda, sparsegpt, variance and allocation="owl". Layers are pruned in execution
-        order and each sees the already-pruned layers before it.
+    calibration: an iterable of model inputs (tensors, dicts for transformers models, tuples; a
+        single tensor or dict is one batch); needed by wanda, sparsegpt, variance and
+        allocation="owl". Layers are pruned in execution order and each sees the already-pruned
+        layers before it.
     allocation: "uniform" | "global" (global magnitude, per-layer ceiling) | "lamp" | "owl".
     include / exclude: name patterns (see select_linears); heads and embeddings are skipped by default.
     blocksize, dampening: SparseGPT's lazy block width and Hessian dampening (fraction of mean diag).
@@ -248,14 +249,25 @@ def _prune_structured(model, method, sparsity, spec, calibration, include, exclu
     record_structure(model)
     report = PruneReport(method=method, pattern=str(spec), allocation="uniform")
     modules = dict(model.named_modules())
+    notes: dict[str, list[str]] = {}
     for name, unit in key.items():
         removed, total, note = results.get(name, (0, 0, ""))
-        what = "neurons" if spec.kind == "neurons" else "heads"
-        text = f"{removed}/{total} {what} removed" + (f"; {note}" if note else "")
         if name in never:
-            text = "not called during calibration: left dense"
-        members = [*unit.ups, unit.down] if spec.kind == "neurons" else [unit.q, unit.k, unit.v, unit.o]
-        for m in members:
-            w = modules[m].weight.detach()
-            report.append(LayerPruneReport(m, tuple(w.shape), sparsity_of(w), str(spec), method, sparsity, text))
+            text_out = text_in = "not called during calibration: left dense"
+        elif spec.kind == "neurons":
+            text_out = f"{removed}/{total} output neurons removed"
+            text_in = f"{removed}/{total} input neurons removed" + (f" ({note})" if note else "")
+        else:
+            text_out = f"{removed}/{total} heads removed"
+            text_in = text_out + (f" ({note})" if note else "")
+        outs = unit.ups if spec.kind == "neurons" else [unit.q, unit.k, unit.v]
+        ins = [unit.down] if spec.kind == "neurons" else [unit.o]
+        for m in outs:
+            notes.setdefault(m, []).append(text_out)
+        for m in ins:
+            notes.setdefault(m, []).append(text_in)
+    for m, texts in notes.items():
+        w = modules[m].weight.detach()
+        report.append(LayerPruneReport(m, tuple(w.shape), sparsity_of(w), str(spec), method, sparsity,
+                                       "; ".join(texts)))
     return report

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .capture import Calibration, Hessian, collect_stats
+from .capture import Calibration, Hessian, SequentialPruner, _CalibrationMode, collect_stats
 from .criteria import magnitude_prune_, wanda_prune_
 from .oneshot import select_linears
 from .patterns import PatternSpec, parse_pattern
-from .sparsegpt import sparsegpt_prune_
+from .sparsegpt import inverse_cholesky_upper, sparsegpt_prune_
 
 
 def minilm_path() -> str:
@@ -61,32 +61,52 @@ def embed(model: nn.Module, batch_list: Sequence[dict]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def agreement(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
-    """Mean cosine(dense_i, pruned_i) and the fraction of sentences whose nearest other sentence
-    (by cosine, among the same set) is the same under both embeddings."""
+def nearest_neighbours(emb: torch.Tensor) -> torch.Tensor:
+    """Index of each row's most cosine-similar other row (embeddings are L2-normalised)."""
+    sim = emb @ emb.T
+    sim.fill_diagonal_(float("-inf"))
+    return sim.argmax(-1)
+
+
+def agreement(dense: torch.Tensor, pruned: torch.Tensor, topics: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean cosine(dense_i, pruned_i); top1: the fraction of sentences whose nearest other sentence
+    (by cosine, among the same set) is the same under both embeddings; with `topics`, topic1: the
+    fraction whose nearest neighbour under the pruned embeddings shares its topic."""
     cosine = float((dense * pruned).sum(-1).mean())
+    nn_pruned = nearest_neighbours(pruned)
+    out = {"cosine": cosine, "top1": float((nearest_neighbours(dense) == nn_pruned).float().mean())}
+    if topics is not None:
+        out["topic1"] = topic_accuracy(nn_pruned, topics)
+    return out
 
-    def nearest(e):
-        sim = e @ e.T
-        sim.fill_diagonal_(float("-inf"))
-        return sim.argmax(-1)
 
-    top1 = float((nearest(dense) == nearest(pruned)).float().mean())
-    return {"cosine": cosine, "top1": top1}
+def topic_accuracy(neighbours: torch.Tensor, topics: Sequence[str]) -> float:
+    return sum(topics[i] == topics[int(j)] for i, j in enumerate(neighbours)) / len(topics)
 
 
 def _hessians(model, batch_list, layers) -> dict[str, torch.Tensor]:
+    """X^T X of every layer's dense inputs; layers that read the same tensor (q/k/v) share one."""
     calib = Calibration(model, batch_list)
-    stats = collect_stats(model, calib, layers, lambda n, m: Hessian(m.in_features))
-    return {n: s.H for n, s in stats.items()}
+    runner = SequentialPruner(model, calib, layers)
+    with _CalibrationMode(model):
+        trace = runner.trace()
+    groups = runner.groups(trace.order, trace)
+    del trace
+    stats = collect_stats(model, calib, {g[0]: layers[g[0]] for g in groups}, lambda n, m: Hessian(m.in_features))
+    return {n: stats[g[0]].H for g in groups for n in g}
 
 
-def relative_error(dense_w: torch.Tensor, pruned_w: torch.Tensor, hessian: torch.Tensor) -> float:
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||W X||_F^2 = sum of (W H) * W, with H = X^T X (float32 products, float64 sum)."""
+    w = weight.float()
+    return float(((w @ hessian.float()) * w).sum(dtype=torch.float64))
+
+
+def relative_error(dense_w: torch.Tensor, pruned_w: torch.Tensor, hessian: torch.Tensor,
+                   dense_energy: float | None = None) -> float:
     """||(W - W') X||_F^2 / ||W X||_F^2 with X^T X = hessian."""
-    d = (dense_w - pruned_w).double()
-    w = dense_w.double()
-    h = hessian.double()
-    return float(torch.einsum("ij,jk,ik->", d, h, d) / torch.einsum("ij,jk,ik->", w, h, w))
+    energy = output_energy(dense_w, hessian) if dense_energy is None else dense_energy
+    return output_energy(dense_w.float() - pruned_w.float(), hessian) / energy
 
 
 @torch.no_grad()
@@ -101,6 +121,14 @@ def reconstruction_errors(model: nn.Module, calibration: Sequence[dict], evaluat
     h_cal = _hessians(model, calibration, layers)
     h_eval = _hessians(model, evaluation, layers)
     out: dict[str, dict[str, dict[str, float]]] = {}
+    energy = {n: output_energy(m.weight.detach(), h_eval[n]) for n, m in layers.items()}
+    factors: dict[str, torch.Tensor] = {}
+    if "sparsegpt" in methods:
+        by_hessian: dict[int, torch.Tensor] = {}
+        for n, h in h_cal.items():
+            if id(h) not in by_hessian:
+                by_hessian[id(h)] = inverse_cholesky_upper(h.clone())
+            factors[n] = by_hessian[id(h)]
     for pattern in patterns:
         spec = parse_pattern(pattern)
         per_method: dict[str, dict[str, float]] = {m: {} for m in methods}
@@ -113,13 +141,57 @@ def reconstruction_errors(model: nn.Module, calibration: Sequence[dict], evaluat
                 elif method == "wanda":
                     wanda_prune_(w, h_cal[name].diagonal().double(), spec, sparsity)
                 elif method == "sparsegpt":
-                    sparsegpt_prune_(w, h_cal[name].clone(), spec, sparsity)
+                    sparsegpt_prune_(w, None, spec, sparsity, inverse_upper=factors[name])
                 else:
                     raise ValueError(f"unknown method {method!r}")
-                per_method[method][name] = relative_error(dense, w, h_eval[name])
+                per_method[method][name] = relative_error(dense, w, h_eval[name], energy[name])
         out[str(spec)] = per_method
     return out
 
 
 def pruned_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+QUALITY_SETTINGS = (
+    ("unstructured", 0.5, ("magnitude", "wanda", "sparsegpt")),
+    ("2:4", 0.5, ("magnitude", "wanda", "sparsegpt")),
+    ("4:8", 0.5, ("magnitude", "wanda", "sparsegpt")),
+    ("neurons", 0.25, ("magnitude", "wanda", "variance", "sparsegpt")),
+)
+
+
+def quality_table(model: nn.Module, tokenizer, calibration_sentences: Sequence[str], eval_sentences: Sequence[str],
+                  settings=QUALITY_SETTINGS, allocation: str = "uniform", batch_size: int = 32,
+                  progress: bool | None = None, eval_topics: Sequence[str] | None = None,
+                  callback=None) -> list[dict]:
+    """Prune a copy of `model` for every (pattern, sparsity, methods) in `settings`, calibrated on
+    `calibration_sentences`, and compare its embeddings of `eval_sentences` with the dense model's.
+    Rows: pattern, sparsity, method, allocation, cosine, top1 (and topic1 with `eval_topics`),
+    achieved (sparsity of the pruned Linears), seconds (pruning time). `callback(row)` sees each
+    row as it is made."""
+    import time
+
+    from .oneshot import prune
+
+    cal = batches(tokenizer, calibration_sentences, batch_size)
+    ev = batches(tokenizer, eval_sentences, batch_size)
+    dense = embed(model, ev)
+    rows = []
+    for setting in settings:
+        pattern, sparsity, methods = setting[:3]
+        setting_allocation = setting[3] if len(setting) > 3 else allocation
+        for method in methods:
+            pruned = pruned_copy(model)
+            start = time.perf_counter()
+            report = prune(pruned, method, sparsity, pattern, calibration=cal, allocation=setting_allocation,
+                           progress=progress)
+            seconds = time.perf_counter() - start
+            scores = agreement(dense, embed(pruned, ev), eval_topics)
+            row = {"pattern": pattern, "sparsity": sparsity, "method": method, "allocation": setting_allocation,
+                   **scores, "achieved": report.sparsity, "seconds": seconds}
+            rows.append(row)
+            if callback is not None:
+                callback(row)
+            del pruned
+    return rows

@@ -22,6 +22,8 @@ from .patterns import PatternSpec, block_mask, nm_mask, unstructured_mask
 
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_DAMPENING = 0.01
+# Lazy updates smaller than this run on the column loop's thread count (see sparsegpt_prune_).
+GEMM_THREADS_MIN_MACS = 1 << 27
 
 
 def lower_triangular_inverse(lower: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -65,6 +67,28 @@ def inverse_cholesky_upper(hessian: torch.Tensor, dampening: float = DEFAULT_DAM
     return lower_triangular_inverse(lower).flip(0, 1)
 
 
+class _threads:
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        if self.n is not None and self.n != self.saved:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
+        return False
+
+
+def _sub_blocksize(spec: PatternSpec, lazy: int) -> int:
+    """Inner lazy width: 16 columns, or one n:m group if m is larger (a group must not straddle)."""
+    unit = spec.m if spec.kind == "n:m" else 1
+    size = max(unit, (16 // unit) * unit)
+    return min(size, lazy)
+
+
 def _lazy_blocksize(spec: PatternSpec, blocksize: int) -> int:
     unit = spec.m if spec.kind == "n:m" else spec.block[1] if spec.kind == "block" else 1
     return max(unit, (blocksize // unit) * unit)
@@ -79,10 +103,17 @@ def sparsegpt_prune_(
     blocksize: int = DEFAULT_BLOCKSIZE,
     dampening: float = DEFAULT_DAMPENING,
     inverse_upper: torch.Tensor | None = None,
+    inner_threads: int | None = 1,
 ) -> torch.Tensor:
     """Prune `weight` [N, K] in place with OBS updates; returns the keep-mask. `hessian` [K, K] is
     X^T X (any positive scale) and is consumed; pass `inverse_upper` (from inverse_cholesky_upper)
-    instead to reuse one factorisation for several layers that share the same inputs."""
+    instead to reuse one factorisation for several layers that share the same inputs.
+
+    The column-by-column part runs on `inner_threads` threads (default 1; None: torch's setting):
+    its operations are small ([N, <= B] updates), and waking a thread pool thousands of times per
+    layer costs more than it saves, badly so when other processes compete for the cores. The
+    lazy block updates (the GEMMs, most of the flops) use torch's thread setting when they are
+    large (>= GEMM_THREADS_MIN_MACS multiply-adds)."""
     if spec.kind not in ("unstructured", "n:m", "block"):
         raise ValueError(f"SparseGPT prunes unstructured, n:m and block patterns, not {spec}")
     rows, cols = weight.shape
@@ -92,34 +123,46 @@ def sparsegpt_prune_(
     W = weight.detach().to(torch.float32).clone()
     mask = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     B = _lazy_blocksize(spec, blocksize)
-    for i1 in range(0, cols, B):
-        i2 = min(i1 + B, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d1 = U1.diagonal()
-        if spec.kind == "unstructured":
-            keep1 = unstructured_mask(W1.square() / d1.square()[None, :], sparsity)
-        elif spec.kind == "block":
-            keep1 = block_mask(W1.square() / d1.square()[None, :], sparsity, spec.block)
-        else:
-            keep1 = torch.ones_like(W1, dtype=torch.bool)
-        for i in range(count):
-            if spec.kind == "n:m" and i % spec.m == 0:
-                j = min(i + spec.m, count)
-                keep1[:, i:j] = nm_mask(W1[:, i:j].square() / d1[i:j].square()[None, :], spec.n, spec.m)
-            w = W1[:, i]
-            q = w.masked_fill(~keep1[:, i], 0)
-            err = (w - q) / d1[i]
-            W1[:, i:].sub_(torch.outer(err, U1[i, i:]))
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = keep1
-        if i2 < cols:
-            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    S = _sub_blocksize(spec, B)
+    threads = torch.get_num_threads()
+    with _threads(inner_threads):
+        for i1 in range(0, cols, B):
+            i2 = min(i1 + B, cols)
+            count = i2 - i1
+            # The block is worked on transposed, [count, rows], so that a column is a contiguous row.
+            W1 = W[:, i1:i2].T.contiguous()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            d1 = U1.diagonal()
+            if spec.kind == "unstructured":
+                keep1 = unstructured_mask(W1.square().T / d1.square()[None, :], sparsity).T.contiguous()
+            elif spec.kind == "block":
+                keep1 = block_mask(W1.square().T / d1.square()[None, :], sparsity, spec.block).T.contiguous()
+            else:
+                keep1 = torch.ones_like(W1, dtype=torch.bool)
+            # Two levels of lazy updates: eager within a sub-block of S columns, one small GEMM to
+            # the rest of the block after each sub-block, one large GEMM right of the block.
+            for j1 in range(0, count, S):
+                j2 = min(j1 + S, count)
+                for i in range(j1, j2):
+                    if spec.kind == "n:m" and i % spec.m == 0:
+                        j = min(i + spec.m, count)
+                        keep1[i:j] = nm_mask(W1[i:j].square().T / d1[i:j].square()[None, :], spec.n, spec.m).T
+                    w = W1[i]
+                    q = w.masked_fill(~keep1[i], 0)
+                    err = (w - q) / d1[i]
+                    W1[i:j2].addr_(U1[i, i:j2], err, alpha=-1)
+                    Q1[i] = q
+                    Err1[i] = err
+                if j2 < count:
+                    W1[j2:].sub_(U1[j1:j2, j2:].T @ Err1[j1:j2])
+            W[:, i1:i2] = Q1.T
+            mask[:, i1:i2] = keep1.T
+            if i2 < cols:
+                big = rows * count * (cols - i2) >= GEMM_THREADS_MIN_MACS
+                with _threads(threads if big else None):
+                    W[:, i2:].sub_(Err1.T @ U[i1:i2, i2:])
     W.masked_fill_(~mask, 0)  # exact zeros, whatever rounding did to the pruned entries
     weight.copy_(W.to(weight.dtype))
     return mask

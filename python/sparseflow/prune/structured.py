@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .capture import ColumnMoments, Hessian
+from .patterns import round_units
 
 STRUCTURED_METHODS = ("magnitude", "wanda", "variance", "sparsegpt")
 
@@ -163,7 +164,8 @@ def find_attention(model: nn.Module) -> list[AttentionUnit]:
                 continue
             q, k = getattr(module, names[0]), getattr(module, names[1])
             config = getattr(module, "config", None)
-            head_dim = _attr_int(module, "head_dim", "attention_head_size", "head_size") or _attr_int(config, "head_dim")
+            head_dim = _attr_int(module, "head_dim", "attention_head_size", "head_size") or \
+                _attr_int(config, "head_dim")
             if head_dim is None:
                 heads_attr = _attr_int(module, "num_heads", "num_attention_heads", "n_heads")
                 head_dim = q.out_features // heads_attr if heads_attr else None
@@ -327,8 +329,6 @@ class StructuredStats:
 def prune_mlp(unit: MLPUnit, modules, method: str, sparsity: float, stats: StructuredStats | None,
               dampening: float = 0.01) -> tuple[int, int, str]:
     """Zero round(sparsity * neurons) neurons of one MLP; returns (removed, total, note)."""
-    from .patterns import round_units
-
     total = unit.size(modules)
     count = round_units(total, sparsity)
     scores = neuron_scores(unit, modules, method, stats.moments if stats is not None else None)
@@ -350,8 +350,6 @@ def prune_mlp(unit: MLPUnit, modules, method: str, sparsity: float, stats: Struc
 def prune_heads(unit: AttentionUnit, modules, method: str, sparsity: float, stats: StructuredStats | None,
                 dampening: float = 0.01) -> tuple[int, int, str]:
     """Zero round(sparsity * units) heads (k/v groups) of one attention module."""
-    from .patterns import round_units
-
     count = round_units(unit.units, sparsity)
     scores = head_scores(unit, modules, method, stats.moments if stats is not None else None)
     removed = [int(i) for i in lowest(scores, count)]
