@@ -27,10 +27,10 @@ def _io(x2: torch.Tensor, n_out: int, bias: torch.Tensor | None):
         dtype=dtype_code(x2.dtype), x=ptr(x2), M=m, K=k, ldx=max(x2.stride(0), k) if m > 1 else k,
         y=ptr(y), N=n_out, ldy=n_out, bias=ptr(bias), threads=torch.get_num_threads(),
     )
-    return x2, y, None, kw
+    return x2, y, kw
 
 
-def _fix_nonfinite(rows, x2, y, _flags, recompute):
+def _fix_nonfinite(rows, x2, y, recompute):
     """Rows of x that held NaN/inf (listed by the kernel) are recomputed by the reference."""
     if rows:
         idx = torch.tensor(rows, dtype=torch.int64)
@@ -39,37 +39,37 @@ def _fix_nonfinite(rows, x2, y, _flags, recompute):
 
 
 def bitmask_linear(x2, w: Bitmask, bias):
-    x2, y, flags, kw = _io(x2, w.shape[0], bias)
+    x2, y, kw = _io(x2, w.shape[0], bias)
     v, mask, offs = w.values.contiguous(), w.mask.contiguous(), w.row_offsets.contiguous()
     n = _C.bitmask_linear(ptr(v), ptr(mask), ptr(offs), w.shape[0], w.shape[1], mask.shape[1], v.numel(), **kw)
-    return _fix_nonfinite(n, x2, y, flags, lambda xr: linear_reference(xr, w.to_dense(), bias))
+    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
 
 def csr_linear(x2, w: CSR, bias):
-    x2, y, flags, kw = _io(x2, w.shape[0], bias)
+    x2, y, kw = _io(x2, w.shape[0], bias)
     v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
     bits = 16 if col.dtype == torch.int16 else 32
     n = _C.csr_linear(ptr(v), ptr(col), bits, ptr(rp), w.shape[0], w.shape[1], v.numel(), **kw)
-    return _fix_nonfinite(n, x2, y, flags, lambda xr: linear_reference(xr, w.to_dense(), bias))
+    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
 
 def bsr_linear(x2, w: BSR, bias):
-    x2, y, flags, kw = _io(x2, w.shape[0], bias)
+    x2, y, kw = _io(x2, w.shape[0], bias)
     v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
     bm, bk = w.block
     n = _C.bsr_linear(ptr(v), ptr(col), ptr(rp), w.shape[0], w.shape[1], bm, bk, v.shape[0], **kw)
-    return _fix_nonfinite(n, x2, y, flags, lambda xr: linear_reference(xr, w.to_dense(), bias))
+    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
 
 def nm_linear(x2, w: NM, bias):
-    x2, y, flags, kw = _io(x2, w.shape[0], bias)
+    x2, y, kw = _io(x2, w.shape[0], bias)
     v, idx = w.values.contiguous(), w.index.contiguous()
     n = _C.nm_linear(ptr(v), ptr(idx), w.shape[0], w.shape[1], w.n, w.m, idx.shape[1], **kw)
-    return _fix_nonfinite(n, x2, y, flags, lambda xr: linear_reference(xr, w.to_dense(), bias))
+    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
 
 def act_sparse_dense(x2, w_t: torch.Tensor, threshold: float, bias):
-    x2, y, flags, kw = _io(x2, w_t.shape[1], bias)
+    x2, y, kw = _io(x2, w_t.shape[1], bias)
     if w_t.stride(1) != 1:
         w_t = w_t.contiguous()
     _C.act_sparse_dense(ptr(w_t), w_t.shape[0], w_t.shape[1], w_t.stride(0), float(threshold), **kw)
@@ -77,9 +77,9 @@ def act_sparse_dense(x2, w_t: torch.Tensor, threshold: float, bias):
 
 
 def act_sparse_bitmask(x2, w_t: Bitmask, threshold: float, bias):
-    x2, y, flags, kw = _io(x2, w_t.shape[1], bias)
+    x2, y, kw = _io(x2, w_t.shape[1], bias)
     v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
     n = _C.act_sparse_bitmask(
         ptr(v), ptr(mask), ptr(offs), w_t.shape[0], w_t.shape[1], mask.shape[1], v.numel(), float(threshold), **kw
     )
-    return _fix_nonfinite(n, x2, y, flags, lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
+    return _fix_nonfinite(n, x2, y, lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
