@@ -55,3 +55,17 @@ def test_inspect_and_bench_model(tmp_path, capsys):
     assert main(["bench", "model", str(tmp_path), "--rounds", "2", "--context", "8", "--prefill", "8", "--json"]) == 0
     timing = json.loads(capsys.readouterr().out)
     assert set(timing) == {"decode", "prefill"}
+
+
+def test_convert_writes_a_loadable_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--method", "magnitude",
+                 "--pattern", "2:4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bytes_after"] < report["bytes_before"]
+    model = sf.from_pretrained(tmp_path / "dst")
+    assert sum(isinstance(m, sf.SparseLinear) for m in model.modules()) == 7
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2  # DST exists: refused
