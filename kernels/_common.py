@@ -101,6 +101,17 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def interpreter_mode() -> bool:
+    """Whether Triton runs in its CPU interpreter (read when a kernel module is imported); applies
+    the interpreter fix-up below when it does, so kernel modules need not."""
+    import triton
+
+    interpret = bool(triton.knobs.runtime.interpret)
+    if interpret:
+        patch_interpreter()
+    return interpret
+
+
 def patch_interpreter() -> None:
     """Triton 3.6's interpreter turns loop bounds into ints with int(array of shape (1,)), which
     NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed upstream by #9172 after 3.6). Wrap its

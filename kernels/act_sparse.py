@@ -26,17 +26,15 @@ from ._common import (
     bias_or_dummy,
     check_x,
     dot_precision,
+    interpreter_mode,
     m_bucket,
     on_device,
     output,
-    patch_interpreter,
     sm_count,
     zeroed_workspace,
 )
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
-if INTERPRET:
-    patch_interpreter()
+INTERPRET = interpreter_mode()
 
 
 @triton.jit
