@@ -16,7 +16,6 @@ import json
 import platform
 
 import torch
-from torch import nn
 
 import sparseflow as sf
 from sparseflow.bench.model import decode_step_fn, median_interleaved
@@ -24,15 +23,8 @@ from sparseflow.models import llama
 
 
 def prune_linears(model, pattern):
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and "lm_head" not in name:
-            with torch.no_grad():
-                w = mod.weight
-                if pattern == "2:4":
-                    w.copy_(sf.NM.from_dense(w, 2, 4, prune=True).to_dense())
-                else:
-                    cut = w.float().abs().flatten().kthvalue(w.numel() // 2).values
-                    w.mul_(w.float().abs() > cut)
+    """Magnitude-prunes every Linear but lm_head to 50% (unstructured) or 2:4."""
+    sf.prune(model, method="magnitude", sparsity=0.5, pattern=pattern, progress=False)
 
 
 M_RANGE = (1, 16, 128)  # decode, small batch, prefill: above the last win a layer decompresses and runs dense

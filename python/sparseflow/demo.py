@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import formats, ops
 from .info import info
@@ -144,6 +143,7 @@ def minilm_section(quick: bool, step) -> list[dict]:
 def llama_section(quick: bool, step) -> list[dict]:
     from .bench.model import decode_step_fn
     from .models import llama
+    from .prune import prune
     from .sparsify import sparsify
 
     hidden, inter = (1024, 4096) if quick else (2048, 8192)
@@ -154,10 +154,7 @@ def llama_section(quick: bool, step) -> list[dict]:
     variants = {"dense": base}
     for label, pattern, fmt in (("2:4", "2:4", "2:4"), ("50% unstructured", "unstructured", "bitmask")):
         m = copy.deepcopy(base)
-        for name, mod in m.named_modules():
-            if isinstance(mod, nn.Linear) and "lm_head" not in name:
-                with torch.no_grad():
-                    mod.weight.copy_(prune_random(mod.weight, pattern, 0.5))
+        prune(m, method="magnitude", sparsity=0.5, pattern=pattern, progress=False)  # lm_head stays dense
         sparsify(m, format=fmt, m_range=(1,))
         variants[label] = m
     m = copy.deepcopy(base)
