@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import formats, ops
+from .bench.model import median_interleaved
 from .info import info
 
 KERNEL_CASES = [  # (label, make format from a dense weight, pattern to prune, sparsity)
@@ -44,20 +45,6 @@ def prune_random(w: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor
     return w * (w.float().abs() > cut)
 
 
-def interleaved_median(fns: dict, rounds: int, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call, the callables taking turns so that all see the same machine."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
 def within_2x(y: torch.Tensor, exact: torch.Tensor, dense: torch.Tensor, atol: float) -> tuple[bool, float, float]:
     err = (y.double() - exact).abs().max().item()
     base = (dense.double() - exact).abs().max().item()
@@ -77,7 +64,7 @@ def kernel_section(quick: bool, step) -> list[dict]:
         w = prune_random(dense_w, pattern, sparsity)
         sparse = make(w)
         ok, err, base = within_2x(ops.linear(x, sparse), F.linear(x.double(), w.double()), F.linear(x, w), 1e-2)
-        t = interleaved_median({"dense": lambda w=w: F.linear(x, w), "sparse": lambda s=sparse: ops.linear(x, s)},
+        t = median_interleaved({"dense": lambda w=w: F.linear(x, w), "sparse": lambda s=sparse: ops.linear(x, s)},
                                rounds=7 if quick else 15, inner=5)
         rows.append({"section": "kernel", "case": f"{label} [{n}x{k}] M=1", "correct": ok, "max_err": err,
                      "torch_dense_err": base, "memory": sparse.nbytes / (w.numel() * w.element_size()),
@@ -128,8 +115,8 @@ def minilm_section(quick: bool, step) -> list[dict]:
                     m(**b)
             return run
 
-        t1 = interleaved_median({"dense": enc(masked, one), "sparse": enc(sparse, one)}, rounds=5 if quick else 11)
-        tb = interleaved_median({"dense": enc(masked, batch), "sparse": enc(sparse, batch)}, rounds=3 if quick else 5)
+        t1 = median_interleaved({"dense": enc(masked, one), "sparse": enc(sparse, one)}, rounds=5 if quick else 11)
+        tb = median_interleaved({"dense": enc(masked, batch), "sparse": enc(sparse, batch)}, rounds=3 if quick else 5)
         quality = {"cosine": cosine, "top1_agreement": top1.float().mean().item()}
         for name, t in (("1 sentence", t1), ("32 sentences", tb)):
             rows.append({"section": "minilm", "case": f"{label}, encode {name}", "correct": ok, "max_err": err,
@@ -161,7 +148,7 @@ def llama_section(quick: bool, step) -> list[dict]:
     sparsify(m, activation_sparsity=0.5, calibration=calibration)
     variants["50% activation"] = m
     step("Llama block: time decode")
-    t = interleaved_median({k: decode_step_fn(v, ids) for k, v in variants.items()}, rounds=7 if quick else 15)
+    t = median_interleaved({k: decode_step_fn(v, ids) for k, v in variants.items()}, rounds=7 if quick else 15)
     rows = []
     for k, v in variants.items():
         if k == "dense":

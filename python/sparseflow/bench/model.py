@@ -36,16 +36,18 @@ def encode_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def median_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds of each callable, called round-robin so all see the same machine state."""
+def median_interleaved(fns: dict[str, Callable[[], None]], rounds: int, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each callable, called round-robin (`inner` calls per turn) so all
+    see the same machine state."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(rounds):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times[k].append((time.perf_counter() - t0) / inner)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
