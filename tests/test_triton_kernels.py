@@ -10,6 +10,8 @@ Run with the interpreter chosen for the whole process, before Triton is imported
 Without TRITON_INTERPRET=1 this file skips instead of switching Triton's mode under the other test
 files (on a GPU machine, tests/test_cuda.py runs the same kernels compiled)."""
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,8 @@ def poison_gpu_outputs(monkeypatch):
 
 
 def gen_for(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(tuple(str(k) for k in key)) % (2**31))
+    # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), which made inputs differ run to run
+    return torch.Generator().manual_seed(zlib.crc32(repr(tuple(str(k) for k in key)).encode()))
 
 
 def randn(*shape, dtype, gen):
