@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,38 +52,45 @@ def pybind_includes() -> list[str]:
     return out.stdout.split()
 
 
-def test_nvcc_compiles():
+@pytest.fixture(scope="module")
+def nvcc() -> str:
+    path = find_nvcc()
+    if path is None:
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): CUDA compile check skipped")
+    return path
+
+
+def nvcc_command(nvcc: str, source: Path, obj: Path, *flags: str) -> list[str]:
+    """The one nvcc command line every compile check uses: C++17, compile only, FLAGS in between."""
+    return [nvcc, "-std=c++17", *flags, "-c", str(source), "-o", str(obj)]
+
+
+def test_nvcc_compiles(nvcc, tmp_path):
     """nvcc -c of each .cu for sm_80 and sm_90a, and the binding glue through nvcc's host compiler
     (as CMake builds it with -DSPARSEFLOW_CUDA=ON), all in parallel."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): CUDA compile check skipped")
     sources = sorted(CUDA_DIR.glob("*.cu"))
     assert sources, "no .cu files in csrc/cuda"
-    includes = [f"-I{ROOT / 'csrc'}", *pybind_includes()]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = lambda name: ["-o", str(Path(tmp) / f"{name}.o")]
-        jobs = []
-        for cu in sources:
-            for arch in ("80", "90a"):  # one -gencode each: no extra PTX pass
-                gencode = f"arch=compute_{arch},code=sm_{arch}"
-                cmd = [nvcc, "-std=c++17", "-O2", "-gencode", gencode, f"-I{ROOT / 'csrc'}", "-c", str(cu)]
-                jobs.append((f"{cu.name} sm_{arch}", cmd + out(f"{cu.stem}{arch}")))
-        glue = CUDA_DIR / "binding_cuda.cpp"
-        cmd = [nvcc, "-std=c++17", "-DSPARSEFLOW_WITH_CUDA=1", *includes, "-c", str(glue)]
-        jobs.append(("binding_cuda.cpp", cmd + out("binding_cuda")))
-        # The CPU build: register.h alone must give a no-op register_cuda.
-        probe = Path(tmp) / "cpu_probe.cpp"
-        probe.write_text('#include "cuda/register.h"\nPYBIND11_MODULE(probe, m) { register_cuda(m); }\n')
-        cmd = [nvcc, "-std=c++17", *includes, "-c", str(probe)]
-        jobs.append(("register.h (CPU build)", cmd + out("probe")))
-        running = [(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-                   for name, cmd in jobs]
-        failures = []
-        for name, proc in running:
-            output, _ = proc.communicate()
-            if proc.returncode != 0:
-                failures.append(f"{name}:\n{output}")
+    csrc = f"-I{ROOT / 'csrc'}"
+    includes = [csrc, *pybind_includes()]
+    jobs = {}
+    for cu in sources:
+        for arch in ("80", "90a"):  # one -gencode each: no extra PTX pass
+            gencode = f"arch=compute_{arch},code=sm_{arch}"
+            jobs[f"{cu.name} sm_{arch}"] = nvcc_command(nvcc, cu, tmp_path / f"{cu.stem}{arch}.o", "-O2",
+                                                        "-gencode", gencode, csrc)
+    jobs["binding_cuda.cpp"] = nvcc_command(nvcc, CUDA_DIR / "binding_cuda.cpp", tmp_path / "binding_cuda.o",
+                                            "-DSPARSEFLOW_WITH_CUDA=1", *includes)
+    # The CPU build: register.h alone must give a no-op register_cuda.
+    probe = tmp_path / "cpu_probe.cpp"
+    probe.write_text('#include "cuda/register.h"\nPYBIND11_MODULE(probe, m) { register_cuda(m); }\n')
+    jobs["register.h (CPU build)"] = nvcc_command(nvcc, probe, tmp_path / "probe.o", *includes)
+    running = [(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+               for name, cmd in jobs.items()]
+    failures = []
+    for name, proc in running:
+        output, _ = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"{name}:\n{output}")
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
 
 
