@@ -1,4 +1,4 @@
-"""The `sparseflow` command line: info, demo (more subcommands register in COMMANDS)."""
+"""The `sparseflow` command line: info, demo, bench, inspect, convert, serve."""
 
 from __future__ import annotations
 
@@ -71,6 +71,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import Limits, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    limits = Limits(max_batch=args.max_batch, queue_limit=args.queue_limit, max_input_tokens=args.max_input_tokens,
+                    max_new_tokens=args.max_new_tokens, request_timeout=args.request_timeout)
+    serve(args.dir, host=args.host, port=args.port, limits=limits, sparsify=args.sparsify, name=args.model_name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseflow", description="Compiled-kernel sparse runtime for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -107,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", choices=["sparseflow", "dense", "compressed-tensors"], default="sparseflow")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (embeddings, completions, chat) for a model dir")
+    p.add_argument("dir", help="a model saved by sparseflow, or a transformers directory (with --sparsify)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--sparsify", help="sf.sparsify arguments for a dense model: inline JSON or a JSON file")
+    p.add_argument("--threads", type=int, help="torch and kernel threads (default: torch's)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--queue-limit", type=int, default=32, help="waiting requests before 429 (default: %(default)s)")
+    p.add_argument("--max-input-tokens", type=int, default=1024, help="longer inputs get 413 (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="largest max_tokens (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before 503 (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -49,3 +49,21 @@ def llama(hidden: int = 2048, intermediate: int = 8192, layers: int = 4, heads: 
                                       max_position_embeddings=4096)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_for_serving(model, directory) -> Path:
+    """Saves a model together with MiniLM's tokenizer (vocabulary 30522, so build Llama-shaped
+    models with vocab=30522): random-weight decoders then have text in and out, offline. Models
+    with sparse layers are saved with sf.save_pretrained, dense ones with transformers."""
+    import transformers
+
+    from .model_io import save_pretrained
+    from .nn import ActSparseLinear, SparseLinear
+
+    directory = Path(directory)
+    if any(isinstance(m, (SparseLinear, ActSparseLinear)) for m in model.modules()):
+        save_pretrained(model, directory)
+    else:
+        model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(directory)
+    return directory
