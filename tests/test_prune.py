@@ -389,6 +389,19 @@ def test_include_and_exclude():
     assert down.count_nonzero() == down.numel()
 
 
+def test_top_level_prune_is_the_function_and_the_package_imports():
+    """sf.prune / sf.shrink are the functions; the package is a plain module (not callable) whose
+    names come with `from sparseflow.prune import ...`."""
+    import sys
+
+    from sparseflow.prune import oneshot, shrink
+
+    assert sf.prune is prune is oneshot.prune and sf.shrink is shrink
+    assert not callable(sys.modules["sparseflow.prune"])
+    model = mlp()
+    assert sf.prune(model, method="magnitude", sparsity=0.5)[0].sparsity == pytest.approx(0.5, abs=0.01)
+
+
 def test_report_is_printable_and_serialisable():
     report = prune(mlp(), "wanda", 0.5, "2:4", calibration=calibration())
     text = str(report)

@@ -2,12 +2,9 @@
 of a model's Linear layers in place (magnitude, Wanda, SparseGPT; unstructured, n:m, block(bm,bk),
 neurons, heads) and `shrink(model)` physically removes pruned neurons and heads. See docs/pruning.md.
 
-The package itself is callable as `prune`: `sparseflow.prune(model, ...)` works whether the top
-level binds the name to this package or to the function, and `sparseflow.prune.shrink` etc. stay
-reachable as attributes."""
-
-import sys
-import types
+The top level binds `sparseflow.prune` to the function, so reach this package's other names with
+`from sparseflow.prune import ...` (the import system finds the package in sys.modules), not as
+attributes of `sparseflow.prune`."""
 
 from .allocation import ALLOCATIONS
 from .capture import Calibration
@@ -24,11 +21,3 @@ __all__ = [
     "ShrinkEntry", "ShrinkReport", "find_attention", "find_mlps", "load_shrunk", "magnitude_prune_", "parse_pattern",
     "prune", "select_linears", "shrink", "sparsegpt_prune_", "wanda_prune_",
 ]
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
