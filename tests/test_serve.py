@@ -341,6 +341,26 @@ def test_request_timeout_gives_503(llama_dir):
         server.close()
 
 
+def test_a_client_that_hangs_up_frees_its_batch_slot(llama_dir):
+    server = Server(load_for_serving(llama_dir, name=LLAMA), step_delay=0.05)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": LLAMA, "prompt": "bye", "max_tokens": 60,
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read1().startswith(b"data: ")
+        assert server.metric("sparseflow_active_sequences") == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 2.0  # well before the 60 tokens x 50 ms it would take to finish
+        while server.metric("sparseflow_active_sequences") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.metric("sparseflow_active_sequences") == 0
+        assert server.metric("sparseflow_generated_tokens_total") < 40
+    finally:
+        server.close()
+
+
 def test_metrics_and_models(llama_server):
     llama_server.client.completions.create(model=LLAMA, prompt="count me", max_tokens=3)
     _, text = llama_server.raw("GET", "/metrics")
