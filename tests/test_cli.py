@@ -37,6 +37,43 @@ def test_user_errors_exit_2_with_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Paths for the error cases: an empty dir, a sparseflow model that is not a transformers one, a
+    transformers config of a model type transformers does not know, a file that is not safetensors."""
+    (tmp_path / "empty").mkdir()
+    sf.save(nn.Sequential(nn.Linear(8, 8)), tmp_path / "plain")
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text('{"model_type": "nosuchmodel", "architectures": ["NoSuch"]}')
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "kernels", "--format", "3:3"], "got 3:3"),  # bad pattern: refused before any timing
+    (["bench", "kernels", "--format", "bsr0x8"], "block sides must be positive"),
+    (["bench", "kernels", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["bench", "model", "{tmp}/missing"], "does not exist"),
+    (["bench", "model", "{tmp}/empty"], "not a model saved by sparseflow"),
+    (["bench", "model", "{tmp}/plain"], "not a transformers model"),
+    (["convert", "{tmp}/missing", "{tmp}/dst"], "no config.json"),
+    (["convert", "{tmp}/missing", "{tmp}/dst", "--pattern", "3:3"], "pattern '3:3'"),
+    (["convert", "{tmp}/missing", "{tmp}/dst", "--pattern", "2by4"], "unknown pattern '2by4'"),
+    (["convert", "{tmp}/unknown", "{tmp}/dst", "--method", "magnitude"], "nosuchmodel"),
+    (["inspect", "{tmp}/missing"], "does not exist"),
+    (["inspect", "{tmp}/notes.txt"], "not a valid safetensors file"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_convert_inspect_errors_exit_2_in_one_line(bad_inputs, capsys, argv, needle):
+    if argv[0] == "convert" and "unknown" in argv[1]:
+        pytest.importorskip("transformers")
+    assert main([a.format(tmp=bad_inputs) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and needle in err and err.startswith(f"sparseflow {argv[0]}: error: "), err
+    assert captured.out == ""
+    assert not (bad_inputs / "dst").exists()
+
+
 def test_inspect_and_bench_model(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,

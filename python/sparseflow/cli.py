@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, TypeError, OSError, ImportError) as e:
         if args.debug:
             raise
-        print(f"sparseflow {args.command}: error: {e}", file=sys.stderr)
+        # One line: some libraries (transformers) append paragraphs of advice; --debug shows them all.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        more = " (--debug for the rest)" if len(lines) > 1 else ""
+        print(f"sparseflow {args.command}: error: {lines[0]}{more}", file=sys.stderr)
         return 2
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .. import _ext, ops
 from ..formats import BSR, CSR, NM, Bitmask
+from ..formats.nm import check_nm
 from ..info import info
 from . import bandwidth as bw
 from .timing import FLUSH_MODES, Stats, cache_flusher, compare, paired_ratio
@@ -154,11 +155,13 @@ def parse_format(token: str) -> KernelSpec:
         return KernelSpec("act_bitmask", 0.5, act_sparsity=0.5)
     if match := re.fullmatch(r"bsr(?:(\d+)x(\d+))?", t):
         block = (int(match[1]), int(match[2])) if match[1] else (32, 32)
+        if 0 in block:
+            raise ValueError(f"format {token!r}: block sides must be positive")
         return KernelSpec("bsr", 0.9, block=block)
     if t == "nm":
         t = "2:4"
     if match := re.fullmatch(r"(\d+):(\d+)", t):
-        n, m = int(match[1]), int(match[2])
+        n, m = check_nm(int(match[1]), int(match[2]))  # before any timing, not when the case comes up
         return KernelSpec("nm", 1 - n / m, n=n, m=m)
     raise ValueError(f"unknown format {token!r}: use bitmask, csr, bsr[BMxBK], N:M, act or act+bitmask")
 
@@ -1025,7 +1028,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         try:
             o.dtypes = [DTYPES[d.strip().lower()] for d in _flatten(args.dtype)]
         except KeyError as e:
-            raise SystemExit(f"unknown dtype {e}; use one of {', '.join(DTYPES)}") from None
+            raise ValueError(f"unknown dtype {e}; use one of {', '.join(DTYPES)}") from None
     if args.m:
         o.ms = args.m
     if args.crossover_m is not None:
@@ -1041,7 +1044,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         args.seed,
     )
     if o.clock == "thread" and (args.threads or torch.get_num_threads()) != 1:
-        raise SystemExit("--clock thread measures the calling thread only; use it with --threads 1")
+        raise ValueError("--clock thread measures the calling thread only; use it with --threads 1")
     o.check_table_reference = args.check_reference_backend
     return o
 

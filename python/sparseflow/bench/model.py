@@ -9,6 +9,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,12 +78,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    description = json.loads((__import__("pathlib").Path(args.dir) / model_io.DESCRIPTION).read_text())
-    model = model_io.from_pretrained(args.dir) if description.get("transformers_class") else model_io.load(args.dir)
-    variants = {"dense": densified(model), "sparse": model}
+    directory = Path(args.dir)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
+    if not (directory / model_io.DESCRIPTION).is_file():
+        raise FileNotFoundError(f"{directory} is not a model saved by sparseflow (no {model_io.DESCRIPTION})")
+    description = json.loads((directory / model_io.DESCRIPTION).read_text())
+    if not description.get("transformers_class"):
+        raise ValueError(f"{directory} is not a transformers model: bench model times token inputs, so it needs one "
+                         "saved with sf.save_pretrained")
+    model = model_io.from_pretrained(directory)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
         raise ValueError("bench model needs a transformers model with a vocabulary")
+    variants = {"dense": densified(model), "sparse": model}
     ids = torch.randint(0, vocab, (1, args.context))
     prompt = torch.randint(0, vocab, (1, args.prefill))
     causal = hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM")
