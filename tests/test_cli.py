@@ -74,6 +74,18 @@ def test_bench_convert_inspect_errors_exit_2_in_one_line(bad_inputs, capsys, arg
     assert not (bad_inputs / "dst").exists()
 
 
+def test_bench_kernels_json(tmp_path, capsys):
+    args = ["bench", "kernels", "--shape", "128x256", "--format", "bitmask,2:4", "--sparsity", "0.5", "--dtype", "fp32",
+            "--reps", "2", "--warmup", "1", "--max-seconds", "0.1", "--crossover-m", "", "--torch-csr", "none"]
+    assert main([*args, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout is the JSON alone; the tables went to stderr
+    assert [(r["kernel"], r["status"]) for r in report["results"]] == [("bitmask 50%", "ok"), ("2:4", "ok")]
+    assert "Speedup over dense" in captured.err
+    assert main([*args, "--json", str(tmp_path / "k.json")]) == 0
+    assert len(json.loads((tmp_path / "k.json").read_text())["results"]) == 2
+
+
 def test_inspect_and_bench_model(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,

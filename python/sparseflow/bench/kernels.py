@@ -1009,7 +1009,7 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
         "--json",
         default=None if default_json is None else str(default_json),
         metavar="PATH",
-        help=f"write the report as JSON ('' for none; default {default_json})",
+        help=f"write the report as JSON to PATH ('-' for stdout, '' for none; default {default_json})",
     )
     p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
     p.add_argument(
@@ -1061,8 +1061,11 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(default_json, prog).parse_args(argv)
     options = options_from_args(args)
+    # `--json -`: stdout is the JSON alone (as with the other commands' --json), the tables go to stderr.
+    json_stdout = args.json == "-"
+    out = sys.stderr if json_stdout else sys.stdout
     # Wide enough for the main table when the output is a file or a pipe.
-    console = Console(width=None if sys.stdout.isatty() else 220)
+    console = Console(file=out, width=None if out.isatty() else 220)
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1073,7 +1076,9 @@ def main(
     finally:
         torch.set_num_threads(old_threads)
     report.print_report(result, console)
-    if args.json:
+    if json_stdout:
+        sys.stdout.write(report.to_json(result))
+    elif args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         report.write_json(result, path)

@@ -262,8 +262,12 @@ def _finite(obj):
     return obj
 
 
+def to_json(report: dict) -> str:
+    return json.dumps(_finite(report), indent=1) + "\n"
+
+
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(_finite(report), indent=1) + "\n")
+    Path(path).write_text(to_json(report))
 
 
 def _spec_of(r: dict) -> KernelSpec:
