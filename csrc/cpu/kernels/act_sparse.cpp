@@ -94,6 +94,80 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
 #endif
 }
 
+#if defined(SF_ISA_avx512)
+// bf16 with BF16 dot products: two active rows a, b at a time. unpacklo/hi_epi16 interleave their
+// weights into (a, b) pairs that one vdpbf16ps multiplies by the pair (x_a, x_b): no conversion
+// to f32 and one accumulator update per two rows. Within each 32-column chunk the accumulator
+// then holds columns in unpack's lane order (0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31);
+// unpermute_chunks puts them back in order at the end.
+inline __m512i bf16_pair(float xa, float xb) {
+  return _mm512_set1_epi32(static_cast<int>(f32_to_bf16(xa) | (static_cast<uint32_t>(f32_to_bf16(xb)) << 16)));
+}
+
+inline void unpermute_chunks(float* acc, int64_t len32) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t n = 0; n < len32; n += 32) {
+    const __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
+    _mm512_storeu_ps(acc + n, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + n + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+// acc[0:len] (padded to 32, pair order) += P pairs of dense bf16 rows times their x pairs; with
+// kLone, one row (rows[0]) paired with zeros.
+template <int P, bool kLone = false>
+void axpy_pairs_dense_bf16(float* acc, int64_t len, const uint16_t* const* rows, const __m512i* xp) {
+  for (int64_t n = 0; n < len; n += 32) {
+    const __mmask32 live = _bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(32, len - n)));
+    __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
+    for (int p = 0; p < P; ++p) {
+      const __m512i a = _mm512_maskz_loadu_epi16(live, rows[2 * p] + n);
+      const __m512i b = kLone ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(live, rows[2 * p + 1] + n);
+      lo = dot_bf16(lo, _mm512_unpacklo_epi16(a, b), xp[p]);
+      hi = dot_bf16(hi, _mm512_unpackhi_epi16(a, b), xp[p]);
+    }
+    _mm512_storeu_ps(acc + n, lo);
+    _mm512_storeu_ps(acc + n + 16, hi);
+  }
+}
+
+// The next 32 expanded bf16 weights of a bitmask row whose values continue at v.
+inline __m512i expand_next(const uint8_t* mask, int64_t stride, int64_t n, const uint16_t*& v) {
+  const uint32_t bits = mask_bits(mask, stride, n, 32);
+  const int cnt = popcount32(bits);
+  const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v));
+  v += cnt;
+  return wv;
+}
+
+// acc (all columns, padded to 32, pair order) += P pairs of bitmask rows of w_t times their x
+// pairs; P = 0 takes one row (act[0]) paired with zeros.
+template <int P>
+void axpy_bitmask_pairs_bf16(float* acc, const BitmaskView& w, const Active* act) {
+  constexpr int R = P == 0 ? 1 : 2 * P, Q = P == 0 ? 1 : P;
+  const uint8_t* mask[R];
+  const uint16_t* v[R];
+  __m512i xp[Q];
+  for (int j = 0; j < R; ++j) {
+    mask[j] = w.mask + act[j].k * w.mask_stride;
+    v[j] = static_cast<const uint16_t*>(w.values) + w.row_offsets[act[j].k];
+  }
+  for (int p = 0; p < Q; ++p) xp[p] = P == 0 ? bf16_pair(act[0].x, 0.0f) : bf16_pair(act[2 * p].x, act[2 * p + 1].x);
+  for (int64_t n = 0; n < w.cols; n += 32) {
+    __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
+    for (int p = 0; p < Q; ++p) {
+      const __m512i a = expand_next(mask[2 * p], w.mask_stride, n, v[2 * p]);
+      const __m512i b = P == 0 ? _mm512_setzero_si512() : expand_next(mask[2 * p + 1], w.mask_stride, n, v[2 * p + 1]);
+      lo = dot_bf16(lo, _mm512_unpacklo_epi16(a, b), xp[p]);
+      hi = dot_bf16(hi, _mm512_unpackhi_epi16(a, b), xp[p]);
+    }
+    _mm512_storeu_ps(acc + n, lo);
+    _mm512_storeu_ps(acc + n + 16, hi);
+  }
+}
+#endif
+
 int64_t column_chunk(const LinearIO& io) {
   const int64_t per_thread = (io.N + std::max(1, io.threads) - 1) / std::max(1, io.threads);
   return std::max<int64_t>(256, round_up(per_thread, 64));
@@ -119,6 +193,35 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
     parallel_for(tasks, threads_for(io.threads, static_cast<int64_t>(rows.size()) * io.N), [&](int64_t task) {
       const int64_t n0 = task * chunk, len = std::min(chunk, io.N - n0);
       thread_local std::vector<float> acc;
+#if defined(SF_ISA_avx512)
+      if (io.dtype == DType::bf16 && use_bf16_dot()) {
+        const int64_t len32 = round_up(len, 32);
+        acc.assign(static_cast<size_t>(len32), 0.0f);
+        const uint16_t* pair_rows[8];
+        __m512i xp[4];
+        const auto row = [&](size_t a) { return static_cast<const uint16_t*>(rows[a]) + n0; };
+        size_t a = 0;
+        for (; a + 8 <= rows.size(); a += 8) {
+          for (int j = 0; j < 8; ++j) pair_rows[j] = row(a + j);
+          for (int p = 0; p < 4; ++p) xp[p] = bf16_pair(xs[a + 2 * p], xs[a + 2 * p + 1]);
+          axpy_pairs_dense_bf16<4>(acc.data(), len, pair_rows, xp);
+        }
+        for (; a + 2 <= rows.size(); a += 2) {
+          pair_rows[0] = row(a);
+          pair_rows[1] = row(a + 1);
+          xp[0] = bf16_pair(xs[a], xs[a + 1]);
+          axpy_pairs_dense_bf16<1>(acc.data(), len, pair_rows, xp);
+        }
+        if (a < rows.size()) {  // an odd last row pairs with zeros
+          pair_rows[0] = row(a);
+          xp[0] = bf16_pair(xs[a], 0.0f);
+          axpy_pairs_dense_bf16<1, true>(acc.data(), len, pair_rows, xp);
+        }
+        unpermute_chunks(acc.data(), len32);
+        store_y_row(io, m, n0, n0 + len, acc.data());
+        return;
+      }
+#endif
       acc.assign(static_cast<size_t>(len), 0.0f);
       const void* shifted[4];
       size_t a = 0;
@@ -150,6 +253,16 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
       float* acc = partial.data() + p * ld;
       std::fill(acc, acc + ld, 0.0f);
       const size_t lo = active.size() * p / parts, hi = active.size() * (p + 1) / parts;
+#if defined(SF_ISA_avx512)
+      if (io.dtype == DType::bf16 && use_bf16_dot()) {
+        size_t a = lo;
+        for (; a + 8 <= hi; a += 8) axpy_bitmask_pairs_bf16<4>(acc, w_t, active.data() + a);
+        for (; a + 2 <= hi; a += 2) axpy_bitmask_pairs_bf16<1>(acc, w_t, active.data() + a);
+        if (a < hi) axpy_bitmask_pairs_bf16<0>(acc, w_t, active.data() + a);
+        unpermute_chunks(acc, ld);
+        return;
+      }
+#endif
       for (size_t a = lo; a < hi; ++a) axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype);
     });
     parallel_for(tasks, static_cast<int>(parts), [&](int64_t task) {
