@@ -371,6 +371,28 @@ def test_metrics_and_models(llama_server):
     assert [m.id for m in llama_server.client.models.list()] == [LLAMA]
 
 
+def test_a_dense_directory_with_a_sparsify_config_serves_the_same_text(llama_server, tmp_path):
+    """The same pruned weights saved dense (zeros), sparsified at start-up from a JSON config."""
+    model = llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=30522, dtype=torch.float32)
+    sf.prune(model, method="magnitude", sparsity=0.5, pattern="2:4")
+    save_for_serving(model, tmp_path)
+    config = tmp_path / "sparsify.json"
+    config.write_text(json.dumps({"format": "2:4", "measure": False}))
+    loaded = load_for_serving(tmp_path, sparsify=str(config), name=LLAMA)
+    assert loaded.info["sparse_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays dense
+    server = Server(loaded)
+    try:
+        ask = {"model": LLAMA, "prompt": "same text", "max_tokens": 10, "temperature": 0}
+        assert server.post("/v1/completions", ask)[1]["choices"][0]["text"] == \
+            llama_server.post("/v1/completions", ask)[1]["choices"][0]["text"]
+    finally:
+        server.close()
+    acts = load_for_serving(tmp_path, sparsify='{"activation_sparsity": 0.5}')  # calibrated on built-in text
+    assert acts.info["sparse_layers"] == 14
+    with pytest.raises(ValueError, match="JSON"):
+        load_for_serving(tmp_path, sparsify="{not json")
+
+
 # ---- the command line and the export path ----
 def test_serve_cli_binds_loopback_and_answers(llama_dir):
     from sparseflow.cli import build_parser
