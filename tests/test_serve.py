@@ -361,6 +361,26 @@ def test_a_client_that_hangs_up_frees_its_batch_slot(llama_dir):
         server.close()
 
 
+def test_a_model_failure_answers_500_and_the_server_goes_on(llama_dir):
+    server = Server(load_for_serving(llama_dir, name=LLAMA))
+    prefill = server.engine._prefill
+
+    def failing_prefill(seq):
+        if seq.prompt_ids[-1] == 7:
+            raise RuntimeError("injected failure")
+        prefill(seq)
+
+    server.engine._prefill = failing_prefill
+    try:
+        err = _error(server.post("/v1/completions", {"model": LLAMA, "prompt": [5, 6, 7], "max_tokens": 3}), 500)
+        assert "injected failure" in err["message"]
+        code, body = server.post("/v1/completions", {"model": LLAMA, "prompt": [5, 6, 8], "max_tokens": 3})
+        assert code == 200 and body["usage"]["completion_tokens"] == 3
+        assert server.raw("GET", "/health")[0] == 200
+    finally:
+        server.close()
+
+
 def test_metrics_and_models(llama_server):
     llama_server.client.completions.create(model=LLAMA, prompt="count me", max_tokens=3)
     _, text = llama_server.raw("GET", "/metrics")

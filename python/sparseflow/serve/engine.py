@@ -151,18 +151,30 @@ class Engine:
                         self.metrics.queue_depth.set(len(self._waiting))
                     jobs = [j for j in admitted if isinstance(j, EmbeddingJob)]
                     if jobs:
-                        self._embed(jobs)
+                        self._guarded(self._embed, jobs, jobs)
                     for seq in admitted:
                         if isinstance(seq, Sequence):
-                            self._prefill(seq)
+                            self._guarded(self._prefill, [seq], seq)
                     if self._active:
-                        self._decode_step()
+                        self._guarded(self._decode_step, self._active)
         except BaseException as e:  # report to every waiting client instead of hanging them
             self.error = e
             self._running = False
             for item in list(self._waiting) + self._active:
                 item.sink(("error", 500, f"engine failed: {type(e).__name__}: {e}"))
             raise
+
+    def _guarded(self, fn, affected: list, *args) -> None:
+        """Runs fn; if it raises, the requests it was serving get a 500 and the engine goes on.
+        A failed decode step leaves the batch's cache undefined, so the whole batch is dropped."""
+        try:
+            fn(*args)
+        except Exception as e:
+            for item in list(affected):
+                item.sink(("error", 500, f"the model failed on this request: {type(e).__name__}: {e}"))
+            if fn == self._decode_step:
+                self._active, self._batch = [], BatchCache()
+                self.metrics.active_sequences.set(0)
 
     def _admit(self) -> list:
         """Waiting items that fit: every embedding job up to the token budget, sequences up to max_batch."""
