@@ -41,6 +41,17 @@ LinearIO make_io(int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uint
 
 const KernelTable& table(const std::string& isa) { return isa.empty() ? kernels() : kernels_for(isa.c_str()); }
 
+DecompressIO make_decompress(int dtype, int64_t rows, int64_t cols, int64_t row0, int64_t row1, uintptr_t out,
+                             int64_t ld, int threads, const char* what) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  if (row0 < 0 || row0 > row1 || row1 > rows)
+    throw std::invalid_argument(std::string(what) + ": rows [" + std::to_string(row0) + ", " + std::to_string(row1) +
+                                ") are not inside [0, " + std::to_string(rows) + ")");
+  if (ld < cols) throw std::invalid_argument(std::string(what) + ": output row stride smaller than the row");
+  if (row1 > row0 && cols > 0 && !out) throw std::invalid_argument("null data pointer");
+  return DecompressIO{static_cast<DType>(dtype), row0, row1, reinterpret_cast<void*>(out), ld, threads < 1 ? 1 : threads};
+}
+
 void check_cols(int64_t w_cols, int64_t K, const char* what) {
   if (w_cols != K)
     throw std::invalid_argument(std::string(what) + ": weight has " + std::to_string(w_cols) + " input features, x has " +
@@ -183,6 +194,55 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
         py::arg("nnz"), py::arg("threshold"), SF_IO_NAMES);
+
+  // ---- decompression: rows [row0, row1) of a (validated) weight into out, row stride ld ----
+#define SF_DEC_ARGS int dtype, int64_t row0, int64_t row1, uintptr_t out, int64_t ld, int threads, const std::string& isa
+#define SF_DEC_NAMES py::arg("dtype"), py::arg("row0"), py::arg("row1"), py::arg("out"), py::arg("ld"), \
+                     py::arg("threads"), py::arg("isa") = ""
+  m.def("bitmask_decompress",
+        [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz,
+           SF_DEC_ARGS) {
+          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "bitmask_decompress");
+          const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
+          const KernelTable& t = table(isa);
+          py::gil_scoped_release release;
+          t.bitmask_decompress(w, d);
+        },
+        py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
+        py::arg("nnz"), SF_DEC_NAMES);
+  m.def("csr_decompress",
+        [](uintptr_t values, uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz,
+           SF_DEC_ARGS) {
+          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "csr_decompress");
+          const CsrView w{ptr<void>(values), ptr<void>(col), ptr<int64_t>(row_ptr), rows, cols, nnz, bits};
+          const KernelTable& t = table(isa);
+          py::gil_scoped_release release;
+          t.csr_decompress(w, d);
+        },
+        py::arg("values"), py::arg("col"), py::arg("bits"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"),
+        py::arg("nnz"), SF_DEC_NAMES);
+  m.def("bsr_decompress",
+        [](uintptr_t values, uintptr_t col, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t bm, int64_t bk,
+           int64_t nblocks, SF_DEC_ARGS) {
+          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "bsr_decompress");
+          const BsrView w{ptr<void>(values), ptr<int32_t>(col), ptr<int64_t>(row_ptr), rows, cols, bm, bk, nblocks};
+          const KernelTable& t = table(isa);
+          py::gil_scoped_release release;
+          t.bsr_decompress(w, d);
+        },
+        py::arg("values"), py::arg("col"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"), py::arg("bm"),
+        py::arg("bk"), py::arg("nblocks"), SF_DEC_NAMES);
+  m.def("nm_decompress",
+        [](uintptr_t values, uintptr_t index, int64_t rows, int64_t cols, int64_t n, int64_t mm, int64_t stride,
+           SF_DEC_ARGS) {
+          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "nm_decompress");
+          const NMView w{ptr<void>(values), ptr<uint8_t>(index), rows, cols, n, mm, stride};
+          const KernelTable& t = table(isa);
+          py::gil_scoped_release release;
+          t.nm_decompress(w, d);
+        },
+        py::arg("values"), py::arg("index"), py::arg("rows"), py::arg("cols"), py::arg("n"), py::arg("m"),
+        py::arg("stride"), SF_DEC_NAMES);
 
   register_cuda(m);  // CUDA kernels when built with SPARSEFLOW_CUDA (a no-op otherwise)
 }

@@ -8,6 +8,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace sparseflow::cpu {
 namespace {
 
@@ -90,6 +94,27 @@ ThreadPool& pool() {
 
 void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
   pool().run(n_tasks, threads, task);
+}
+
+void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
+#if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
+  if (threads > 1 && n_tasks > 1 && !omp_in_parallel()) {
+    std::atomic<int64_t> next{0};
+    // Only GOMP_parallel and omp_get_* are used: symbols every libgomp since GCC 4.9 exports.
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, n_tasks)))
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) task(i);
+    return;
+  }
+#endif
+  pool().run(n_tasks, threads, task);
+}
+
+bool shares_torch_threads() {
+#if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace sparseflow::cpu

@@ -11,4 +11,10 @@ namespace sparseflow::cpu {
 // Safe to call from several threads at once: a call that finds the pool busy runs inline.
 void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task);
 
+// The same on torch's OpenMP threads when the build shares torch's libgomp (see CMakeLists.txt),
+// else on the pool above. For work that alternates with torch ops: torch's workers are awake and
+// take it at once, where the pool's threads would compete with them for the cores.
+void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task);
+bool shares_torch_threads();  // whether parallel_for_torch_threads uses OpenMP
+
 }  // namespace sparseflow::cpu

@@ -53,4 +53,14 @@ struct DenseView {        // a dense matrix [rows, cols] with row stride ld
   int64_t rows, cols, ld;
 };
 
+// Rows [row0, row1) of a compressed weight written out dense: out[r - row0, :cols] (row stride ld
+// elements of the weight's dtype). Bits are copied, never converted: the result equals to_dense.
+struct DecompressIO {
+  DType dtype;
+  int64_t row0, row1;
+  void* out;
+  int64_t ld;
+  int threads;
+};
+
 }  // namespace sparseflow::cpu

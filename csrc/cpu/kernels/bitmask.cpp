@@ -91,27 +91,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 #elif defined(SF_ISA_avx2)
-// For each 8-bit mask: the pshufb control that moves packed 16-bit values to their lanes
-// (0x80 zeroes a lane) and the lane mask for 32-bit values.
-struct ExpandTables {
-  alignas(16) uint8_t shuffle16[256][16];
-  alignas(32) int32_t perm32[256][8];
-  alignas(32) int32_t keep32[256][8];
-  ExpandTables() {
-    for (int m = 0; m < 256; ++m) {
-      int next = 0;
-      for (int lane = 0; lane < 8; ++lane) {
-        const bool on = (m >> lane) & 1;
-        shuffle16[m][2 * lane] = on ? static_cast<uint8_t>(2 * next) : 0x80;
-        shuffle16[m][2 * lane + 1] = on ? static_cast<uint8_t>(2 * next + 1) : 0x80;
-        perm32[m][lane] = on ? next : 0;
-        keep32[m][lane] = on ? -1 : 0;
-        next += on;
-      }
-    }
-  }
-};
-const ExpandTables kExpand;
+// kExpand (common.h): per 8-bit mask, the shuffle that puts packed values in their lanes.
 
 template <int R>
 void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float* out) {
@@ -177,6 +157,21 @@ void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
         bitmask_dot<RR>(w, io.dtype, n, x, out);
         for (int r = 0; r < RR; ++r) acc[r * (n1 - n0) + (n - n0)] = out[r];
       }
+    });
+  });
+}
+
+}  // namespace sparseflow::cpu::SF_ISA
+
+namespace sparseflow::cpu::SF_ISA {
+
+void bitmask_decompress(const BitmaskView& w, const DecompressIO& d) {
+  with_element(d.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* values = static_cast<const T*>(w.values);
+    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) {
+      const int64_t begin = w.row_offsets[n];
+      expand_row(values + begin, w.nnz - begin, w.mask + n * w.mask_stride, w.mask_stride, w.cols, out);
     });
   });
 }

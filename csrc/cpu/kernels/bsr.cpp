@@ -79,3 +79,46 @@ void bsr_linear(const BsrView& w, const LinearIO& io) {
 }
 
 }  // namespace sparseflow::cpu::SF_ISA
+
+namespace sparseflow::cpu::SF_ISA {
+
+// Block by block, so the stored values are read in order: each block's rows go to their output
+// rows, and the gaps between stored blocks (the same for every row of a block row) are zeroed.
+// Edge blocks are cut at the last column: their zero padding is not part of the weight.
+void bsr_decompress(const BsrView& w, const DecompressIO& d) {
+  const int64_t rows = d.row1 - d.row0;
+  if (rows <= 0 || w.cols <= 0) return;
+  const int64_t br0 = d.row0 / w.bm, br1 = (d.row1 + w.bm - 1) / w.bm;  // block rows touched
+  const int threads = threads_for(d.threads, rows * w.cols);
+  const int64_t want_tasks = static_cast<int64_t>(threads) * 4;
+  const int64_t per_task = std::max<int64_t>(1, (br1 - br0 + want_tasks - 1) / want_tasks);
+  const int64_t tasks = (br1 - br0 + per_task - 1) / per_task;
+  with_element(d.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* values = static_cast<const T*>(w.values);
+    T* const out = static_cast<T*>(d.out);
+    parallel_for_torch_threads(tasks, threads, [&](int64_t t) {
+      for (int64_t br = br0 + t * per_task; br < std::min(br1, br0 + (t + 1) * per_task); ++br) {
+        const int64_t r0 = std::max(d.row0, br * w.bm), r1 = std::min(d.row1, (br + 1) * w.bm);
+        int64_t done = 0;  // columns written so far, in every row of this block row
+        for (int64_t b = w.row_ptr[br]; b < w.row_ptr[br + 1]; ++b) {
+          const int64_t c0 = static_cast<int64_t>(w.col[b]) * w.bk;
+          const int64_t len = std::min(w.bk, w.cols - c0);
+          const T* block = values + b * w.bm * w.bk;
+          for (int64_t r = r0; r < r1; ++r) {
+            T* row = out + (r - d.row0) * d.ld;
+            std::fill(row + done, row + c0, T{0});
+            std::copy_n(block + (r - br * w.bm) * w.bk, len, row + c0);
+          }
+          done = c0 + len;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          T* row = out + (r - d.row0) * d.ld;
+          std::fill(row + done, row + w.cols, T{0});
+        }
+      }
+    });
+  });
+}
+
+}  // namespace sparseflow::cpu::SF_ISA

@@ -221,6 +221,128 @@ inline void with_rows(int R, const F& f) {
   }
 }
 
+#if defined(SF_ISA_avx2)
+// For each 8-bit mask: the pshufb control that moves packed 16-bit values to their lanes
+// (0x80 zeroes a lane) and the lane mask for 32-bit values.
+struct ExpandTables {
+  alignas(16) uint8_t shuffle16[256][16];
+  alignas(32) int32_t perm32[256][8];
+  alignas(32) int32_t keep32[256][8];
+  ExpandTables() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool on = (m >> lane) & 1;
+        shuffle16[m][2 * lane] = on ? static_cast<uint8_t>(2 * next) : 0x80;
+        shuffle16[m][2 * lane + 1] = on ? static_cast<uint8_t>(2 * next + 1) : 0x80;
+        perm32[m][lane] = on ? next : 0;
+        keep32[m][lane] = on ? -1 : 0;
+        next += on;
+      }
+    }
+  }
+};
+inline const ExpandTables kExpand;
+#endif
+
+// ---- decompression (dense rows of a compressed weight; bits are moved, never converted) ----
+
+// Runs row_fn(n, out_row) for every row n in [d.row0, d.row1), split across threads; out_row is
+// the start of row n of the output (element type T: uint16_t or uint32_t, by the dtype's width).
+template <class T, class RowFn>
+void run_decompress(const DecompressIO& d, int64_t cols, const RowFn& row_fn) {
+  const int64_t rows = d.row1 - d.row0;
+  if (rows <= 0 || cols <= 0) return;
+  const int threads = threads_for(d.threads, rows * cols);
+  const int64_t want_tasks = static_cast<int64_t>(threads) * 4;  // a few tasks per thread balance uneven rows
+  const int64_t per_task = std::max<int64_t>(1, (rows + want_tasks - 1) / want_tasks);
+  const int64_t tasks = (rows + per_task - 1) / per_task;
+  parallel_for_torch_threads(tasks, threads, [&](int64_t t) {
+    const int64_t n0 = d.row0 + t * per_task, n1 = std::min(d.row1, n0 + per_task);
+    for (int64_t n = n0; n < n1; ++n) row_fn(n, static_cast<T*>(d.out) + (n - d.row0) * d.ld);
+  });
+}
+
+// Calls f(T{}) with T the unsigned integer as wide as the dtype's elements.
+template <class F>
+inline void with_element(DType t, const F& f) {
+  if (t == DType::f32)
+    f(uint32_t{});
+  else
+    f(uint16_t{});
+}
+
+// One dense row from a bitmask row: out[k] = the next value of v where bit k of `mask` is set, 0
+// elsewhere, for k < cols (bits at and past cols are zero). `avail` values exist from v on: vector
+// loads read past the row's last value only while they stay inside that buffer.
+template <class T>
+void expand_row(const T* v, int64_t avail, const uint8_t* mask, int64_t stride, int64_t cols, T* out) {
+#if defined(SF_ISA_avx512)
+  int64_t k = 0;
+  (void)avail;  // masked loads never touch memory past the values they take
+  if constexpr (sizeof(T) == 2) {
+    for (; k + 32 <= cols; k += 32) {
+      uint32_t bits;
+      std::memcpy(&bits, mask + k / 8, 4);
+      const int cnt = popcount32(bits);
+      _mm512_storeu_si512(out + k, _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v)));
+      v += cnt;
+    }
+    if (k < cols) {
+      const uint32_t bits = mask_bits(mask, stride, k, 32);
+      const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, popcount32(bits)), v));
+      _mm512_mask_storeu_epi16(out + k, _bzhi_u32(~0u, static_cast<unsigned>(cols - k)), wv);
+    }
+  } else {
+    for (; k + 16 <= cols; k += 16) {
+      uint16_t bits;
+      std::memcpy(&bits, mask + k / 8, 2);
+      const int cnt = popcount32(bits);
+      _mm512_storeu_si512(out + k, _mm512_maskz_expand_epi32(bits, _mm512_maskz_loadu_epi32(
+                                                                    static_cast<__mmask16>(_bzhi_u32(~0u, cnt)), v)));
+      v += cnt;
+    }
+    if (k < cols) {
+      const uint32_t bits = mask_bits(mask, stride, k, 16);
+      const __m512i wv = _mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), _mm512_maskz_loadu_epi32(
+                                                       static_cast<__mmask16>(_bzhi_u32(~0u, popcount32(bits))), v));
+      _mm512_mask_storeu_epi32(out + k, static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(cols - k))), wv);
+    }
+  }
+#elif defined(SF_ISA_avx2)
+  (void)stride;  // bytes past cols are never read: k < cols
+  const T* const v_end = v + avail;
+  alignas(32) T tail[8];
+  for (int64_t k = 0; k < cols; k += 8) {
+    const uint32_t bits = mask[k / 8];
+    const T* src = v;
+    if (v_end - v < 8) {  // near the end of the buffer: copy what exists
+      std::memset(tail, 0, sizeof tail);
+      std::memcpy(tail, v, static_cast<size_t>(std::min<int64_t>(8, v_end - v)) * sizeof(T));
+      src = tail;
+    }
+    T* dst = k + 8 <= cols ? out + k : tail;  // the last partial chunk goes through tail
+    if constexpr (sizeof(T) == 2) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                       _mm_shuffle_epi8(packed, _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.shuffle16[bits]))));
+    } else {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm32[bits]));
+      const __m256i keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep32[bits]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(_mm256_permutevar8x32_epi32(packed, perm), keep));
+    }
+    if (dst == tail) std::memcpy(out + k, tail, static_cast<size_t>(cols - k) * sizeof(T));
+    v += popcount32(bits);
+  }
+#else
+  (void)avail;
+  std::memset(out, 0, static_cast<size_t>(cols) * sizeof(T));
+  for (int64_t byte = 0; byte < stride; ++byte)
+    for (uint32_t bits = mask[byte]; bits; bits &= bits - 1) out[byte * 8 + __builtin_ctz(bits)] = *v++;
+#endif
+}
+
 #if defined(SF_ISA_avx512)
 // 16 bf16 / f16 / f32 values at p (already in registers as 16-bit lanes for the 16-bit types).
 inline __m512 cvt16_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }

@@ -87,3 +87,26 @@ void csr_linear(const CsrView& w, const LinearIO& io) {
 }
 
 }  // namespace sparseflow::cpu::SF_ISA
+
+namespace sparseflow::cpu::SF_ISA {
+
+// Zero the row, then put each stored value at its column (scalar: CSR rows are short).
+void csr_decompress(const CsrView& w, const DecompressIO& d) {
+  with_element(d.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* values = static_cast<const T*>(w.values);
+    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) {
+      std::memset(out, 0, static_cast<size_t>(w.cols) * sizeof(T));
+      const int64_t begin = w.row_ptr[n], end = w.row_ptr[n + 1];
+      if (w.index_bits == 16) {
+        const uint16_t* col = static_cast<const uint16_t*>(w.col);  // int16 storage read as unsigned
+        for (int64_t i = begin; i < end; ++i) out[col[i]] = values[i];
+      } else {
+        const int32_t* col = static_cast<const int32_t*>(w.col);
+        for (int64_t i = begin; i < end; ++i) out[col[i]] = values[i];
+      }
+    });
+  });
+}
+
+}  // namespace sparseflow::cpu::SF_ISA

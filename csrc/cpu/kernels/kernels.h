@@ -10,4 +10,8 @@ void bsr_linear(const BsrView& w, const LinearIO& io);
 void nm_linear(const NMView& w, const LinearIO& io);
 void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io);
 void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io);
+void bitmask_decompress(const BitmaskView& w, const DecompressIO& d);
+void csr_decompress(const CsrView& w, const DecompressIO& d);
+void bsr_decompress(const BsrView& w, const DecompressIO& d);
+void nm_decompress(const NMView& w, const DecompressIO& d);
 }  // namespace sparseflow::cpu::SF_ISA

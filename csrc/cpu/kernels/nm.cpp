@@ -175,3 +175,103 @@ void nm_linear(const NMView& w, const LinearIO& io) {
 }
 
 }  // namespace sparseflow::cpu::SF_ISA
+
+namespace sparseflow::cpu::SF_ISA {
+namespace {
+
+// Turns a row's packed positions into a bitmask row (bit g * m + pos for each stored value), so
+// that the bitmask expansion can place the values. One index byte holds f = 8 / bits fields; the
+// groups they fall in depend only on the byte's phase (index of its first field mod n), so one
+// table per phase gives the bits of a whole byte relative to the group of its first field.
+struct NMMaskTable {
+  int64_t n, m;
+  std::vector<uint32_t> bits;       // [n phases][256]
+  std::vector<int> next_phase;      // [n]: phase of the following byte
+  std::vector<int64_t> advance;     // [n]: columns from this byte's first group to the next byte's
+
+  explicit NMMaskTable(const NMView& w) : n(w.n), m(w.m), bits(static_cast<size_t>(w.n) * 256),
+                                           next_phase(w.n), advance(w.n) {
+    const int b = index_bits(w), f = 8 / b;
+    for (int p = 0; p < n; ++p) {
+      for (int byte = 0; byte < 256; ++byte) {
+        uint32_t out = 0;
+        for (int i = 0; i < f; ++i) {
+          const int64_t group = (p + i) / n, pos = (byte >> (i * b)) & ((1 << b) - 1);
+          out |= 1u << (group * m + pos);  // at most 31: validated positions are below m
+        }
+        bits[p * 256 + byte] = out;
+      }
+      next_phase[p] = static_cast<int>((p + f) % n);
+      advance[p] = (p + f) / n * m;
+    }
+  }
+
+  // mask: room for round_up(cols, 64) + 128 bits; bits at and past cols come out cleared.
+  void row(const uint8_t* index, int64_t index_stride, int64_t cols, uint8_t* mask) const {
+    const int f = m == 4 ? 4 : 2;  // fields per index byte
+    const uint32_t* lut = bits.data();
+    if (f % n == 0) {
+      // Each byte holds whole groups (2:4, 1:4, 2:8, 1:8, 2:16, 1:16): its bits are one mask word.
+      const int64_t width = f / n * m;  // 8, 16 or 32 bits
+      const int64_t used = std::min(index_stride, (cols + width - 1) / width);
+      for (int64_t i = 0; i < used; ++i) {
+        const uint32_t word = lut[index[i]];
+        if (width == 8) mask[i] = static_cast<uint8_t>(word);
+        else std::memcpy(mask + i * (width / 8), &word, static_cast<size_t>(width / 8));
+      }
+    } else if (n % f == 0 && m >= 8) {
+      // A group spans n / f whole bytes (4:8, 6:8, 4:16, 8:16, ...): OR their one-hot positions.
+      const int64_t span = n / f, groups = (cols + m - 1) / m;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint32_t word = 0;
+        for (int64_t j = 0; j < span; ++j) word |= lut[index[g * span + j]];
+        if (m == 8) mask[g] = static_cast<uint8_t>(word);
+        else std::memcpy(mask + 2 * g, &word, 2);
+      }
+    } else {
+      general_row(index, index_stride, cols, mask);
+    }
+    if (cols % 8) mask[cols / 8] &= static_cast<uint8_t>((1u << (cols % 8)) - 1);
+  }
+
+  // Any n:m (3:4, 3:8, 5:16, ...): bytes straddle groups, so the phase walks along.
+  void general_row(const uint8_t* index, int64_t index_stride, int64_t cols, uint8_t* mask) const {
+    uint64_t acc = 0;
+    int64_t acc_bit = 0, base = 0;  // acc holds mask bits [acc_bit, acc_bit + 64); acc_bit % 32 == 0
+    int p = 0;
+    const auto flush32 = [&] {
+      const uint32_t low = static_cast<uint32_t>(acc);
+      std::memcpy(mask + acc_bit / 8, &low, 4);
+      acc >>= 32;
+      acc_bit += 32;
+    };
+    const int64_t limit = round_up(cols, 32);
+    for (int64_t i = 0; i < index_stride && base < limit; ++i) {
+      while (base - acc_bit >= 32) flush32();
+      acc |= static_cast<uint64_t>(bits[p * 256 + index[i]]) << (base - acc_bit);
+      base += advance[p];
+      p = next_phase[p];
+    }
+    while (acc_bit < limit) flush32();
+  }
+};
+
+}  // namespace
+
+void nm_decompress(const NMView& w, const DecompressIO& d) {
+  const NMMaskTable table(w);
+  const int64_t per_row = (w.cols + w.m - 1) / w.m * w.n, stride = (w.cols + 7) / 8;
+  with_element(d.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* values = static_cast<const T*>(w.values);
+    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) {
+      thread_local std::vector<uint8_t> mask;
+      mask.resize(static_cast<size_t>(round_up(w.cols, 64) / 8 + 16));
+      table.row(w.index + n * w.index_stride, w.index_stride, w.cols, mask.data());
+      // Values past the last column (in a partial last group) come last in the row: never taken.
+      expand_row(values + n * per_row, (w.rows - n) * per_row, mask.data(), stride, w.cols, out);
+    });
+  });
+}
+
+}  // namespace sparseflow::cpu::SF_ISA

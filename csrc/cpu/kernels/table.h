@@ -14,6 +14,11 @@ struct KernelTable {
   // y = x @ w_t over the inputs with |x| > threshold (NaN and inf always count as active).
   void (*act_sparse_dense)(const DenseView& w_t, float threshold, const LinearIO&);
   void (*act_sparse_bitmask)(const BitmaskView& w_t, float threshold, const LinearIO&);
+  // Dense rows of a compressed weight (the batched path decompresses into cache-sized chunks).
+  void (*bitmask_decompress)(const BitmaskView&, const DecompressIO&);
+  void (*csr_decompress)(const CsrView&, const DecompressIO&);
+  void (*bsr_decompress)(const BsrView&, const DecompressIO&);
+  void (*nm_decompress)(const NMView&, const DecompressIO&);
 };
 
 namespace scalar { extern const KernelTable table; }

@@ -12,6 +12,7 @@ from torch import nn
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops.linear import act_sparse_linear_bitmask, act_sparse_linear_dense
+from .crossover import above_crossover
 
 
 class ActSparseLinear(nn.Module):
@@ -78,7 +79,7 @@ class ActSparseLinear(nn.Module):
         if self.shift is not None:
             x = x - self.shift
         backend = ""
-        if self.dense_above is not None and x.numel() // max(1, x.shape[-1]) > self.dense_above:
+        if above_crossover(x, self.dense_above):
             backend = "reference"  # many rows: one thresholded dense matmul beats row-by-row skipping
         if self.weight_format == "dense":
             return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias, backend)

@@ -2,8 +2,9 @@
 
 The format's buffers are registered as module buffers `weight_<name>` (so state_dict, .to() and
 torch.compile see plain tensors) and forward calls the format's custom op. Above `dense_above`
-rows of x, where the sparse kernel measured slower than dense, forward decompresses and runs
-dense instead."""
+rows of x, where the sparse kernel measured slower, forward runs the batched path instead: on the
+CPU the weight is decompressed in cache-sized chunks (C++) for torch's dense GEMM, elsewhere
+decompressed whole (torch)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
-from ..ops import linear_from_buffers
+from ..ops import linear_from_buffers, table
+from .crossover import above_crossover, rows_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -116,8 +118,8 @@ class SparseLinear(nn.Module):
         if self.format_name == "dense":
             return F.linear(x, self.weight_dense, self.bias)
         backend = ""
-        if self.dense_above is not None and x.numel() // max(1, x.shape[-1]) > self.dense_above:
-            backend = "reference"  # decompress + dense: faster than the sparse kernel at this many rows
+        if above_crossover(x, self.dense_above):  # decompress + dense GEMM: measured faster at this many rows
+            backend = table.batched_backend(x.device.type, rows_of(x))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    self.out_features, self.bias, backend)
 

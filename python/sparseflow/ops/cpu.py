@@ -5,6 +5,8 @@ result is exactly what dense F.linear gives (0 * inf = NaN at pruned weights inc
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .._ext import _C, dtype_code, ptr
@@ -83,3 +85,106 @@ def act_sparse_bitmask(x2, w_t: Bitmask, threshold: float, bias):
         ptr(v), ptr(mask), ptr(offs), w_t.shape[0], w_t.shape[1], mask.shape[1], v.numel(), float(threshold), **kw
     )
     return _fix_nonfinite(n, x2, y, lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
+
+
+# ---- batched path: decompress cache-sized chunks of rows, dense GEMM on each ----------------------
+# A chunk of the dense weight stays in the last-level cache between its decompression and its GEMM,
+# so the dense weight never travels to DRAM and is never whole in memory. Chunks hold about
+# max(CHUNK_BYTES, 2 x the bytes of x), at most MAX_CHUNK_BYTES: with many rows of x each GEMM call
+# re-reads x, and fewer, larger chunks win. Measured on a 2-core Zen 4 with 32 MiB of L3 (see
+# benchmarks/RESULTS.md); the decompression runs on torch's own OpenMP threads (csrc/cpu/thread_pool.h).
+CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 128  # narrower GEMMs lose more than the cache saves
+
+
+def _decompressor(w):
+    """fn(row0, row1, out_ptr, ld, threads): the C++ decompression of w's rows [row0, row1) into a
+    buffer with row stride ld. The buffers are made contiguous once, here, and kept by fn."""
+    rows, cols = w.shape
+    if isinstance(w, Bitmask):
+        bufs = (w.values.contiguous(), w.mask.contiguous(), w.row_offsets.contiguous())
+        v, mask, offs = bufs
+        call, args = _C.bitmask_decompress, (ptr(v), ptr(mask), ptr(offs), rows, cols, mask.shape[1], v.numel())
+    elif isinstance(w, CSR):
+        bufs = (w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous())
+        v, col, rp = bufs
+        bits = 16 if col.dtype == torch.int16 else 32
+        call, args = _C.csr_decompress, (ptr(v), ptr(col), bits, ptr(rp), rows, cols, v.numel())
+    elif isinstance(w, BSR):
+        bufs = (w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous())
+        v, col, rp = bufs
+        call, args = _C.bsr_decompress, (ptr(v), ptr(col), ptr(rp), rows, cols, *w.block, v.shape[0])
+    elif isinstance(w, NM):
+        bufs = (w.values.contiguous(), w.index.contiguous())
+        v, idx = bufs
+        call, args = _C.nm_decompress, (ptr(v), ptr(idx), rows, cols, w.n, w.m, idx.shape[1])
+    else:
+        raise TypeError(f"no C++ decompression for {type(w).__name__}")
+    code = dtype_code(w.dtype)
+
+    def run(row0: int, row1: int, out: int, ld: int, threads: int, _bufs=bufs) -> None:
+        call(*args, code, row0, row1, out, ld, threads)
+
+    return run
+
+
+def decompress(w, row0: int = 0, row1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [row0, row1) of a CPU weight as a dense [row1 - row0, K] tensor, bit for bit what
+    w.to_dense()[row0:row1] holds, written by the C++ kernels (threads: torch.get_num_threads())."""
+    rows, cols = w.shape
+    row1 = rows if row1 is None else row1
+    if out is None:
+        out = torch.empty(max(0, row1 - row0), cols, dtype=w.dtype)
+        if POISON_OUTPUTS:
+            out.fill_(float("nan"))
+    elif out.dtype != w.dtype or out.dim() != 2 or tuple(out.shape) != (row1 - row0, cols) or out.stride(1) != 1:
+        raise ValueError(f"out must be {w.dtype} [{row1 - row0}, {cols}] with unit column stride")
+    _decompressor(w)(row0, row1, ptr(out), out.stride(0), torch.get_num_threads())
+    return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer reused across calls (a fresh one would page-fault on every call)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def chunk_rows(n: int, k: int, m: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
+    """Weight rows per decompressed chunk for x with m rows (see CHUNK_BYTES); a multiple of 64 when
+    it is not the whole weight."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    if chunk_bytes is None:
+        chunk_bytes = min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, 2 * m * k * esize))
+    rows = max(MIN_CHUNK_ROWS, chunk_bytes // (k * esize))
+    return n if rows >= n else rows - rows % 64
+
+
+def decompress_linear(x2, w, bias, chunk_bytes: int | None = None):
+    """F.linear(x2, w.to_dense(), bias) for many rows of x: each chunk of weight rows is decompressed
+    by the C++ kernels into a cache-sized buffer and multiplied by torch's dense GEMM into its slice
+    of y. Dense semantics throughout (NaN/inf in x propagate as in F.linear)."""
+    n, k = w.shape
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    if m == 0:
+        return y
+    rows = chunk_rows(n, k, m, w.dtype, chunk_bytes)
+    buf = _scratch(rows * k, w.dtype).view(rows, k)
+    run, threads = _decompressor(w), torch.get_num_threads()
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        chunk = buf[: n1 - n0]
+        run(n0, n1, ptr(chunk), k, threads)
+        if bias is None:
+            torch.mm(x2, chunk.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x2, chunk.t(), out=y[:, n0:n1])
+    return y

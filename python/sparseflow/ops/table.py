@@ -4,7 +4,9 @@ here plus its file.
 A row says which op and weight format it computes, on which device type and dtypes, for which
 shapes (`applies(w, m)`, m = rows of x), and whether it can run in this process (`available`).
 Dispatch takes the first row that fits, so rows are listed fastest first; `reference` is last and
-always fits."""
+always fits. `decompress` (CPU, batched rows of x) comes after `cpp`: which of the two is faster at
+a given row count is measured per layer (sf.sparsify), and SparseLinear asks for it by name above
+its measured crossover (see BATCHED)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _always(*_args) -> bool:
     return True
+
+
+def _batched(w, m: int) -> bool:
+    return m > 1
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ BACKENDS: list[Backend] = [
     Backend("linear", "nm", "cpu", "cpp", cpu.nm_linear),
     Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
     Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
+    # decompress cache-sized chunks of the weight (C++) + torch's dense GEMM: for many rows of x
+    *(Backend("linear", f, "cpu", "decompress", cpu.decompress_linear, applies=_batched)
+      for f in ("bitmask", "csr", "bsr", "nm")),
     # ---- GPU (CUDA device): torch 2:4, CUDA C++ (csrc/cuda), Triton (kernels/); see ops/gpu.py ----
     Backend("linear", "nm", "cuda", "torch", gpu.torch_semi_structured_linear,
             (torch.bfloat16, torch.float16), applies=gpu.semi_structured_applies,
@@ -76,6 +85,16 @@ BACKENDS: list[Backend] = [
     *(Backend("act_sparse_linear", f, d, "reference", _ref_act_sparse)
       for f in ("dense", "bitmask") for d in ("cpu", "cuda")),
 ]
+
+
+# What a layer runs above its measured crossover (many rows of x), per device type: the batched
+# CPU path, else decompress + dense in torch (on a GPU, torch's decompression is fast).
+BATCHED = {"cpu": "decompress"}
+
+
+def batched_backend(device_type: str, m: int) -> str:
+    """The backend name for m rows of x above a layer's crossover on this device type."""
+    return BATCHED.get(device_type, "reference") if _batched(None, m) else "reference"
 
 
 def backends(op: str | None = None, format: str | None = None, device: str | None = None) -> list[Backend]:
