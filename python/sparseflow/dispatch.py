@@ -1,9 +1,13 @@
 """Measured dispatch: time dense F.linear against each applicable sparse format on this machine,
 for the row counts a model will see, and remember the result on disk.
 
-The cache key holds everything the timing depends on (CPU model, ISA level, threads, torch and
-sparseflow versions, dtype, shape, format, density, rows), so a hit costs no timing. The file is
-JSON: $SPARSEFLOW_CACHE_DIR/dispatch.json, default ~/.cache/sparseflow."""
+Each format is timed two ways: its sparse kernel (the table's default backend) and, for more than
+one row of x, the batched path a SparseLinear runs above its crossover (ops.table.batched_backend:
+chunked C++ decompression + dense GEMM on the CPU). The cache key holds everything a timing depends
+on (CPU model, ISA level, threads, torch and sparseflow versions, dtype, shape, format, density,
+rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. The file is
+JSON, $SPARSEFLOW_CACHE_DIR/dispatch.json (default ~/.cache/sparseflow): {"schema": SCHEMA,
+"entries": {key: speedup}}; a file of another schema counts as empty and is replaced."""
 
 from __future__ import annotations
 
@@ -20,7 +24,13 @@ from ._version import __version__
 from .bench.timing import compare
 from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
-from .ops import linear
+from .ops import linear, table
+
+# Bump when what a timing means changes, so older entries are never reused. 2: the batched path
+# above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
+SCHEMA = 2
+
+PATHS = ("kernel", "batched")
 
 _LOCK = threading.Lock()
 
@@ -31,11 +41,24 @@ def cache_path() -> Path:
 
 
 def _load() -> dict:
+    """The cached entries of this schema ({} for a missing, damaged or older file)."""
     try:
         data = json.loads(cache_path().read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # a missing or damaged cache only costs a re-measurement
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
+
+
+def _store(fresh: dict[str, float]) -> None:
+    with _LOCK:
+        entries = _load()
+        entries.update(fresh)
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"schema": SCHEMA, "entries": entries}
+        atomic_write_bytes(path, json.dumps(data, indent=0, sort_keys=True).encode())
 
 
 def machine_key() -> str:
@@ -44,39 +67,52 @@ def machine_key() -> str:
                      __version__])
 
 
-def case_key(w: SparseFormat, fmt_label: str, m: int) -> str:
+def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> str:
     n, k = w.shape
-    return f"{machine_key()}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}"
+    return f"{machine_key()}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
 
 
-def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
-            reps: int = 15, use_cache: bool = True) -> dict[str, dict[int, float]]:
-    """Speedup over dense (dense time / sparse time) of each candidate at each row count."""
-    cache = _load() if use_cache else {}
-    out: dict[str, dict[int, float]] = {label: {} for label in candidates}
+def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
+                  reps: int = 15, use_cache: bool = True, remeasure: bool = False, paths: tuple[str, ...] = PATHS
+                  ) -> dict[str, dict[str, dict[int, float]]]:
+    """Speedup over dense (dense time / sparse time): {path: {label: {rows: speedup}}} for path
+    "kernel" (every row count) and "batched" (row counts above 1). `use_cache=False` neither reads
+    nor writes the cache; `remeasure=True` times every case and overwrites its entry."""
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown paths {sorted(unknown)}; expected some of {PATHS}")
+    cache = _load() if use_cache and not remeasure else {}
+    out: dict[str, dict[str, dict[int, float]]] = {p: {label: {} for label in candidates} for p in paths}
     fresh: dict[str, float] = {}
+    device = dense_w.device.type
     for m in rows:
+        backends = {"kernel": "", "batched": table.batched_backend(device, m) if m > 1 else None}
         todo = {}
         for label, w in candidates.items():
-            key = case_key(w, label, m)
-            if key in cache:
-                out[label][m] = float(cache[key])
-            else:
-                todo[label] = (key, w)
+            for path in paths:
+                backend = backends[path]
+                if backend is None:
+                    continue
+                key = case_key(w, label, m, path)
+                if key in cache:
+                    out[path][label][m] = float(cache[key])
+                else:
+                    todo[(label, path)] = (key, w, backend)
         if not todo:
             continue
         x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
         fns = {"dense": lambda x=x: F.linear(x, dense_w)}
-        for label, (_, w) in todo.items():
-            fns[label] = lambda w=w, x=x: linear(x, w)
+        for (label, path), (_, w, backend) in todo.items():
+            fns[f"{label}|{path}"] = lambda w=w, x=x, backend=backend: linear(x, w, backend=backend)
         stats = compare(fns, warmup=2, reps=reps, max_seconds=2.0)
-        for label, (key, _) in todo.items():
-            out[label][m] = fresh[key] = stats["dense"].median / stats[label].median
+        for (label, path), (key, _, _) in todo.items():
+            out[path][label][m] = fresh[key] = stats["dense"].median / stats[f"{label}|{path}"].median
     if fresh and use_cache:
-        with _LOCK:
-            merged = _load()
-            merged.update(fresh)
-            path = cache_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, json.dumps(merged, indent=0, sort_keys=True).encode())
+        _store(fresh)
     return out
+
+
+def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
+            reps: int = 15, use_cache: bool = True, remeasure: bool = False) -> dict[str, dict[int, float]]:
+    """Speedup over dense of each candidate's sparse kernel at each row count ({label: {rows: x}})."""
+    return measure_paths(dense_w, candidates, rows, reps, use_cache, remeasure, paths=("kernel",))["kernel"]

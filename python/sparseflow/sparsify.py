@@ -133,15 +133,30 @@ def capture_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], calibr
     return out
 
 
+def crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...]) -> int | None:
+    """`dense_above` of a layer: the last row count (in increasing order) before the first one where
+    the batched path measured faster than the sparse kernel; None when the kernel wins (or nothing
+    was measured) at every row count."""
+    last = None
+    for m in sorted(m_range):
+        if m in kernel and m in batched and batched[m] > kernel[m]:
+            return last if last is not None else m - 1
+        last = m
+    return None
+
+
 def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
              calibration=None, m_range: tuple[int, ...] = (1, 16), mode_centering: bool = False,
-             measure: bool = True, use_cache: bool = True) -> SparsifyReport:
+             measure: bool = True, use_cache: bool = True, remeasure: bool = False) -> SparsifyReport:
     """Replaces nn.Linear layers in place.
 
     format: "auto" measures every format the weight's pattern allows against dense at each row count
-      in `m_range` and keeps the fastest only if it beats dense at m_range[0]; above the largest row
-      count where it still wins, the layer decompresses and runs dense. A named format ("bitmask",
-      "2:4", ...) is applied as asked.
+      in `m_range` and keeps the fastest only if it beats dense at m_range[0]. A named format
+      ("bitmask", "2:4", ...) is applied as asked. Either way the sparse kernel is also timed against
+      the batched path (decompression in cache-sized chunks + dense GEMM): from the first row count
+      where the batched path is faster, the layer runs it (`dense_above`).
+    use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
+      `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
     activation_sparsity: a fraction (per-layer TEAL thresholds calibrated for that target) or a dict
       {layer name or pattern: fraction}; needs `calibration`, an iterable of model inputs.
     mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
@@ -184,7 +199,11 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         if not cands:
             reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="no zeros"))
             continue
-        speed = dispatch.measure(w, cands, m_range, use_cache=use_cache) if measure else {k: {} for k in cands}
+        if measure:
+            timed = dispatch.measure_paths(w, cands, m_range, use_cache=use_cache, remeasure=remeasure)
+        else:
+            timed = {path: {k: {} for k in cands} for path in dispatch.PATHS}
+        speed = timed["kernel"]
         label = max(cands, key=lambda c: speed[c].get(m_range[0], 1.0))
         first = speed[label].get(m_range[0])
         if format == "auto" and first is not None and first < 1.0:
@@ -192,10 +211,13 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        wins = [m for m in m_range if speed[label].get(m, 1.0) >= 1.0]
-        dense_above = None if len(wins) == len(m_range) or not wins else max(wins)
+        dense_above = crossover(speed[label], timed["batched"][label], m_range)
         new = SparseLinear(cands[label], lin.bias, dense_above=dense_above)
-        reports.append(LayerReport(**base, choice=label, backend="cpp", bytes_after=cands[label].nbytes,
-            speedup={m: (s if dense_above is None or m <= dense_above else 1.0) for m, s in speed[label].items()}))
+        above = dense_above is not None
+        reports.append(LayerReport(
+            **base, choice=label, backend="cpp" if not above else "cpp+decompress", bytes_after=cands[label].nbytes,
+            speedup={m: (s if not above or m <= dense_above else timed["batched"][label].get(m, s))
+                     for m, s in speed[label].items()},
+            note=f"decompress + dense GEMM above {dense_above} rows" if above else ""))
         _set_module(model, name, new)
     return SparsifyReport(reports)

@@ -1,0 +1,149 @@
+"""Measured dispatch: the on-disk cache (hits cost no timing, remeasure times again and overwrites,
+entries of an older schema are never reused) and the crossover sparsify derives from the kernel
+and batched-path timings."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow import dispatch
+from sparseflow.bench.timing import Stats
+from sparseflow.sparsify import crossover
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+class FakeCompare:
+    """Stands in for bench.timing.compare: records what it was asked to time and returns fixed
+    times, so the speedups are known. time_of(name, call) -> ns; name is "dense" or "label|path"."""
+
+    def __init__(self, time_of=None):
+        self.calls: list[list[str]] = []
+        self.time_of = time_of or (lambda name, call: 100 if name == "dense" else 50)
+
+    def __call__(self, fns, **_kw):
+        call = len(self.calls)
+        self.calls.append(sorted(fns))
+        return {name: Stats((self.time_of(name, call),) * 3) for name in fns}
+
+
+def case(density=0.5, n=64, k=48):
+    w = torch.randn(n, k) * (torch.rand(n, k, generator=torch.Generator().manual_seed(0)) < density)
+    return w, {"bitmask": sf.Bitmask.from_dense(w)}
+
+
+def test_cache_hit_costs_no_timing_and_remeasure_times_again(cache_dir, monkeypatch):
+    w, cands = case()
+    fake = FakeCompare()
+    monkeypatch.setattr(dispatch, "compare", fake)
+    first = dispatch.measure_paths(w, cands, (1, 16))
+    assert first == {"kernel": {"bitmask": {1: 2.0, 16: 2.0}}, "batched": {"bitmask": {16: 2.0}}}
+    assert fake.calls == [["bitmask|kernel", "dense"], ["bitmask|batched", "bitmask|kernel", "dense"]]
+    data = json.loads((cache_dir / "dispatch.json").read_text())
+    assert data["schema"] == dispatch.SCHEMA and len(data["entries"]) == 3
+
+    fake.calls.clear()
+    assert dispatch.measure_paths(w, cands, (1, 16)) == first  # every case is a hit
+    assert fake.calls == []
+
+    fake.time_of = lambda name, call: 100 if name == "dense" else 400  # the machine got slower
+    again = dispatch.measure_paths(w, cands, (1, 16), remeasure=True)
+    assert len(fake.calls) == 2
+    assert again["kernel"]["bitmask"] == pytest.approx({1: 0.25, 16: 0.25})
+    fake.calls.clear()
+    assert dispatch.measure_paths(w, cands, (1, 16)) == again  # overwritten, not appended
+    assert fake.calls == []
+    assert len(json.loads((cache_dir / "dispatch.json").read_text())["entries"]) == 3
+
+
+def test_use_cache_false_neither_reads_nor_writes(cache_dir, monkeypatch):
+    w, cands = case()
+    monkeypatch.setattr(dispatch, "compare", FakeCompare())
+    dispatch.measure_paths(w, cands, (1,), use_cache=False)
+    assert not (cache_dir / "dispatch.json").exists()
+
+
+def test_entries_of_an_older_schema_are_not_reused(cache_dir, monkeypatch):
+    w, cands = case()
+    keys = [dispatch.case_key(cands["bitmask"], "bitmask", 1, "kernel")]
+    # the first cache format: a flat {key: speedup}, timings of the old prefill path
+    (cache_dir / "dispatch.json").write_text(json.dumps({k: 9.0 for k in keys}))
+    fake = FakeCompare()
+    monkeypatch.setattr(dispatch, "compare", fake)
+    assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
+    assert len(fake.calls) == 1
+    data = json.loads((cache_dir / "dispatch.json").read_text())
+    assert data == {"schema": dispatch.SCHEMA, "entries": {keys[0]: 2.0}}
+    # an explicit older schema number is dropped the same way
+    (cache_dir / "dispatch.json").write_text(json.dumps({"schema": dispatch.SCHEMA - 1, "entries": {keys[0]: 9.0}}))
+    assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
+    assert len(fake.calls) == 2
+
+
+def test_measure_keeps_its_kernel_only_result(cache_dir, monkeypatch):
+    w, cands = case()
+    fake = FakeCompare()
+    monkeypatch.setattr(dispatch, "compare", fake)
+    assert dispatch.measure(w, cands, (1, 16)) == {"bitmask": {1: 2.0, 16: 2.0}}
+    assert all("bitmask|batched" not in c for c in fake.calls)  # only the kernel is timed
+    with pytest.raises(ValueError, match="paths"):
+        dispatch.measure_paths(w, cands, (1,), paths=("fast",))
+
+
+def test_crossover_rule():
+    assert crossover({1: 2.0, 16: 0.5, 128: 0.3}, {16: 0.8, 128: 0.9}, (1, 16, 128)) == 1
+    assert crossover({1: 2.0, 16: 1.5, 128: 0.3}, {16: 0.8, 128: 0.9}, (1, 16, 128)) == 16
+    assert crossover({1: 3.0, 16: 2.0, 128: 1.5}, {16: 0.8, 128: 0.9}, (1, 16, 128)) is None  # kernel always wins
+    assert crossover({}, {}, (1, 16)) is None  # nothing measured (measure=False)
+    assert crossover({16: 0.5, 128: 0.3}, {16: 0.8, 128: 0.9}, (16, 128)) == 15  # loses at the first count
+    assert crossover({1: 2.0, 16: 0.5, 128: 1.2}, {16: 0.8, 128: 0.9}, (1, 16, 128)) == 1  # first loss decides
+
+
+def mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(96, 256), nn.ReLU(), nn.Linear(256, 80)).eval()
+    with torch.no_grad():
+        for layer in (m[0], m[2]):
+            layer.weight.mul_(torch.rand(layer.weight.shape) < 0.5)
+    return m
+
+
+def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, monkeypatch):
+    # kernel: 2x at 1 row, 0.5x at 16 and 128; batched path: 0.8x at 16, 0.9x at 128
+    def time_of(name, call):
+        if name == "dense":
+            return 100
+        if name.endswith("|batched"):
+            return 125 if call % 3 == 1 else 111
+        return 50 if call % 3 == 0 else 200
+
+    fake = FakeCompare(time_of)
+    monkeypatch.setattr(dispatch, "compare", fake)
+    m = mlp()
+    report = sf.sparsify(m, format="bitmask", m_range=(1, 16, 128))
+    for layer, module in zip(report.layers, (m[0], m[2]), strict=True):
+        assert module.dense_above == 1
+        assert layer.backend == "cpp+decompress" and "above 1 rows" in layer.note
+        assert layer.speedup == pytest.approx({1: 2.0, 16: 0.8, 128: 100 / 111})
+    x = torch.randn(20, 96)
+    with torch.no_grad():
+        assert torch.allclose(m(x), mlp()(x), atol=1e-4)  # 20 rows: the batched path, same result
+
+
+def test_sparsify_remeasure_times_again(cache_dir, monkeypatch):
+    fake = FakeCompare()
+    monkeypatch.setattr(dispatch, "compare", fake)
+    sf.sparsify(mlp(), format="bitmask", m_range=(1, 16))
+    timed = len(fake.calls)
+    assert timed > 0
+    sf.sparsify(mlp(), format="bitmask", m_range=(1, 16))
+    assert len(fake.calls) == timed  # all hits
+    sf.sparsify(mlp(), format="bitmask", m_range=(1, 16), remeasure=True)
+    assert len(fake.calls) > timed
