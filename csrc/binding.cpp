@@ -42,14 +42,20 @@ LinearIO make_io(int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uint
 const KernelTable& table(const std::string& isa) { return isa.empty() ? kernels() : kernels_for(isa.c_str()); }
 
 DecompressIO make_decompress(int dtype, int64_t rows, int64_t cols, int64_t row0, int64_t row1, uintptr_t out,
-                             int64_t ld, int threads, const char* what) {
+                             int64_t ld, int threads, const char* what, int64_t col0 = 0, int64_t col1 = -1,
+                             uintptr_t cursor = 0) {
+  if (col1 < 0) col1 = cols;
+  if (col0 < 0 || col0 > col1 || col1 > cols || col0 % 8 || (col1 % 8 && col1 != cols))
+    throw std::invalid_argument(std::string(what) + ": columns [" + std::to_string(col0) + ", " + std::to_string(col1) +
+                                ") must lie in [0, " + std::to_string(cols) + ") and start and end at multiples of 8");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
   if (row0 < 0 || row0 > row1 || row1 > rows)
     throw std::invalid_argument(std::string(what) + ": rows [" + std::to_string(row0) + ", " + std::to_string(row1) +
                                 ") are not inside [0, " + std::to_string(rows) + ")");
-  if (ld < cols) throw std::invalid_argument(std::string(what) + ": output row stride smaller than the row");
-  if (row1 > row0 && cols > 0 && !out) throw std::invalid_argument("null data pointer");
-  return DecompressIO{static_cast<DType>(dtype), row0, row1, reinterpret_cast<void*>(out), ld, threads < 1 ? 1 : threads};
+  if (ld < col1 - col0) throw std::invalid_argument(std::string(what) + ": output row stride smaller than the row");
+  if (row1 > row0 && col1 > col0 && !out) throw std::invalid_argument("null data pointer");
+  return DecompressIO{static_cast<DType>(dtype), row0, row1, col0, col1, reinterpret_cast<int64_t*>(cursor),
+                      reinterpret_cast<void*>(out), ld, threads < 1 ? 1 : threads};
 }
 
 void check_cols(int64_t w_cols, int64_t K, const char* what) {
@@ -201,15 +207,16 @@ PYBIND11_MODULE(_C, m) {
                      py::arg("threads"), py::arg("isa") = ""
   m.def("bitmask_decompress",
         [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz,
-           SF_DEC_ARGS) {
-          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "bitmask_decompress");
+           SF_DEC_ARGS, int64_t col0, int64_t col1, uintptr_t cursor) {
+          const DecompressIO d = make_decompress(dtype, rows, cols, row0, row1, out, ld, threads, "bitmask_decompress",
+                                                 col0, col1, cursor);
           const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
           const KernelTable& t = table(isa);
           py::gil_scoped_release release;
           t.bitmask_decompress(w, d);
         },
         py::arg("values"), py::arg("mask"), py::arg("row_offsets"), py::arg("rows"), py::arg("cols"), py::arg("stride"),
-        py::arg("nnz"), SF_DEC_NAMES);
+        py::arg("nnz"), SF_DEC_NAMES, py::arg("col0") = 0, py::arg("col1") = -1, py::arg("cursor") = 0);
   m.def("csr_decompress",
         [](uintptr_t values, uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz,
            SF_DEC_ARGS) {
@@ -243,6 +250,22 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("values"), py::arg("index"), py::arg("rows"), py::arg("cols"), py::arg("n"), py::arg("m"),
         py::arg("stride"), SF_DEC_NAMES);
+
+  m.def("zero_inactive",
+        [](int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t out, int64_t ldo, uint32_t threshold_bits,
+           int threads, const std::string& isa) {
+          if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+          if (M < 0 || K < 0) throw std::invalid_argument("negative size");
+          if ((M > 1 && (ldx < K || ldo < K)) || (M > 0 && K > 0 && (!x || !out)))
+            throw std::invalid_argument("zero_inactive: bad row stride or null data pointer");
+          const ThresholdIO a{static_cast<DType>(dtype), ptr<void>(x), reinterpret_cast<void*>(out), M, K, ldx, ldo,
+                              threshold_bits, threads < 1 ? 1 : threads};
+          const KernelTable& t = table(isa);
+          py::gil_scoped_release release;
+          t.zero_inactive(a);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("out"), py::arg("ldo"),
+        py::arg("threshold_bits"), py::arg("threads"), py::arg("isa") = "");
 
   register_cuda(m);  // CUDA kernels when built with SPARSEFLOW_CUDA (a no-op otherwise)
 }

@@ -85,6 +85,19 @@ def test_decompress_row_ranges_into_strided_buffers(isa, fmt):
             assert bool((big[:, k:] == 7).all())
 
 
+def test_bitmask_column_ranges(isa):
+    gen = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, k in [(5, 8), (33, 1000), (200, 77)]:
+            w = sf.Bitmask.from_dense(weight(n, k, dtype, 0.5, gen))
+            dense = w.to_dense()
+            for c0, c1 in [(0, k), (0, 8), (8, k), (k // 16 * 8, k), (0, k // 16 * 8), (64, 64), (16, 40)]:
+                if c1 > k:
+                    continue
+                for r0, r1 in [(0, n), (1, n // 2 + 1)]:
+                    assert_bits_equal(cpu.decompress(w, r0, r1, col0=c0, col1=c1), dense[r0:r1, c0:c1])
+
+
 def test_decompress_rejects_bad_ranges_and_buffers():
     w = sf.Bitmask.from_dense(torch.randn(8, 16) * (torch.rand(8, 16) < 0.5))
     for r0, r1 in [(-1, 4), (5, 4), (0, 9)]:
@@ -94,6 +107,11 @@ def test_decompress_rejects_bad_ranges_and_buffers():
         cpu.decompress(w, out=torch.empty(8, 15))
     with pytest.raises(ValueError, match="out must be"):
         cpu.decompress(w, out=torch.empty(8, 16, dtype=torch.float16))
+    for c0, c1 in [(3, 16), (0, 12), (8, 17), (9, 8)]:  # column ranges: multiples of 8, or up to K
+        with pytest.raises(ValueError, match="columns"):
+            cpu.decompress(w, col0=c0, col1=c1)
+    with pytest.raises(ValueError, match="Bitmask"):
+        cpu.decompress(sf.CSR.from_dense(w.to_dense()), col0=8)
     v, mask, offs = w.values, w.mask, w.row_offsets
     with pytest.raises(ValueError, match="stride"):  # the raw entry point checks the row stride too
         _C.bitmask_decompress(v.data_ptr(), mask.data_ptr(), offs.data_ptr(), 8, 16, 2, v.numel(), dtype=0, row0=0,
@@ -136,10 +154,10 @@ def test_crafted_indices_raise_before_any_decompression(fmt):
 
 # ---- the batched backend ------------------------------------------------------------------------
 def test_batched_backend_names():
-    assert table.batched_backend("cpu", 2) == "decompress"
+    assert table.batched_backend("cpu", 2) == "batched"
     assert table.batched_backend("cpu", 1) == "reference"  # no batched row for one row of x
     assert table.batched_backend("cuda", 128) == "reference"
-    rows = {b.format for b in table.backends("linear", device="cpu") if b.name == "decompress"}
+    rows = {b.format for b in table.backends("linear", device="cpu") if b.name == "batched"}
     assert rows == {"bitmask", "csr", "bsr", "nm"}
 
 
@@ -161,7 +179,7 @@ def test_batched_path_matches_reference(isa, small_chunks, fmt, dtype, M, N, K):
     x = torch.randn(M, K, generator=gen).to(dtype)
     bias = torch.randn(N, generator=gen).to(dtype)
     for b in (None, bias):
-        y = sf.ops.linear(x, w, b, backend="decompress")
+        y = sf.ops.linear(x, w, b, backend="batched")
         ref64 = F.linear(x.double(), w_dense.double(), None if b is None else b.double())
         assert_close_2x(y, ref64, F.linear(x, w_dense, b))
 
@@ -173,7 +191,7 @@ def test_batched_path_batch_dims_noncontiguous_x_and_nonfinite(small_chunks):
     x = torch.randn(3, 40, 7, generator=gen).transpose(1, 2)  # [3, 7, 40], non-contiguous
     x[1, 2, 5] = float("nan")
     x[2, 0, 0] = float("inf")
-    y = sf.ops.linear(x, w, backend="decompress")
+    y = sf.ops.linear(x, w, backend="batched")
     dense = F.linear(x, w_dense)
     assert y.shape == (3, 7, 150)
     assert torch.equal(torch.isnan(y), torch.isnan(dense))  # NaN/inf spread as in dense
@@ -188,14 +206,14 @@ def test_batched_path_in_several_threads_at_once(small_chunks):
     for fmt in ("bitmask", "2:4", "bsr4x16"):
         w = FORMATS[fmt](weight(300, 96, torch.bfloat16, 0.5, gen, specials=False))
         x = torch.randn(9, 96, generator=gen).to(torch.bfloat16)
-        cases.append((x, w, sf.ops.linear(x, w, backend="decompress")))
+        cases.append((x, w, sf.ops.linear(x, w, backend="batched")))
     errors = []
 
     def worker():
         try:
             for _ in range(20):
                 for x, w, expect in cases:
-                    assert torch.equal(sf.ops.linear(x, w, backend="decompress"), expect)
+                    assert torch.equal(sf.ops.linear(x, w, backend="batched"), expect)
         except Exception as e:  # surfaced in the main thread
             errors.append(e)
 
@@ -207,9 +225,54 @@ def test_batched_path_in_several_threads_at_once(small_chunks):
     assert not errors, errors
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_inactive_matches_the_reference_mask(isa, dtype):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(37, 1001, generator=gen).to(dtype)
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.3])
+    x[1, :400] = torch.linspace(-0.31, 0.31, 400).to(dtype)  # values around a threshold the dtype rounds
+    for thr in (0.0, 0.3, 0.5, 1e-30, 1e6, float("inf")):
+        expect = torch.where(~(x.abs() <= thr), x, torch.zeros((), dtype=dtype))  # the reference's rule
+        got = cpu.zero_inactive(x[:, :1000], thr)  # a row stride longer than the row
+        assert_bits_equal(got, expect[:, :1000])
+
+
+def act_case(M, N, K, dtype, gen, weight_format):
+    """x with about half its inputs under the threshold 0.5, w_t [K, N] (dense or a Bitmask of it)."""
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w_t = weight(K, N, dtype, 0.5, gen, specials=False)
+    return x, w_t, (sf.Bitmask.from_dense(w_t) if weight_format == "bitmask" else w_t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight_format", ["dense", "bitmask"])
+@pytest.mark.parametrize("M,N,K", [(2, 3, 17), (17, 200, 33), (129, 1000, 65), (5, 64, 1000)])
+def test_act_sparse_batched_path_matches_reference(isa, small_chunks, weight_format, dtype, M, N, K):
+    gen = torch.Generator().manual_seed(M * N + K)
+    x, w_t, w_arg = act_case(M, N, K, dtype, gen, weight_format)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    xs = torch.where(x.abs() <= 0.5, torch.zeros((), dtype=dtype), x)
+    for b in (None, bias):
+        y = sf.ops.act_sparse_linear(x, w_arg, 0.5, b, backend="batched")
+        ref64 = xs.double() @ w_t.double() + (0 if b is None else b.double())
+        assert_close_2x(y, ref64, F.linear(xs, w_t.t(), b))
+
+
+def test_act_sparse_batched_path_nonfinite_inputs_are_active(small_chunks):
+    gen = torch.Generator().manual_seed(7)
+    for weight_format in ("dense", "bitmask"):
+        x, w_t, w_arg = act_case(6, 130, 40, torch.float32, gen, weight_format)
+        x[1, 3], x[4, 0] = float("nan"), -float("inf")
+        y = sf.ops.act_sparse_linear(x, w_arg, 0.5, backend="batched")
+        ref = sf.ops.act_sparse_linear_reference(x, w_t, 0.5, None)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        fin = ~torch.isnan(ref)
+        assert torch.allclose(y[fin], ref[fin], atol=1e-4)
+
+
 @pytest.fixture
 def backend_calls(monkeypatch):
-    """Counts the calls of each CPU linear backend (by name) that dispatch selects."""
+    """Counts the calls of each CPU backend (by name) that dispatch selects."""
     calls = {}
 
     def counting(b):
@@ -218,7 +281,7 @@ def backend_calls(monkeypatch):
             return b.fn(*args)
         return table.Backend(b.op, b.format, b.device, b.name, counted, b.dtypes, b.applies, b.available)
 
-    rows = [counting(b) if b.op == "linear" and b.device == "cpu" else b for b in table.BACKENDS]
+    rows = [counting(b) if b.device == "cpu" else b for b in table.BACKENDS]
     monkeypatch.setattr(table, "BACKENDS", rows)
     return calls
 
@@ -228,7 +291,7 @@ def test_sparse_linear_runs_the_batched_path_above_its_crossover(backend_calls):
     with torch.no_grad():
         lin.weight.mul_(torch.rand(96, 64) < 0.5)
     sl = sf.SparseLinear.from_linear(lin, "bitmask", dense_above=4)
-    for rows, expect in [(1, "cpp"), (4, "cpp"), (5, "decompress"), (64, "decompress")]:
+    for rows, expect in [(1, "cpp"), (4, "cpp"), (5, "batched"), (64, "batched")]:
         backend_calls.clear()
         x = torch.randn(rows, 64)
         ref64 = F.linear(x.double(), lin.weight.double(), lin.bias.double())
@@ -249,4 +312,24 @@ def test_compile_fullgraph_above_and_below_the_crossover(backend_calls):
             x = torch.randn(rows, 48)
             backend_calls.clear()
             assert torch.allclose(compiled(x), m(x), atol=1e-5)
-            assert set(backend_calls) == {"cpp" if rows <= 8 else "decompress"}
+            assert set(backend_calls) == {"cpp" if rows <= 8 else "batched"}
+
+
+@pytest.mark.parametrize("weight_format", ["dense", "bitmask"])
+def test_act_sparse_linear_runs_the_batched_path_above_its_crossover(backend_calls, weight_format):
+    lin = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(96, 64) < 0.5)
+    a = sf.ActSparseLinear.from_linear(lin, threshold=0.3, weight_format=weight_format)
+    assert a.dense_above == 16
+    compiled = torch.compile(a, fullgraph=True)
+    with torch.no_grad():
+        for rows, expect in [(1, "cpp"), (16, "cpp"), (17, "batched"), (100, "batched")]:
+            x = torch.randn(rows, 64)
+            backend_calls.clear()
+            y = a(x)
+            assert backend_calls == {expect: 1}, (rows, backend_calls)
+            xs = torch.where(x.abs() <= 0.3, 0.0, x)
+            ref64 = F.linear(xs.double(), lin.weight.double(), lin.bias.double())
+            assert_close_2x(y, ref64, F.linear(xs, lin.weight, lin.bias))
+            assert torch.allclose(compiled(x), y, atol=1e-5)

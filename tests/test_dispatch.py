@@ -130,7 +130,7 @@ def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, m
     report = sf.sparsify(m, format="bitmask", m_range=(1, 16, 128))
     for layer, module in zip(report.layers, (m[0], m[2]), strict=True):
         assert module.dense_above == 1
-        assert layer.backend == "cpp+decompress" and "above 1 rows" in layer.note
+        assert layer.backend == "cpp+batched" and "above 1 rows" in layer.note
         assert layer.speedup == pytest.approx({1: 2.0, 16: 0.8, 128: 100 / 111})
     x = torch.randn(20, 96)
     with torch.no_grad():

@@ -215,9 +215,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         new = SparseLinear(cands[label], lin.bias, dense_above=dense_above)
         above = dense_above is not None
         reports.append(LayerReport(
-            **base, choice=label, backend="cpp" if not above else "cpp+decompress", bytes_after=cands[label].nbytes,
+            **base, choice=label, backend="cpp" if not above else "cpp+batched", bytes_after=cands[label].nbytes,
             speedup={m: (s if not above or m <= dense_above else timed["batched"][label].get(m, s))
                      for m, s in speed[label].items()},
-            note=f"decompress + dense GEMM above {dense_above} rows" if above else ""))
+            note=f"batched (decompress + dense GEMM) above {dense_above} rows" if above else ""))
         _set_module(model, name, new)
     return SparsifyReport(reports)

@@ -53,11 +53,27 @@ struct DenseView {        // a dense matrix [rows, cols] with row stride ld
   int64_t rows, cols, ld;
 };
 
-// Rows [row0, row1) of a compressed weight written out dense: out[r - row0, :cols] (row stride ld
-// elements of the weight's dtype). Bits are copied, never converted: the result equals to_dense.
+// Rows [row0, row1) and columns [col0, col1) of a compressed weight written out dense:
+// out[r - row0, c - col0] (row stride ld elements of the weight's dtype). Bits are copied, never
+// converted: the result equals to_dense. Column ranges other than all columns are for the bitmask
+// only, with col0 and col1 multiples of 8 (or col1 == cols); the binding checks both. A bitmask
+// walked in consecutive column ranges may pass `cursor` ([row1 - row0]): the index of each row's
+// first value at col0 on entry (row_offsets before the first range), updated to col1's on exit.
+// out = x with every element whose magnitude is at most the threshold set to +0 ([M, K], row
+// strides ldx and ldo; the threshold as the bits of a non-negative value of x's dtype).
+struct ThresholdIO {
+  DType dtype;
+  const void* x;
+  void* out;
+  int64_t M, K, ldx, ldo;
+  uint32_t threshold_bits;
+  int threads;
+};
+
 struct DecompressIO {
   DType dtype;
-  int64_t row0, row1;
+  int64_t row0, row1, col0, col1;
+  int64_t* cursor;
   void* out;
   int64_t ld;
   int threads;

@@ -165,13 +165,30 @@ void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
 
 namespace sparseflow::cpu::SF_ISA {
 
+// A column range [col0, col1) starts at the row's value that follows the set bits before col0
+// (col0 is a multiple of 8, so whole mask bytes are skipped and counted), or at the cursor.
 void bitmask_decompress(const BitmaskView& w, const DecompressIO& d) {
+  const int64_t skip = d.col0 / 8, width = d.col1 - d.col0, stride = (width + 7) / 8;
   with_element(d.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* values = static_cast<const T*>(w.values);
-    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) {
-      const int64_t begin = w.row_offsets[n];
-      expand_row(values + begin, w.nnz - begin, w.mask + n * w.mask_stride, w.mask_stride, w.cols, out);
+    run_decompress<T>(d, width, [&](int64_t n, T* out) {
+      const uint8_t* row = w.mask + n * w.mask_stride;
+      int64_t begin;
+      if (d.cursor) {
+        begin = d.cursor[n - d.row0];
+      } else {
+        begin = w.row_offsets[n];
+        int64_t b = 0;
+        for (; b + 8 <= skip; b += 8) {
+          uint64_t word;
+          std::memcpy(&word, row + b, 8);
+          begin += __builtin_popcountll(word);
+        }
+        for (; b < skip; ++b) begin += __builtin_popcount(row[b]);
+      }
+      const int64_t taken = expand_row(values + begin, w.nnz - begin, row + skip, stride, width, out);
+      if (d.cursor) d.cursor[n - d.row0] = begin + taken;
     });
   });
 }

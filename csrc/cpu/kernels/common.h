@@ -274,9 +274,11 @@ inline void with_element(DType t, const F& f) {
 
 // One dense row from a bitmask row: out[k] = the next value of v where bit k of `mask` is set, 0
 // elsewhere, for k < cols (bits at and past cols are zero). `avail` values exist from v on: vector
-// loads read past the row's last value only while they stay inside that buffer.
+// loads read past the row's last value only while they stay inside that buffer. Returns the number
+// of values taken.
 template <class T>
-void expand_row(const T* v, int64_t avail, const uint8_t* mask, int64_t stride, int64_t cols, T* out) {
+int64_t expand_row(const T* v, int64_t avail, const uint8_t* mask, int64_t stride, int64_t cols, T* out) {
+  const T* const v0 = v;
 #if defined(SF_ISA_avx512)
   int64_t k = 0;
   (void)avail;  // masked loads never touch memory past the values they take
@@ -341,6 +343,7 @@ void expand_row(const T* v, int64_t avail, const uint8_t* mask, int64_t stride, 
   for (int64_t byte = 0; byte < stride; ++byte)
     for (uint32_t bits = mask[byte]; bits; bits &= bits - 1) out[byte * 8 + __builtin_ctz(bits)] = *v++;
 #endif
+  return v - v0;
 }
 
 #if defined(SF_ISA_avx512)

@@ -14,4 +14,5 @@ void bitmask_decompress(const BitmaskView& w, const DecompressIO& d);
 void csr_decompress(const CsrView& w, const DecompressIO& d);
 void bsr_decompress(const BsrView& w, const DecompressIO& d);
 void nm_decompress(const NMView& w, const DecompressIO& d);
+void zero_inactive(const ThresholdIO& a);
 }  // namespace sparseflow::cpu::SF_ISA

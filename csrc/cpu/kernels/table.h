@@ -19,6 +19,8 @@ struct KernelTable {
   void (*csr_decompress)(const CsrView&, const DecompressIO&);
   void (*bsr_decompress)(const BsrView&, const DecompressIO&);
   void (*nm_decompress)(const NMView&, const DecompressIO&);
+  // x with the inputs an activation-sparse product skips zeroed (its batched path's first step).
+  void (*zero_inactive)(const ThresholdIO&);
 };
 
 namespace scalar { extern const KernelTable table; }

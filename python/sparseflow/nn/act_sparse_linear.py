@@ -11,15 +11,17 @@ from torch import nn
 
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
+from ..ops import table
 from ..ops.linear import act_sparse_linear_bitmask, act_sparse_linear_dense
-from .crossover import above_crossover
+from .crossover import above_crossover, rows_of
 
 
 class ActSparseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 0.0,
                  shift: torch.Tensor | None = None, weight_format: str = "dense", dense_above: int | None = 16):
         """weight: the dense [out, in] weight (zeros allowed); weight_format "dense" | "bitmask".
-        Above `dense_above` rows of x (prefill) the same thresholded product runs as one dense matmul."""
+        Above `dense_above` rows of x (prefill) the same thresholded product runs as dense GEMMs
+        (a bitmask weight decompressed in cache-sized chunks of output columns)."""
         super().__init__()
         self.dense_above = dense_above
         if weight_format not in ("dense", "bitmask"):
@@ -79,8 +81,8 @@ class ActSparseLinear(nn.Module):
         if self.shift is not None:
             x = x - self.shift
         backend = ""
-        if above_crossover(x, self.dense_above):
-            backend = "reference"  # many rows: one thresholded dense matmul beats row-by-row skipping
+        if above_crossover(x, self.dense_above):  # many rows: one thresholded dense GEMM beats row-by-row skipping
+            backend = table.batched_backend(x.device.type, rows_of(x))
         if self.weight_format == "dense":
             return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias, backend)
         return act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask, self.weight_t_row_offsets,

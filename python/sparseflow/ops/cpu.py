@@ -99,8 +99,10 @@ MIN_CHUNK_ROWS = 128  # narrower GEMMs lose more than the cache saves
 
 
 def _decompressor(w):
-    """fn(row0, row1, out_ptr, ld, threads): the C++ decompression of w's rows [row0, row1) into a
-    buffer with row stride ld. The buffers are made contiguous once, here, and kept by fn."""
+    """fn(row0, row1, out_ptr, ld, threads, cols=None, cursor=0): the C++ decompression of w's rows
+    [row0, row1) (and, for a Bitmask, columns cols = (col0, col1), multiples of 8 or col1 = K, with an
+    optional int64 cursor per row, see csrc/cpu/kernels/args.h) into a buffer with row stride ld. The
+    buffers are made contiguous once, here, and kept by fn."""
     rows, cols = w.shape
     if isinstance(w, Bitmask):
         bufs = (w.values.contiguous(), w.mask.contiguous(), w.row_offsets.contiguous())
@@ -123,24 +125,34 @@ def _decompressor(w):
         raise TypeError(f"no C++ decompression for {type(w).__name__}")
     code = dtype_code(w.dtype)
 
-    def run(row0: int, row1: int, out: int, ld: int, threads: int, _bufs=bufs) -> None:
-        call(*args, code, row0, row1, out, ld, threads)
+    def run(row0: int, row1: int, out: int, ld: int, threads: int, cols=None, cursor: int = 0, _bufs=bufs) -> None:
+        if cols is None:
+            call(*args, code, row0, row1, out, ld, threads)
+        else:
+            call(*args, code, row0, row1, out, ld, threads, col0=cols[0], col1=cols[1], cursor=cursor)
 
     return run
 
 
-def decompress(w, row0: int = 0, row1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [row0, row1) of a CPU weight as a dense [row1 - row0, K] tensor, bit for bit what
-    w.to_dense()[row0:row1] holds, written by the C++ kernels (threads: torch.get_num_threads())."""
+def decompress(w, row0: int = 0, row1: int | None = None, out: torch.Tensor | None = None,
+               col0: int = 0, col1: int | None = None) -> torch.Tensor:
+    """Rows [row0, row1) of a CPU weight as a dense tensor, bit for bit what w.to_dense()[row0:row1]
+    holds, written by the C++ kernels (threads: torch.get_num_threads()). A Bitmask also takes a
+    column range [col0, col1) (multiples of 8, or col1 = K): w.to_dense()[row0:row1, col0:col1]."""
     rows, cols = w.shape
     row1 = rows if row1 is None else row1
+    col1 = cols if col1 is None else col1
+    shape = (max(0, row1 - row0), max(0, col1 - col0))
     if out is None:
-        out = torch.empty(max(0, row1 - row0), cols, dtype=w.dtype)
+        out = torch.empty(shape, dtype=w.dtype)
         if POISON_OUTPUTS:
             out.fill_(float("nan"))
-    elif out.dtype != w.dtype or out.dim() != 2 or tuple(out.shape) != (row1 - row0, cols) or out.stride(1) != 1:
-        raise ValueError(f"out must be {w.dtype} [{row1 - row0}, {cols}] with unit column stride")
-    _decompressor(w)(row0, row1, ptr(out), out.stride(0), torch.get_num_threads())
+    elif out.dtype != w.dtype or out.dim() != 2 or tuple(out.shape) != shape or out.stride(1) != 1:
+        raise ValueError(f"out must be {w.dtype} {list(shape)} with unit column stride")
+    col_range = (col0, col1) if (col0, col1) != (0, cols) else None
+    if col_range and not isinstance(w, Bitmask):
+        raise ValueError(f"column ranges are for Bitmask weights only, not {type(w).__name__}")
+    _decompressor(w)(row0, row1, ptr(out), max(1, out.stride(0)), torch.get_num_threads(), col_range)
     return out
 
 
@@ -187,4 +199,54 @@ def decompress_linear(x2, w, bias, chunk_bytes: int | None = None):
             torch.mm(x2, chunk.t(), out=y[:, n0:n1])
         else:
             torch.addmm(bias[n0:n1], x2, chunk.t(), out=y[:, n0:n1])
+    return y
+
+
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def zero_inactive(x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x2 with the inputs the reference skips (|x| <= threshold, compared in x's dtype) set to zero;
+    NaN and inf stay. One C++ pass over the bits (torch.where on bf16 takes ~20x longer)."""
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x2.dtype)
+    thr = torch.tensor(float(threshold), dtype=x2.dtype)  # rounded as the comparison in x's dtype rounds it
+    bits = int(thr.view(_INT[x2.dtype])) & (0xFFFF if x2.element_size() == 2 else 0xFFFFFFFF)
+    m, k = x2.shape
+    _C.zero_inactive(dtype_code(x2.dtype), ptr(x2), m, k, x2.stride(0), ptr(out), k, bits, torch.get_num_threads())
+    return out
+
+
+def act_sparse_dense_batched(x2, w_t: torch.Tensor, threshold: float, bias):
+    """act_sparse_linear for many rows of x: the skipped inputs are zeroed and one dense GEMM in x's
+    dtype does the rest (as F.linear would, NaN/inf in x included)."""
+    xs = zero_inactive(x2, threshold)
+    return torch.mm(xs, w_t) if bias is None else torch.addmm(bias, xs, w_t)
+
+
+def act_sparse_bitmask_batched(x2, w_t: Bitmask, threshold: float, bias):
+    """act_sparse_linear for many rows of x and a Bitmask w_t [K, N]: the skipped inputs are zeroed,
+    and the output columns go in chunks: the C++ kernels decompress w_t[:, n0:n1] (every row, a
+    column range of each) into a cache-sized buffer for torch's GEMM."""
+    k, n = w_t.shape
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    if m == 0:
+        return y
+    xs = zero_inactive(x2, threshold)
+    cols = chunk_rows(n, k, m, w_t.dtype)  # columns of w_t per chunk: K elements each, a multiple of 64
+    buf = _scratch(cols * k, w_t.dtype)
+    run, threads = _decompressor(w_t), torch.get_num_threads()
+    cursor = w_t.row_offsets[:-1].clone()  # each row's next value: the ranges go left to right
+    for n0 in range(0, n, cols):
+        n1 = min(n, n0 + cols)
+        chunk = buf[: k * (n1 - n0)].view(k, n1 - n0)
+        run(0, k, ptr(chunk), n1 - n0, threads, (n0, n1), ptr(cursor))
+        if bias is None:
+            torch.mm(xs, chunk, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], xs, chunk, out=y[:, n0:n1])
     return y

@@ -4,9 +4,9 @@ here plus its file.
 A row says which op and weight format it computes, on which device type and dtypes, for which
 shapes (`applies(w, m)`, m = rows of x), and whether it can run in this process (`available`).
 Dispatch takes the first row that fits, so rows are listed fastest first; `reference` is last and
-always fits. `decompress` (CPU, batched rows of x) comes after `cpp`: which of the two is faster at
-a given row count is measured per layer (sf.sparsify), and SparseLinear asks for it by name above
-its measured crossover (see BATCHED)."""
+always fits. `batched` (CPU, many rows of x: the weight decompressed in cache-sized chunks for
+torch's dense GEMM) comes after `cpp`: which of the two is faster at a given row count is measured
+per layer (sf.sparsify), and the modules ask for it by name above their crossover (see BATCHED)."""
 
 from __future__ import annotations
 
@@ -62,9 +62,11 @@ BACKENDS: list[Backend] = [
     Backend("linear", "nm", "cpu", "cpp", cpu.nm_linear),
     Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
     Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
-    # decompress cache-sized chunks of the weight (C++) + torch's dense GEMM: for many rows of x
-    *(Backend("linear", f, "cpu", "decompress", cpu.decompress_linear, applies=_batched)
+    # many rows of x: decompress cache-sized chunks of the weight (C++) for torch's dense GEMM
+    *(Backend("linear", f, "cpu", "batched", cpu.decompress_linear, applies=_batched)
       for f in ("bitmask", "csr", "bsr", "nm")),
+    Backend("act_sparse_linear", "dense", "cpu", "batched", cpu.act_sparse_dense_batched, applies=_batched),
+    Backend("act_sparse_linear", "bitmask", "cpu", "batched", cpu.act_sparse_bitmask_batched, applies=_batched),
     # ---- GPU (CUDA device): torch 2:4, CUDA C++ (csrc/cuda), Triton (kernels/); see ops/gpu.py ----
     Backend("linear", "nm", "cuda", "torch", gpu.torch_semi_structured_linear,
             (torch.bfloat16, torch.float16), applies=gpu.semi_structured_applies,
@@ -89,7 +91,7 @@ BACKENDS: list[Backend] = [
 
 # What a layer runs above its measured crossover (many rows of x), per device type: the batched
 # CPU path, else decompress + dense in torch (on a GPU, torch's decompression is fast).
-BATCHED = {"cpu": "decompress"}
+BATCHED = {"cpu": "batched"}
 
 
 def batched_backend(device_type: str, m: int) -> str:
