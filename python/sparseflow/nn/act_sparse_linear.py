@@ -12,7 +12,7 @@ from torch import nn
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops import table
-from ..ops.linear import act_sparse_linear_bitmask, act_sparse_linear_dense
+from ..ops.linear import act_sparse_from_buffers
 from .crossover import above_crossover, rows_of
 
 
@@ -84,9 +84,12 @@ class ActSparseLinear(nn.Module):
         if above_crossover(x, self.dense_above):  # many rows: one thresholded dense GEMM beats row-by-row skipping
             backend = table.batched_backend(x.device.type, rows_of(x))
         if self.weight_format == "dense":
-            return act_sparse_linear_dense(x, self.weight_t, self.threshold, self.bias, backend)
-        return act_sparse_linear_bitmask(x, self.weight_t_values, self.weight_t_mask, self.weight_t_row_offsets,
-                                         self.out_features, self.threshold, self.bias, backend)
+            tensors = {"t": self.weight_t}
+        else:
+            tensors = {"values": self.weight_t_values, "mask": self.weight_t_mask,
+                       "row_offsets": self.weight_t_row_offsets}
+        return act_sparse_from_buffers(x, self.weight_format, tensors, self.out_features, self.threshold, self.bias,
+                                       backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -80,9 +80,7 @@ def _(x, values, index, n, m, bias=None, backend=""):
 @torch.library.custom_op(f"{LIB}::act_sparse_linear_dense", mutates_args=())
 def act_sparse_linear_dense(x: torch.Tensor, w_t: torch.Tensor, threshold: float,
                             bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    b = table.select("act_sparse_linear", "dense", x, w_t, x2.shape[0], backend)
-    return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], w_t.shape[1])
+    return _run_act_sparse("dense", x, w_t, w_t.shape[1], threshold, bias, backend)
 
 
 @act_sparse_linear_dense.register_fake
@@ -95,9 +93,7 @@ def act_sparse_linear_bitmask(x: torch.Tensor, values: torch.Tensor, mask: torch
                               out_features: int, threshold: float, bias: torch.Tensor | None = None,
                               backend: str = "") -> torch.Tensor:
     w_t = Bitmask((x.shape[-1], out_features), values, mask, row_offsets, validate=False)
-    x2 = x.reshape(-1, x.shape[-1])
-    b = table.select("act_sparse_linear", "bitmask", x, w_t, x2.shape[0], backend)
-    return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], out_features)
+    return _run_act_sparse("bitmask", x, w_t, out_features, threshold, bias, backend)
 
 
 @act_sparse_linear_bitmask.register_fake
@@ -152,6 +148,28 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     if format_name == "nm":
         return linear_nm(x, t["values"], t["index"], params["n"], params["m"], bias, backend)
     raise TypeError(f"no linear op for format {format_name!r}")
+
+
+def _run_act_sparse(fmt: str, x: torch.Tensor, w_t, n: int, threshold: float, bias, backend: str) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    b = table.select("act_sparse_linear", fmt, x, w_t, x2.shape[0], backend)
+    return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], n)
+
+
+def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, out_features: int, threshold: float,
+                            bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    """The activation-sparse custom op for a dense ({"t": w_t}) or bitmask transposed weight,
+    called with its buffers (what ActSparseLinear uses), skipping the dispatcher when eager."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    t = tensors
+    if _eager(x) and not needs_grad:
+        w_t = t["t"] if weight_format == "dense" else Bitmask.from_tensors((x.shape[-1], out_features), t,
+                                                                            validate=False)
+        return _run_act_sparse(weight_format, x, w_t, out_features, threshold, bias, backend)
+    if weight_format == "dense":
+        return act_sparse_linear_dense(x, t["t"], threshold, bias, backend)
+    return act_sparse_linear_bitmask(x, t["values"], t["mask"], t["row_offsets"], out_features, threshold, bias,
+                                     backend)
 
 
 def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor | None = None,
