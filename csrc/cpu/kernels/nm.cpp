@@ -186,11 +186,8 @@ namespace {
 struct NMMaskTable {
   int64_t n, m;
   std::vector<uint32_t> bits;       // [n phases][256]
-  std::vector<int> next_phase;      // [n]: phase of the following byte
-  std::vector<int64_t> advance;     // [n]: columns from this byte's first group to the next byte's
 
-  explicit NMMaskTable(const NMView& w) : n(w.n), m(w.m), bits(static_cast<size_t>(w.n) * 256),
-                                           next_phase(w.n), advance(w.n) {
+  explicit NMMaskTable(const NMView& w) : n(w.n), m(w.m), bits(static_cast<size_t>(w.n) * 256) {
     const int b = index_bits(w), f = 8 / b;
     for (int p = 0; p < n; ++p) {
       for (int byte = 0; byte < 256; ++byte) {
@@ -201,44 +198,112 @@ struct NMMaskTable {
         }
         bits[p * 256 + byte] = out;
       }
-      next_phase[p] = static_cast<int>((p + f) % n);
-      advance[p] = (p + f) / n * m;
     }
   }
 
   // mask: room for round_up(cols, 64) + 128 bits; bits at and past cols come out cleared.
   void row(const uint8_t* index, int64_t index_stride, int64_t cols, uint8_t* mask) const {
+    // Locals, not members: stores through uint8_t* may alias anything, members would be reloaded.
+    const int64_t n = this->n, m = this->m;
     const int f = m == 4 ? 4 : 2;  // fields per index byte
     const uint32_t* lut = bits.data();
     if (f % n == 0) {
       // Each byte holds whole groups (2:4, 1:4, 2:8, 1:8, 2:16, 1:16): its bits are one mask word.
       const int64_t width = f / n * m;  // 8, 16 or 32 bits
       const int64_t used = std::min(index_stride, (cols + width - 1) / width);
-      for (int64_t i = 0; i < used; ++i) {
-        const uint32_t word = lut[index[i]];
-        if (width == 8) mask[i] = static_cast<uint8_t>(word);
-        else std::memcpy(mask + i * (width / 8), &word, static_cast<size_t>(width / 8));
+      if (width == 8) {
+        byte_row(index, used, mask);
+      } else if (width == 16) {  // constant memcpy sizes: a variable one is a library call
+        for (int64_t i = 0; i < used; ++i) {
+          const uint16_t word = static_cast<uint16_t>(lut[index[i]]);
+          std::memcpy(mask + 2 * i, &word, 2);
+        }
+      } else {
+        for (int64_t i = 0; i < used; ++i) std::memcpy(mask + 4 * i, lut + index[i], 4);
       }
-    } else if (n % f == 0 && m >= 8) {
+    } else if (n % f == 0) {
       // A group spans n / f whole bytes (4:8, 6:8, 4:16, 8:16, ...): OR their one-hot positions.
-      const int64_t span = n / f, groups = (cols + m - 1) / m;
-      for (int64_t g = 0; g < groups; ++g) {
-        uint32_t word = 0;
-        for (int64_t j = 0; j < span; ++j) word |= lut[index[g * span + j]];
-        if (m == 8) mask[g] = static_cast<uint8_t>(word);
-        else std::memcpy(mask + 2 * g, &word, 2);
-      }
+      with_span(n / f, [&](auto span) { groups_row<decltype(span)::value>(index, (cols + m - 1) / m, m, mask); });
     } else {
       general_row(index, index_stride, cols, mask);
     }
     if (cols % 8) mask[cols / 8] &= static_cast<uint8_t>((1u << (cols % 8)) - 1);
   }
 
-  // Any n:m (3:4, 3:8, 5:16, ...): bytes straddle groups, so the phase walks along.
+  // 2:4 and 2:8: each index byte becomes one mask byte, and each of its nibbles gives its own bits,
+  // so the vector paths look both nibbles up with one byte shuffle each.
+  void byte_row(const uint8_t* index, int64_t used, uint8_t* mask) const {
+    int64_t i = 0;
+#if !defined(SF_ISA_scalar)
+    alignas(16) uint8_t lo[16], hi[16];
+    for (int x = 0; x < 16; ++x) {
+      if (m == 4) {  // a nibble is one group's two 2-bit positions
+        lo[x] = static_cast<uint8_t>((1u << (x & 3)) | (1u << (x >> 2)));
+        hi[x] = static_cast<uint8_t>(lo[x] << 4);
+      } else {  // m = 8: a nibble is one position of the byte's group
+        lo[x] = hi[x] = static_cast<uint8_t>(x < 8 ? 1u << x : 0);
+      }
+    }
+#if defined(SF_ISA_avx512)
+    const __m512i tlo = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    const __m512i thi = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    for (; i + 64 <= used; i += 64) {
+      const __m512i v = _mm512_loadu_si512(index + i);
+      const __m512i l = _mm512_shuffle_epi8(tlo, _mm512_and_si512(v, nib));
+      const __m512i h = _mm512_shuffle_epi8(thi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+      _mm512_storeu_si512(mask + i, _mm512_or_si512(l, h));
+    }
+#else
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    for (; i + 32 <= used; i += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + i));
+      const __m256i l = _mm256_shuffle_epi8(tlo, _mm256_and_si256(v, nib));
+      const __m256i h = _mm256_shuffle_epi8(thi, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(mask + i), _mm256_or_si256(l, h));
+    }
+#endif
+#endif
+    const uint32_t* lut = bits.data();
+    for (; i < used; ++i) mask[i] = static_cast<uint8_t>(lut[index[i]]);
+  }
+
+  template <class F>
+  static void with_span(int64_t span, const F& f) {
+    switch (span) {  // n / 2 for m = 8 and 16 (n even): 2..7
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      case 3: f(std::integral_constant<int, 3>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+      case 5: f(std::integral_constant<int, 5>{}); break;
+      case 6: f(std::integral_constant<int, 6>{}); break;
+      default: f(std::integral_constant<int, 7>{}); break;
+    }
+  }
+
+  template <int Span>
+  void groups_row(const uint8_t* index, int64_t groups, int64_t m, uint8_t* mask) const {
+    const uint32_t* lut = bits.data();
+    for (int64_t g = 0; g < groups; ++g) {
+      uint32_t word = 0;
+      for (int j = 0; j < Span; ++j) word |= lut[index[g * Span + j]];
+      if (m == 8) {
+        mask[g] = static_cast<uint8_t>(word);
+      } else {
+        const uint16_t half = static_cast<uint16_t>(word);
+        std::memcpy(mask + 2 * g, &half, 2);
+      }
+    }
+  }
+
+  // Any n:m (3:4, 3:8, 5:16, ...): bytes straddle groups, so the phase walks along (in registers:
+  // a phase read from a table would chain each byte's loads to the previous byte's).
   void general_row(const uint8_t* index, int64_t index_stride, int64_t cols, uint8_t* mask) const {
+    const int64_t n = this->n, m = this->m, f = m == 4 ? 4 : 2;
+    const uint32_t* lut = bits.data();
     uint64_t acc = 0;
-    int64_t acc_bit = 0, base = 0;  // acc holds mask bits [acc_bit, acc_bit + 64); acc_bit % 32 == 0
-    int p = 0;
+    int64_t acc_bit = 0, base = 0, p = 0;  // acc holds mask bits [acc_bit, acc_bit + 64); acc_bit % 32 == 0
     const auto flush32 = [&] {
       const uint32_t low = static_cast<uint32_t>(acc);
       std::memcpy(mask + acc_bit / 8, &low, 4);
@@ -248,9 +313,8 @@ struct NMMaskTable {
     const int64_t limit = round_up(cols, 32);
     for (int64_t i = 0; i < index_stride && base < limit; ++i) {
       while (base - acc_bit >= 32) flush32();
-      acc |= static_cast<uint64_t>(bits[p * 256 + index[i]]) << (base - acc_bit);
-      base += advance[p];
-      p = next_phase[p];
+      acc |= static_cast<uint64_t>(lut[p * 256 + index[i]]) << (base - acc_bit);
+      for (p += f; p >= n; p -= n) base += m;
     }
     while (acc_bit < limit) flush32();
   }

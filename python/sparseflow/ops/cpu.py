@@ -170,7 +170,7 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 def chunk_rows(n: int, k: int, m: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
     """Weight rows per decompressed chunk for x with m rows (see CHUNK_BYTES); a multiple of 64 when
     it is not the whole weight."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     if chunk_bytes is None:
         chunk_bytes = min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, 2 * m * k * esize))
     rows = max(MIN_CHUNK_ROWS, chunk_bytes // (k * esize))
