@@ -10,6 +10,7 @@
 
 #include "cpu/cpuinfo.h"
 #include "cpu/dispatch.h"
+#include "cpu/thread_pool.h"
 #include "cpu/validate.h"
 #include "cuda/register.h"
 
@@ -90,6 +91,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); }, "the level in use (SPARSEFLOW_ISA may lower it)");
   m.def("built_isas", [] { return std::vector<std::string>{"scalar", "avx2", "avx512"}; });
+  m.def("shares_torch_threads", [] { return shares_torch_threads(); },
+        "whether decompression runs on torch's OpenMP threads (else on the kernels' own pool)");
+  m.def("set_shares_torch_threads", [](bool on) { set_shares_torch_threads(on); }, py::arg("on"));
   m.def("cuda_built", [] {
 #ifdef SPARSEFLOW_WITH_CUDA
     return true;

@@ -61,6 +61,24 @@ def test_decompress_equals_to_dense(isa, fmt):
                 assert_bits_equal(cpu.decompress(w), w.to_dense())
 
 
+@pytest.fixture(params=["torch-openmp", "own-pool"])
+def threads_of(request):
+    """Decompression on torch's OpenMP threads (where built so) and on the kernels' own pool."""
+    was = _C.shares_torch_threads()
+    _C.set_shares_torch_threads(request.param == "torch-openmp")
+    yield request.param
+    _C.set_shares_torch_threads(was)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr32", "2:4", "3:8"])
+def test_decompress_in_parallel_on_either_thread_set(threads_of, fmt):
+    gen = torch.Generator().manual_seed(9)
+    w = FORMATS[fmt](weight(1500, 1000, torch.bfloat16, 0.5, gen))  # enough work for every thread
+    assert_bits_equal(cpu.decompress(w), w.to_dense())
+    x = torch.randn(600, 1000, generator=gen).to(torch.bfloat16)
+    assert_bits_equal(cpu.zero_inactive(x, 0.5), torch.where(x.abs() <= 0.5, torch.zeros((), dtype=x.dtype), x))
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_decompress_empty_and_full_weights(isa, fmt, density):

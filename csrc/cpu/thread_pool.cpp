@@ -96,9 +96,15 @@ void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t
   pool().run(n_tasks, threads, task);
 }
 
+#if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
+std::atomic<bool> g_openmp_on{true};
+#else
+std::atomic<bool> g_openmp_on{false};
+#endif
+
 void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
 #if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
-  if (threads > 1 && n_tasks > 1 && !omp_in_parallel()) {
+  if (threads > 1 && n_tasks > 1 && g_openmp_on.load(std::memory_order_relaxed) && !omp_in_parallel()) {
     std::atomic<int64_t> next{0};
     // Only GOMP_parallel and omp_get_* are used: symbols every libgomp since GCC 4.9 exports.
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, n_tasks)))
@@ -109,11 +115,13 @@ void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::functio
   pool().run(n_tasks, threads, task);
 }
 
-bool shares_torch_threads() {
+bool shares_torch_threads() { return g_openmp_on.load(); }
+
+void set_shares_torch_threads(bool on) {
 #if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)
-  return true;
+  g_openmp_on.store(on);
 #else
-  return false;
+  (void)on;
 #endif
 }
 

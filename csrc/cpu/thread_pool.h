@@ -16,5 +16,8 @@ void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t
 // take it at once, where the pool's threads would compete with them for the cores.
 void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task);
 bool shares_torch_threads();  // whether parallel_for_torch_threads uses OpenMP
+// Turns the OpenMP path off (or back on, where built): for a process whose torch brought a libgomp
+// of another name, where ours would be a second runtime with workers of its own.
+void set_shares_torch_threads(bool on);
 
 }  // namespace sparseflow::cpu

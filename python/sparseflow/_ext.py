@@ -10,6 +10,22 @@ import torch
 
 from . import _C  # noqa: F401  (built by CMake; see csrc/binding.cpp)
 
+
+def _openmp_runtimes() -> int:
+    """Distinct libgomp files mapped into this process (Linux; 0 where that cannot be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return len({line.split()[-1] for line in maps if line.rstrip().rsplit("/", 1)[-1].startswith("libgomp")})
+    except OSError:
+        return 0
+
+
+# _C runs decompression on torch's OpenMP threads by linking libgomp.so.1, which resolves to the
+# copy torch loaded. A torch whose libgomp has another name makes ours a second runtime with its own
+# spinning workers: then the kernels keep to their own pool.
+if _C.shares_torch_threads() and _openmp_runtimes() > 1:
+    _C.set_shares_torch_threads(False)
+
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ISA_LEVELS = ("scalar", "avx2", "avx512")
 
