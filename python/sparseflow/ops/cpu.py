@@ -89,11 +89,14 @@ def act_sparse_bitmask(x2, w_t: Bitmask, threshold: float, bias):
 
 # ---- batched path: decompress cache-sized chunks of rows, dense GEMM on each ----------------------
 # A chunk of the dense weight stays in the last-level cache between its decompression and its GEMM,
-# so the dense weight never travels to DRAM and is never whole in memory. Chunks hold about
-# max(CHUNK_BYTES, 2 x the bytes of x), at most MAX_CHUNK_BYTES: with many rows of x each GEMM call
-# re-reads x, and fewer, larger chunks win. Measured on a 2-core Zen 4 with 32 MiB of L3 (see
-# benchmarks/RESULTS.md); the decompression runs on torch's own OpenMP threads (csrc/cpu/thread_pool.h).
-CHUNK_BYTES = 4 << 20
+# so the dense weight never travels to DRAM and is never whole in memory (the per-thread buffer holds
+# one chunk: 8-32 MiB). Chunks hold about max(CHUNK_BYTES, 2 x the bytes of x), at most
+# MAX_CHUNK_BYTES: with many rows of x each GEMM call re-reads x, and fewer, larger chunks win. On a
+# 2-core Zen 4 with 32 MiB of L3, 4 and 8 MiB chunks measured alike, 2 MiB and 16 MiB slower
+# (benchmarks/bench_batched.py); 8 MiB halves the GEMM calls, each of which costs a scheduler tick
+# when another process holds a core. The decompression runs on torch's own OpenMP threads
+# (csrc/cpu/thread_pool.h).
+CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 128  # narrower GEMMs lose more than the cache saves
 
