@@ -2,6 +2,7 @@
 // AVX-512: 32 (16-bit) or 16 (f32) mask bits at a time, a masked load of popcount values and one
 // VBMI2 expand put them in place. AVX2: 8 bits at a time through a shuffle table. Scalar: bit scan.
 #include "cpu/kernels/kernels.h"
+#include "cpu/kernels/tiled.h"
 
 namespace sparseflow::cpu::SF_ISA {
 namespace {
@@ -140,6 +141,14 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
 }  // namespace
 
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
+#if defined(SF_ISA_avx512)
+  if (tiled_applies(io)) {  // 2 <= M: decompress 4 rows at a time into a tile, register-blocked GEMM
+    tiled_linear(io, [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
+      bitmask_decompress(w, DecompressIO{io.dtype, n0, n1, 0, w.cols, nullptr, out, ld, 1});
+    });
+    return;
+  }
+#endif
   run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;

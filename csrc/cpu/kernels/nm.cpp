@@ -3,6 +3,7 @@
 // values at once and fetch the matching x elements: AVX-512 by a two-register permute when the
 // chunk spans 32 x elements (2:4, 4:8, 8:16), by a gather otherwise; AVX2 by a gather.
 #include "cpu/kernels/kernels.h"
+#include "cpu/kernels/tiled.h"
 
 namespace sparseflow::cpu::SF_ISA {
 namespace {
@@ -150,9 +151,19 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }
 
+#if defined(SF_ISA_avx512)
+void nm_tiled_linear(const NMView& w, const LinearIO& io);
+#endif
+
 }  // namespace
 
 void nm_linear(const NMView& w, const LinearIO& io) {
+#if defined(SF_ISA_avx512)
+  if (tiled_applies(io)) {  // 2 <= M: decompress 4 rows at a time into a tile, register-blocked GEMM
+    nm_tiled_linear(w, io);
+    return;
+  }
+#endif
   run_rowwise(io, 1, [&](int64_t n0, int64_t n1, const XRows& x, int R, float* acc) {
     with_rows(R, [&](auto rows) {
       constexpr int RR = decltype(rows)::value;
@@ -320,21 +331,36 @@ struct NMMaskTable {
   }
 };
 
+// Dense row n of w at out: the row's mask from the table, then the bitmask expansion.
+template <class T>
+void nm_dense_row(const NMView& w, const NMMaskTable& table, int64_t n, T* out) {
+  const int64_t per_row = (w.cols + w.m - 1) / w.m * w.n, stride = (w.cols + 7) / 8;
+  thread_local std::vector<uint8_t> mask;
+  mask.resize(static_cast<size_t>(round_up(w.cols, 64) / 8 + 16));
+  table.row(w.index + n * w.index_stride, w.index_stride, w.cols, mask.data());
+  // Values past the last column (in a partial last group) come last in the row: never taken.
+  expand_row(static_cast<const T*>(w.values) + n * per_row, (w.rows - n) * per_row, mask.data(), stride, w.cols, out);
+}
+
+#if defined(SF_ISA_avx512)
+void nm_tiled_linear(const NMView& w, const LinearIO& io) {
+  const NMMaskTable table(w);  // built once: building it per tile would cost more than the tile
+  tiled_linear(io, [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
+    with_element(io.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t n = n0; n < n1; ++n) nm_dense_row<T>(w, table, n, static_cast<T*>(out) + (n - n0) * ld);
+    });
+  });
+}
+#endif
+
 }  // namespace
 
 void nm_decompress(const NMView& w, const DecompressIO& d) {
   const NMMaskTable table(w);
-  const int64_t per_row = (w.cols + w.m - 1) / w.m * w.n, stride = (w.cols + 7) / 8;
   with_element(d.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* values = static_cast<const T*>(w.values);
-    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) {
-      thread_local std::vector<uint8_t> mask;
-      mask.resize(static_cast<size_t>(round_up(w.cols, 64) / 8 + 16));
-      table.row(w.index + n * w.index_stride, w.index_stride, w.cols, mask.data());
-      // Values past the last column (in a partial last group) come last in the row: never taken.
-      expand_row(values + n * per_row, (w.rows - n) * per_row, mask.data(), stride, w.cols, out);
-    });
+    run_decompress<T>(d, w.cols, [&](int64_t n, T* out) { nm_dense_row<T>(w, table, n, out); });
   });
 }
 
