@@ -5,8 +5,9 @@ GEMM, and other chunk sizes.
     python benchmarks/bench_batched.py [--shape 4096x4096 ...] [--dtype bf16,fp32] [--m 16,64,128,512]
                                        [--format bitmask,2:4] [--chunk-mib 2,8] [--whole] [--json PATH]
 
-Ratios are dense time / path time (above 1: faster than dense), medians of interleaved rounds in one
-process (sparseflow.bench.timing.compare), same dtype and threads as torch. The batched path:
+Ratios are dense time / path time (above 1: faster than dense), from the medians (or, --stat min,
+the best) of interleaved rounds in one process (sparseflow.bench.timing.compare), same dtype and
+threads as torch. The batched path:
 rows of the weight decompressed by the C++ kernels into a buffer of about max(8 MiB, 2 x the bytes
 of x) (sparseflow.ops.cpu.chunk_rows), multiplied by torch's GEMM into their slice of y."""
 
@@ -64,6 +65,9 @@ def main(argv=None):
     p.add_argument("--chunk-mib", default="", help="also time fixed chunk sizes, e.g. 2,8 (MiB)")
     p.add_argument("--whole", action="store_true", help="also time whole-weight decompression + one GEMM")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="ratios of median times (default) or of best times (min: for a machine other processes "
+                        "keep busy, which hurts the path with more synchronisation points most); the JSON has both")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shape or ["4096x4096", "14336x4096", "4096x14336"])]
@@ -88,15 +92,17 @@ def main(argv=None):
                 for m in ms:
                     x = torch.randn(m, k, generator=gen).to(dtype)
                     st = compare(paths(x, w, dense_w, chunks, args.whole), warmup=2, reps=args.reps, max_seconds=10.0)
-                    d = st["dense"].median
-                    ratio = {name: d / s.median for name, s in st.items() if name != "dense"}
-                    cells = [fmt, dname, f"{n}x{k}", str(m), f"{d * 1e3:.2f}", f"{st['batched'].median * 1e3:.2f}",
+                    stat = {name: (s.median if args.stat == "median" else s.min) for name, s in st.items()}
+                    d = stat["dense"]
+                    ratio = {name: d / s for name, s in stat.items() if name != "dense"}
+                    cells = [fmt, dname, f"{n}x{k}", str(m), f"{d * 1e3:.2f}", f"{stat['batched'] * 1e3:.2f}",
                              f"**{ratio['batched']:.2f}x**"]
                     cells += [f"{ratio[f'{c:g}']:.2f}x" for c in chunks]
                     cells += [f"{ratio['whole']:.2f}x"] if args.whole else []
                     print("| " + " | ".join(cells) + " |", flush=True)
                     rows.append({"format": fmt, "dtype": dname, "n": n, "k": k, "m": m, "dense_s": d,
-                                 "ratios": ratio})
+                                 "ratios": ratio, "median_s": {name: s.median for name, s in st.items()},
+                                 "min_s": {name: s.min for name, s in st.items()}})
     result = {"date": datetime.date.today().isoformat(), "machine": info, "load_start": load,
               "load_end": os.getloadavg()[0], "args": vars(args), "rows": rows}
     if args.json:
