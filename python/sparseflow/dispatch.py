@@ -11,6 +11,8 @@ JSON, $SPARSEFLOW_CACHE_DIR/dispatch.json (default ~/.cache/sparseflow): {"schem
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import threading
@@ -61,10 +63,17 @@ def _store(fresh: dict[str, float]) -> None:
         atomic_write_bytes(path, json.dumps(data, indent=0, sort_keys=True).encode())
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_build() -> str:
+    """A fingerprint of the compiled kernels: a rebuilt _C (new or faster kernels) never reuses
+    timings of the old one, even within one version."""
+    return hashlib.sha1(Path(_ext._C.__file__).read_bytes()).hexdigest()[:12]
+
+
 def machine_key() -> str:
     features = _ext._C.cpu_features()
     return "|".join([features["model"], _ext.active_isa(), f"t{torch.get_num_threads()}", torch.__version__,
-                     __version__])
+                     __version__, kernels_build()])
 
 
 def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> str:

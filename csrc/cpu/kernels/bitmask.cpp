@@ -143,9 +143,17 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
   if (tiled_applies(io)) {  // 2 <= M: decompress 4 rows at a time into a tile, register-blocked GEMM
-    tiled_linear(io, [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
-      bitmask_decompress(w, DecompressIO{io.dtype, n0, n1, 0, w.cols, nullptr, out, ld, 1});
-    });
+    const int64_t esize = io.dtype == DType::f32 ? 4 : 2;
+    tiled_linear(
+        io,
+        [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
+          bitmask_decompress(w, DecompressIO{io.dtype, n0, n1, 0, w.cols, nullptr, out, ld, 1});
+        },
+        [&](int64_t n0, int64_t n1) {
+          prefetch_range(w.mask + n0 * w.mask_stride, (n1 - n0) * w.mask_stride);
+          prefetch_range(static_cast<const char*>(w.values) + w.row_offsets[n0] * esize,
+                         (w.row_offsets[n1] - w.row_offsets[n0]) * esize);
+        });
     return;
   }
 #endif

@@ -345,12 +345,19 @@ void nm_dense_row(const NMView& w, const NMMaskTable& table, int64_t n, T* out) 
 #if defined(SF_ISA_avx512)
 void nm_tiled_linear(const NMView& w, const LinearIO& io) {
   const NMMaskTable table(w);  // built once: building it per tile would cost more than the tile
-  tiled_linear(io, [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
-    with_element(io.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      for (int64_t n = n0; n < n1; ++n) nm_dense_row<T>(w, table, n, static_cast<T*>(out) + (n - n0) * ld);
-    });
-  });
+  const int64_t row_bytes = (w.cols + w.m - 1) / w.m * w.n * (io.dtype == DType::f32 ? 4 : 2);
+  tiled_linear(
+      io,
+      [&](int64_t n0, int64_t n1, void* out, int64_t ld) {
+        with_element(io.dtype, [&](auto tag) {
+          using T = decltype(tag);
+          for (int64_t n = n0; n < n1; ++n) nm_dense_row<T>(w, table, n, static_cast<T*>(out) + (n - n0) * ld);
+        });
+      },
+      [&](int64_t n0, int64_t n1) {
+        prefetch_range(w.index + n0 * w.index_stride, (n1 - n0) * w.index_stride);
+        prefetch_range(static_cast<const char*>(w.values) + n0 * row_bytes, (n1 - n0) * row_bytes);
+      });
 }
 #endif
 

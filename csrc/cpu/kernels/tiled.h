@@ -54,8 +54,16 @@ void tile_micro_f32(const float* tile, const float* x, int64_t kpad, float (*out
 
 // y = x @ W^T for W given by `decompress(n0, n1, out, ld)`, which writes dense rows [n0, n1) of W
 // (K columns, the weight's own dtype) at out with row stride ld. T: uint16_t (bf16) or float.
-template <class T, class Decompress>
-void tiled_linear_typed(const LinearIO& io, const Decompress& decompress) {
+// Prefetches bytes [p, p + bytes) into the caches: the tile after next is fetched from memory
+// while this one computes (each tile is too short for the hardware prefetcher to ramp up).
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+constexpr int64_t kPrefetchTiles = 2;
+
+template <class T, class Decompress, class Prefetch>
+void tiled_linear_typed(const LinearIO& io, const Decompress& decompress, const Prefetch& prefetch) {
   constexpr int64_t kStep = sizeof(T) == 2 ? 32 : 16;
   const int64_t K = io.K, kpad = round_up(K, kStep);
   // x, zero-padded to kpad columns; rows holding NaN/inf are flagged for the caller's fix-up.
@@ -78,6 +86,8 @@ void tiled_linear_typed(const LinearIO& io, const Decompress& decompress) {
     const int64_t n_end = std::min(io.N, (t + 1) * per_task * kTileRows);
     for (int64_t n0 = t * per_task * kTileRows; n0 < n_end; n0 += kTileRows) {
       const int64_t rows = std::min(kTileRows, io.N - n0);
+      const int64_t ahead = n0 + kPrefetchTiles * kTileRows;
+      if (ahead < n_end) prefetch(ahead, std::min(n_end, ahead + kTileRows));
       decompress(n0, n0 + rows, tile, kpad);
       for (int64_t i = rows; i < kTileRows; ++i) std::fill(tile + i * kpad, tile + (i + 1) * kpad, T{0});
       for (int64_t m0 = 0; m0 < io.M; m0 += kTileX) {
@@ -110,12 +120,13 @@ void tiled_linear_typed(const LinearIO& io, const Decompress& decompress) {
   });
 }
 
-template <class Decompress>
-void tiled_linear(const LinearIO& io, const Decompress& decompress) {
+// `prefetch(n0, n1)` touches the compressed bytes of rows [n0, n1) (see prefetch_range).
+template <class Decompress, class Prefetch>
+void tiled_linear(const LinearIO& io, const Decompress& decompress, const Prefetch& prefetch) {
   if (io.dtype == DType::f32)
-    tiled_linear_typed<float>(io, decompress);
+    tiled_linear_typed<float>(io, decompress, prefetch);
   else
-    tiled_linear_typed<uint16_t>(io, decompress);
+    tiled_linear_typed<uint16_t>(io, decompress, prefetch);
 }
 #endif
 
