@@ -1,4 +1,5 @@
 import os
+import threading
 
 import pytest
 import torch
@@ -40,3 +41,21 @@ def assert_close_2x(y: torch.Tensor, ref64: torch.Tensor, torch_dense: torch.Ten
     scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
     err, base = max_err(y, ref64), max_err(torch_dense, ref64)
     assert err <= 2 * base + ATOL[y.dtype] * scale, f"error {err:.3g} vs torch dense {base:.3g} ({y.dtype})"
+
+
+def run_in_threads(fn, threads: int = 4) -> None:
+    """Calls fn() in several threads at once; a failure in any of them fails the caller's test."""
+    errors = []
+
+    def worker():
+        try:
+            fn()
+        except Exception as e:  # surfaced in the main thread
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors

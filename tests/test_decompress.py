@@ -2,13 +2,12 @@
 of this CPU) and the batched backend built on them (chunks of decompressed rows + torch's GEMM),
 which SparseLinear runs above its measured crossover."""
 
-import threading
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_2x
+from conftest import assert_close_2x, run_in_threads
 
 import sparseflow as sf
 from sparseflow._ext import _C
@@ -225,22 +224,13 @@ def test_batched_path_in_several_threads_at_once(small_chunks):
         w = FORMATS[fmt](weight(300, 96, torch.bfloat16, 0.5, gen, specials=False))
         x = torch.randn(9, 96, generator=gen).to(torch.bfloat16)
         cases.append((x, w, sf.ops.linear(x, w, backend="batched")))
-    errors = []
 
     def worker():
-        try:
-            for _ in range(20):
-                for x, w, expect in cases:
-                    assert torch.equal(sf.ops.linear(x, w, backend="batched"), expect)
-        except Exception as e:  # surfaced in the main thread
-            errors.append(e)
+        for _ in range(20):
+            for x, w, expect in cases:
+                assert torch.equal(sf.ops.linear(x, w, backend="batched"), expect)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(worker)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,12 +1,11 @@
 """Every CPU kernel of the backend table against the float64 reference, on every ISA level this
 CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
 
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_2x
+from conftest import assert_close_2x, run_in_threads
 
 import sparseflow as sf
 from sparseflow.ops import table
@@ -188,22 +187,13 @@ def test_several_threads_at_once():
         sparse = FORMATS[fmt](w)
         x = torch.randn(5, 257).to(torch.bfloat16)
         cases.append((x, sparse, sf.ops.linear(x, sparse)))
-    errors = []
 
     def worker():
-        try:
-            for _ in range(30):
-                for x, sparse, expect in cases:
-                    assert torch.equal(sf.ops.linear(x, sparse), expect)
-        except Exception as e:  # surfaced in the main thread
-            errors.append(e)
+        for _ in range(30):
+            for x, sparse, expect in cases:
+                assert torch.equal(sf.ops.linear(x, sparse), expect)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(worker)
 
 
 def test_every_cpu_row_of_the_table_is_tested_here():

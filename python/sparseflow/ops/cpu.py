@@ -180,15 +180,19 @@ def chunk_rows(n: int, k: int, m: int, dtype: torch.dtype, chunk_bytes: int | No
     return n if rows >= n else rows - rows % 64
 
 
+def _output(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [m, n] output of a batched path (poisoned under the tests, so an unwritten slice shows)."""
+    y = torch.empty(m, n, dtype=dtype)
+    return y.fill_(float("nan")) if POISON_OUTPUTS else y
+
+
 def decompress_linear(x2, w, bias, chunk_bytes: int | None = None):
     """F.linear(x2, w.to_dense(), bias) for many rows of x: each chunk of weight rows is decompressed
     by the C++ kernels into a cache-sized buffer and multiplied by torch's dense GEMM into its slice
     of y. Dense semantics throughout (NaN/inf in x propagate as in F.linear)."""
     n, k = w.shape
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype)
-    if POISON_OUTPUTS:
-        y.fill_(float("nan"))
+    y = _output(m, n, x2.dtype)
     if m == 0:
         return y
     rows = chunk_rows(n, k, m, w.dtype, chunk_bytes)
@@ -234,9 +238,7 @@ def act_sparse_bitmask_batched(x2, w_t: Bitmask, threshold: float, bias):
     column range of each) into a cache-sized buffer for torch's GEMM."""
     k, n = w_t.shape
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype)
-    if POISON_OUTPUTS:
-        y.fill_(float("nan"))
+    y = _output(m, n, x2.dtype)
     if m == 0:
         return y
     xs = zero_inactive(x2, threshold)
