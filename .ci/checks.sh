@@ -20,6 +20,9 @@ done
 echo "== AVX-512 bf16 kernels without BF16 dot products (the path CPUs without AVX512_BF16 take)"
 SPARSEFLOW_NO_BF16_DOT=1 python -m pytest -q tests/test_kernels.py -k "bfloat16"
 
+echo "== kernels on sparseflow's own thread pool (the path when torch's OpenMP runtime is not shared)"
+SPARSEFLOW_OWN_POOL=1 python -m pytest -q tests/test_kernels.py tests/test_decompress.py -k "129 or thread"
+
 if [ -f tests/test_triton_kernels.py ]; then
   echo "== Triton kernels under TRITON_INTERPRET=1"
   TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_kernels.py

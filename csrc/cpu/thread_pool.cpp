@@ -1,5 +1,7 @@
 #include "cpu/thread_pool.h"
 
+#include <cstdlib>
+
 #include <immintrin.h>
 
 #include <atomic>
@@ -92,8 +94,26 @@ ThreadPool& pool() {
 
 }  // namespace
 
+// Kernels run between torch ops, whose OpenMP workers keep spinning for a while after each op: on
+// a machine with as many cores as threads, our own pool's worker then waits for a core. Where the
+// build shares torch's libgomp, the kernels run on those same workers instead (SPARSEFLOW_OWN_POOL=1
+// keeps the pool, for comparison).
+static bool use_own_pool() {
+  static const bool own = [] {
+    const char* v = std::getenv("SPARSEFLOW_OWN_POOL");
+    return v != nullptr && v[0] == '1';
+  }();
+  return own;
+}
+
+void parallel_for_torch_threads(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task);
+
 void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t)>& task) {
-  pool().run(n_tasks, threads, task);
+  if (use_own_pool()) {
+    pool().run(n_tasks, threads, task);
+    return;
+  }
+  parallel_for_torch_threads(n_tasks, threads, task);
 }
 
 #if defined(SPARSEFLOW_SHARED_OPENMP) && defined(_OPENMP)

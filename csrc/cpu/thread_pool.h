@@ -1,4 +1,6 @@
-// A small persistent thread pool: kernels split their work into tasks and run them on
+// Kernels split their work into tasks (parallel_for). Where the build shares torch's libgomp they
+// run on torch's OpenMP workers, which are awake between torch ops; otherwise on a small
+// persistent pool of our own. The pool: kernels split their work into tasks and run them on
 // `threads` threads (the caller included). We keep our own pool rather than OpenMP so that the
 // extension never fights torch's OpenMP runtime for the same cores.
 #pragma once
