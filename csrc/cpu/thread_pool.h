@@ -1,8 +1,8 @@
 // Kernels split their work into tasks (parallel_for). Where the build shares torch's libgomp they
 // run on torch's OpenMP workers, which are awake between torch ops; otherwise on a small
 // persistent pool of our own. The pool: kernels split their work into tasks and run them on
-// `threads` threads (the caller included). We keep our own pool rather than OpenMP so that the
-// extension never fights torch's OpenMP runtime for the same cores.
+// `threads` threads (the caller included). A second OpenMP runtime would fight torch's for the
+// cores, so a build (or process) that cannot share torch's uses the pool.
 #pragma once
 #include <cstdint>
 #include <functional>
