@@ -147,3 +147,21 @@ def test_sparsify_remeasure_times_again(cache_dir, monkeypatch):
     assert len(fake.calls) == timed  # all hits
     sf.sparsify(mlp(), format="bitmask", m_range=(1, 16), remeasure=True)
     assert len(fake.calls) > timed
+
+
+def test_a_speedup_above_the_bytes_limit_is_timed_again_and_never_cached(cache_dir, monkeypatch):
+    w, cands = case()
+    limit = w.numel() * w.element_size() / cands["bitmask"].nbytes
+    fake = FakeCompare(lambda name, call: 100 if name == "dense" else 5)  # 20x: dense was disturbed
+    monkeypatch.setattr(dispatch, "compare", fake)
+    got = dispatch.measure(w, cands, (1,))
+    assert len(fake.calls) == dispatch.RETRIES + 1
+    assert got == {"bitmask": {1: pytest.approx(limit)}}
+    assert not (cache_dir / "dispatch.json").exists() or not json.loads((cache_dir / "dispatch.json").read_text())[
+        "entries"]
+
+    fake = FakeCompare(lambda name, call: 100 if name == "dense" else (5 if call == 0 else 80))  # then quiet
+    monkeypatch.setattr(dispatch, "compare", fake)
+    assert dispatch.measure(w, cands, (1,)) == {"bitmask": {1: pytest.approx(1.25)}}
+    assert len(fake.calls) == 2
+    assert len(json.loads((cache_dir / "dispatch.json").read_text())["entries"]) == 1
