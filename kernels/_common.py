@@ -101,6 +101,14 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def choose_configs(interpret: bool, interpreter_config, configs: list) -> list:
+    """A kernel's autotune configs: the one small config under the interpreter (tests on the CPU),
+    else `configs` (only the first when autotuning is off)."""
+    if interpret:
+        return [interpreter_config]
+    return configs if autotuning() else configs[:1]
+
+
 def interpreter_mode() -> bool:
     """Whether Triton runs in its CPU interpreter (read when a kernel module is imported); applies
     the interpreter fix-up below when it does, so kernel modules need not."""

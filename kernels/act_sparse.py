@@ -22,9 +22,9 @@ import triton.language as tl
 
 from ._common import (
     PROGRAMS_PER_SM,
-    autotuning,
     bias_or_dummy,
     check_x,
+    choose_configs,
     dot_precision,
     interpreter_mode,
     m_bucket,
@@ -114,25 +114,19 @@ def _split_k(args) -> int:
 
 
 def _decode_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    configs = [
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4),
         triton.Config({"BLOCK_N": 256, "BLOCK_K": 16}, num_warps=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4),
-    ]
-    return configs if autotuning() else configs[:1]
+    ])
 
 
 def _prefill_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    configs = [
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ]
-    return configs if autotuning() else configs[:1]
+    ])
 
 
 _KEY = ["m_bucket", "N", "K", "BLOCK_M", "USE_DOT"]

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    autotuning,
     bias_or_dummy,
     check_x,
+    choose_configs,
     dot_precision,
     interpreter_mode,
     m_bucket,
@@ -68,14 +68,11 @@ def bitmask_gemv_kernel(
 
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    configs = [
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), [
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8),
-    ]
-    return configs if autotuning() else configs[:1]
+    ])
 
 
 bitmask_gemv = triton.autotune(_configs(), key=["m_bucket", "N", "K", "BLOCK_M"])(bitmask_gemv_kernel)

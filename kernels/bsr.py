@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    autotuning,
     bias_or_dummy,
     check_x,
+    choose_configs,
     dot_precision,
     interpreter_mode,
     m_bucket,
@@ -104,9 +104,8 @@ def _sub_n(args) -> int:
 
 def _configs(kind: str):
     """Configs set SUB_N_MAX (rows of a block per program, capped by bm) and, for prefill, BLOCK_M."""
-    if INTERPRET:
-        extra = {"BLOCK_M": 16} if kind == "prefill" else {}
-        return [triton.Config({"SUB_N_MAX": 16, **extra}, num_warps=1)]
+    extra = {"BLOCK_M": 16} if kind == "prefill" else {}
+    small = triton.Config({"SUB_N_MAX": 16, **extra}, num_warps=1)
     if kind == "prefill":
         configs = [
             triton.Config({"BLOCK_M": 64, "SUB_N_MAX": 64}, num_warps=4, num_stages=3),
@@ -119,7 +118,7 @@ def _configs(kind: str):
             triton.Config({"SUB_N_MAX": 32}, num_warps=4),
             triton.Config({"SUB_N_MAX": 64}, num_warps=4),
         ]
-    return configs if autotuning() else configs[:1]
+    return choose_configs(INTERPRET, small, configs)
 
 
 def _tuned(kind: str, key):

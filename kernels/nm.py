@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    autotuning,
     bias_or_dummy,
     check_x,
+    choose_configs,
     dot_precision,
     interpreter_mode,
     m_bucket,
@@ -95,25 +95,19 @@ def nm_matmul_kernel(
 
 
 def _decode_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    configs = [
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1), [
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4),
-    ]
-    return configs if autotuning() else configs[:1]
+    ])
 
 
 def _prefill_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    configs = [
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1), [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
-    return configs if autotuning() else configs[:1]
+    ])
 
 
 _KEY = ["m_bucket", "N", "K", "NN", "MM", "BLOCK_M"]
