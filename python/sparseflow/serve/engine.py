@@ -156,7 +156,7 @@ class Engine:
                         if isinstance(seq, Sequence):
                             self._guarded(self._prefill, [seq], seq)
                     if self._active:
-                        self._guarded(self._decode_step, self._active)
+                        self._guarded(self._decode_step, self._active, drop_batch=True)
         except BaseException as e:  # report to every waiting client instead of hanging them
             self.error = e
             self._running = False
@@ -164,15 +164,15 @@ class Engine:
                 item.sink(("error", 500, f"engine failed: {type(e).__name__}: {e}"))
             raise
 
-    def _guarded(self, fn, affected: list, *args) -> None:
+    def _guarded(self, fn, affected: list, *args, drop_batch: bool = False) -> None:
         """Runs fn; if it raises, the requests it was serving get a 500 and the engine goes on.
-        A failed decode step leaves the batch's cache undefined, so the whole batch is dropped."""
+        `drop_batch`: fn was a decode step, which leaves the batch's cache undefined when it fails."""
         try:
             fn(*args)
         except Exception as e:
             for item in list(affected):
                 item.sink(("error", 500, f"the model failed on this request: {type(e).__name__}: {e}"))
-            if fn == self._decode_step:
+            if drop_batch:
                 self._active, self._batch = [], BatchCache()
                 self.metrics.active_sequences.set(0)
 
