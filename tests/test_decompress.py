@@ -284,10 +284,13 @@ def backend_calls(monkeypatch):
     calls = {}
 
     def counting(b):
-        def counted(*args):
-            calls[b.name] = calls.get(b.name, 0) + 1
-            return b.fn(*args)
-        return table.Backend(b.op, b.format, b.device, b.name, counted, b.dtypes, b.applies, b.available)
+        def count(fn):
+            def counted(*args):
+                calls[b.name] = calls.get(b.name, 0) + 1
+                return fn(*args)
+            return counted
+        bind = None if b.bind is None else (lambda w: count(b.bind(w)))  # modules' bound kernels count too
+        return table.Backend(b.op, b.format, b.device, b.name, count(b.fn), b.dtypes, b.applies, b.available, bind)
 
     rows = [counting(b) if b.device == "cpu" else b for b in table.BACKENDS]
     monkeypatch.setattr(table, "BACKENDS", rows)

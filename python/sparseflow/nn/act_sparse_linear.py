@@ -13,6 +13,7 @@ from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops import table
 from ..ops.linear import act_sparse_from_buffers
+from .bound import BoundKernel, eager_cpu_inference
 from .crossover import above_crossover, rows_of
 
 
@@ -43,6 +44,7 @@ class ActSparseLinear(nn.Module):
             effective = folded if effective is None else (effective.float() + folded.float()).to(weight.dtype)
         self.register_buffer("shift", shift)
         self.bias = None if effective is None else nn.Parameter(effective, requires_grad=False)
+        self._kernel = BoundKernel("act_sparse_linear", weight_format)
 
     @classmethod
     def empty(cls, shape: tuple[int, int], threshold: float, weight_format: str, bias: bool,
@@ -59,6 +61,7 @@ class ActSparseLinear(nn.Module):
             mod.register_buffer(name, torch.empty(0))
         mod.register_buffer("shift", torch.empty(0) if shift else None)
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
+        mod._kernel = BoundKernel("act_sparse_linear", weight_format)
         return mod
 
     @classmethod
@@ -80,6 +83,14 @@ class ActSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
             x = x - self.shift
+        weights = self.weight_t if self.weight_format == "dense" else self.weight_t_values
+        if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
+                and x.dtype == weights.dtype and not above_crossover(x, self.dense_above)):
+            buffers = [t for t in self._buffers.values() if t is not None]  # weight (and shift: harmless)
+            fn = self._kernel.get(x, buffers, self.w_t)
+            if fn is not None:
+                y = fn(x.reshape(-1, self.in_features), self.threshold, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
         backend = ""
         if above_crossover(x, self.dense_above):  # many rows: one thresholded dense GEMM beats row-by-row skipping
             backend = table.batched_backend(x.device.type, rows_of(x))

@@ -17,6 +17,7 @@ from torch import nn
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
 from ..ops import linear_from_buffers, table
+from .bound import BoundKernel, eager_cpu_inference
 from .crossover import above_crossover, rows_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
@@ -50,6 +51,7 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.dense_above = dense_above
+        self._kernel = BoundKernel("linear", self.format_name)
 
     # ---- construction ----
     @classmethod
@@ -83,6 +85,7 @@ class SparseLinear(nn.Module):
         mod.out_features, mod.in_features = (int(s) for s in shape)
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
         mod.dense_above = dense_above
+        mod._kernel = BoundKernel("linear", format_name)
         return mod
 
     @property
@@ -117,11 +120,16 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format_name == "dense":
             return F.linear(x, self.weight_dense, self.bias)
+        if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
+                and x.dtype == self.weight_values.dtype and not above_crossover(x, self.dense_above)):
+            fn = self._kernel.get(x, self._buffers.values(), lambda: self.weight)  # the buffers are the weight's
+            if fn is not None:
+                return fn(x.reshape(-1, self.in_features), self.bias).view(*x.shape[:-1], self.out_features)
         backend = ""
         if above_crossover(x, self.dense_above):  # decompress + dense GEMM: measured faster at this many rows
             backend = table.batched_backend(x.device.type, rows_of(x))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
-                                   self.out_features, self.bias, backend)
+                                   (self.out_features, self.in_features), self.bias, backend)
 
     # ---- state dict: buffer sizes depend on the data, so loading replaces them (validated) ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

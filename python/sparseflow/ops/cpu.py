@@ -6,6 +6,7 @@ result is exactly what dense F.linear gives (0 * inf = NaN at pruned weights inc
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -40,51 +41,70 @@ def _fix_nonfinite(rows, x2, y, recompute):
     return y
 
 
-def bitmask_linear(x2, w: Bitmask, bias):
-    x2, y, kw = _io(x2, w.shape[0], bias)
-    v, mask, offs = w.values.contiguous(), w.mask.contiguous(), w.row_offsets.contiguous()
-    n = _C.bitmask_linear(ptr(v), ptr(mask), ptr(offs), w.shape[0], w.shape[1], mask.shape[1], v.numel(), **kw)
-    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+def _linear_kernel(w):
+    """The C++ row kernel of w's format and its weight arguments, with w's buffers made contiguous
+    once (returned too: the pointers are only valid while they live)."""
+    n, k = w.shape
+    if isinstance(w, Bitmask):
+        keep = v, mask, offs = w.values.contiguous(), w.mask.contiguous(), w.row_offsets.contiguous()
+        return _C.bitmask_linear, (ptr(v), ptr(mask), ptr(offs), n, k, mask.shape[1], v.numel()), keep
+    if isinstance(w, CSR):
+        keep = v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
+        bits = 16 if col.dtype == torch.int16 else 32
+        return _C.csr_linear, (ptr(v), ptr(col), bits, ptr(rp), n, k, v.numel()), keep
+    if isinstance(w, BSR):
+        keep = v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
+        return _C.bsr_linear, (ptr(v), ptr(col), ptr(rp), n, k, *w.block, v.shape[0]), keep
+    if isinstance(w, NM):
+        keep = v, idx = w.values.contiguous(), w.index.contiguous()
+        return _C.nm_linear, (ptr(v), ptr(idx), n, k, w.n, w.m, idx.shape[1]), keep
+    raise TypeError(f"no C++ linear kernel for {type(w).__name__}")
 
 
-def csr_linear(x2, w: CSR, bias):
-    x2, y, kw = _io(x2, w.shape[0], bias)
-    v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
-    bits = 16 if col.dtype == torch.int16 else 32
-    n = _C.csr_linear(ptr(v), ptr(col), bits, ptr(rp), w.shape[0], w.shape[1], v.numel(), **kw)
-    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """fn(x2, bias) = F.linear(x2, w.to_dense(), bias) by w's C++ kernel, with the weight's pointers
+    and sizes bound once: a module that keeps fn pays only for x on each call (nn/bound.py)."""
+    kernel, args, keep = _linear_kernel(w)
+    n = w.shape[0]
+
+    def run(x2: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        x2, y, kw = _io(x2, n, bias)
+        rows = kernel(*args, **kw)
+        return _fix_nonfinite(rows, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+
+    return run
 
 
-def bsr_linear(x2, w: BSR, bias):
-    x2, y, kw = _io(x2, w.shape[0], bias)
-    v, col, rp = w.values.contiguous(), w.col_indices.contiguous(), w.row_ptr.contiguous()
-    bm, bk = w.block
-    n = _C.bsr_linear(ptr(v), ptr(col), ptr(rp), w.shape[0], w.shape[1], bm, bk, v.shape[0], **kw)
-    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+def sparse_linear(x2, w, bias):
+    """The table's C++ row for every weight format."""
+    return bind_linear(w)(x2, bias)
 
 
-def nm_linear(x2, w: NM, bias):
-    x2, y, kw = _io(x2, w.shape[0], bias)
-    v, idx = w.values.contiguous(), w.index.contiguous()
-    n = _C.nm_linear(ptr(v), ptr(idx), w.shape[0], w.shape[1], w.n, w.m, idx.shape[1], **kw)
-    return _fix_nonfinite(n, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor]:
+    """fn(x2, threshold, bias) = act_sparse_linear(x2, w_t, threshold, bias) by the C++ kernel for a
+    dense or Bitmask w_t [K, N], with the weight's pointers and sizes bound once."""
+    k, n = w_t.shape
+    if isinstance(w_t, Bitmask):
+        keep = v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
+        kernel, args = _C.act_sparse_bitmask, (ptr(v), ptr(mask), ptr(offs), k, n, mask.shape[1], v.numel())
+    else:
+        keep = (w := w_t if w_t.stride(1) == 1 else w_t.contiguous(),)
+        kernel, args = _C.act_sparse_dense, (ptr(w), k, n, w.stride(0))
+
+    def run(x2: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        x2, y, kw = _io(x2, n, bias)
+        rows = kernel(*args, float(threshold), **kw)
+        if not isinstance(w_t, Bitmask):
+            return y  # a dense w_t propagates NaN/inf by itself
+        return _fix_nonfinite(rows, x2, y,
+                              lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
+
+    return run
 
 
-def act_sparse_dense(x2, w_t: torch.Tensor, threshold: float, bias):
-    x2, y, kw = _io(x2, w_t.shape[1], bias)
-    if w_t.stride(1) != 1:
-        w_t = w_t.contiguous()
-    _C.act_sparse_dense(ptr(w_t), w_t.shape[0], w_t.shape[1], w_t.stride(0), float(threshold), **kw)
-    return y  # a dense w_t propagates NaN/inf by itself
-
-
-def act_sparse_bitmask(x2, w_t: Bitmask, threshold: float, bias):
-    x2, y, kw = _io(x2, w_t.shape[1], bias)
-    v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
-    n = _C.act_sparse_bitmask(
-        ptr(v), ptr(mask), ptr(offs), w_t.shape[0], w_t.shape[1], mask.shape[1], v.numel(), float(threshold), **kw
-    )
-    return _fix_nonfinite(n, x2, y, lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
+def act_sparse(x2, w_t, threshold: float, bias):
+    """The table's C++ row for activation-sparse linear (dense or Bitmask w_t)."""
+    return bind_act_sparse(w_t)(x2, threshold, bias)
 
 
 # ---- batched path: decompress cache-sized chunks of rows, dense GEMM on each ----------------------

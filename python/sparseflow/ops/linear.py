@@ -123,17 +123,20 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
     `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a sparseflow format (Bitmask, CSR, BSR, NM), got {type(w).__name__}")
-    n, k = w.shape
-    _check(x, k, n, w.dtype, w.device, bias)
+    return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), w.shape, bias, backend)
+
+
+def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params: dict, shape: tuple[int, int],
+                        bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    """The custom op of a format, called with its (validated) buffers for a weight of `shape`
+    (out, in): what modules use in forward, so that torch.compile traces tensors and constants only.
+    x is checked against the weight here: the kernels take K from x, and a buffer sized for another
+    K would be read out of bounds."""
+    out_features, in_features = shape
+    values = tensors["values"]
+    _check(x, in_features, out_features, values.dtype, values.device, bias)
     if bias is not None:
         bias = bias.contiguous()
-    return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), n, bias, backend)
-
-
-def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params: dict, out_features: int,
-                        bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    """The custom op of a format, called with its (validated) buffers: what modules use in forward,
-    so that torch.compile traces tensors and constants only."""
     t = tensors
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if _eager(x) and not needs_grad:  # skip the dispatcher's ~15 us per call; tracing and autograd see the op
@@ -160,6 +163,9 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
                             bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
     """The activation-sparse custom op for a dense ({"t": w_t}) or bitmask transposed weight,
     called with its buffers (what ActSparseLinear uses), skipping the dispatcher when eager."""
+    w_rows = tensors["t"] if weight_format == "dense" else tensors["mask"]  # one row per input feature
+    values = tensors["t"] if weight_format == "dense" else tensors["values"]
+    _check(x, w_rows.shape[0], out_features, values.dtype, values.device, bias)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     t = tensors
     if _eager(x) and not needs_grad:

@@ -39,6 +39,9 @@ class Backend:
     dtypes: tuple = ALL_DTYPES
     applies: Callable = field(default=_always)    # (w, m) -> bool
     available: Callable = field(default=_always)  # () -> bool
+    # (w) -> fn(x2, bias) (act_sparse_linear: fn(x2, threshold, bias)): fn with w's pointers bound
+    # once, which a module keeps between calls (nn/bound.py); for rows that apply at every row count
+    bind: Callable | None = None
 
     @property
     def key(self) -> str:
@@ -56,12 +59,10 @@ def _ref_act_sparse(x2, w_t, threshold, bias):
 
 BACKENDS: list[Backend] = [
     # ---- C++ CPU kernels (csrc/cpu/kernels), one per format; ISA chosen inside _C ----
-    Backend("linear", "bitmask", "cpu", "cpp", cpu.bitmask_linear),
-    Backend("linear", "csr", "cpu", "cpp", cpu.csr_linear),
-    Backend("linear", "bsr", "cpu", "cpp", cpu.bsr_linear),
-    Backend("linear", "nm", "cpu", "cpp", cpu.nm_linear),
-    Backend("act_sparse_linear", "dense", "cpu", "cpp", cpu.act_sparse_dense),
-    Backend("act_sparse_linear", "bitmask", "cpu", "cpp", cpu.act_sparse_bitmask),
+    *(Backend("linear", f, "cpu", "cpp", cpu.sparse_linear, bind=cpu.bind_linear)
+      for f in ("bitmask", "csr", "bsr", "nm")),
+    *(Backend("act_sparse_linear", f, "cpu", "cpp", cpu.act_sparse, bind=cpu.bind_act_sparse)
+      for f in ("dense", "bitmask")),
     # many rows of x: decompress cache-sized chunks of the weight (C++) for torch's dense GEMM
     *(Backend("linear", f, "cpu", "batched", cpu.decompress_linear, applies=_batched)
       for f in ("bitmask", "csr", "bsr", "nm")),

@@ -1,0 +1,126 @@
+"""The modules' eager CPU fast path (nn/bound.py): the bound kernel gives what the custom op gives,
+is rebuilt when the buffers change, and steps aside wherever the op must run."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sparseflow as sf
+from sparseflow.nn import act_sparse_linear, sparse_linear
+
+FORMATS = ["bitmask", "csr", "bsr", "2:4"]
+
+
+def pruned_linear(k=70, n=45, density=0.5, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(sf.NM.from_dense(lin.weight.float(), 2, 4, prune=True).to_dense().to(dtype))
+        lin.weight.mul_(torch.rand(n, k) < density * 2)  # below 2:4's density, still 2:4-shaped
+    return lin
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the modules' calls of the custom-op path."""
+    calls = []
+
+    def counted(module, original):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, original.__name__, wrapper)
+
+    counted(sparse_linear, sparse_linear.linear_from_buffers)
+    counted(act_sparse_linear, act_sparse_linear.act_sparse_from_buffers)
+    return calls
+
+
+def modules(fmt, dtype=torch.float32):
+    lin = pruned_linear(dtype=dtype)
+    if fmt.startswith("act"):
+        return sf.ActSparseLinear.from_linear(lin, 0.4, weight_format=fmt.split("/")[1])
+    return sf.SparseLinear.from_linear(lin, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["act/dense", "act/bitmask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_kernel_equals_the_op(fmt, dtype, op_calls):
+    m = modules(fmt, dtype)
+    x = torch.randn(3, 2, 70, dtype=dtype)[:, 1]  # non-contiguous rows
+    x[1, 7] = float("nan")  # the NaN row is recomputed by the reference on both paths
+    with torch.no_grad():
+        fast = m(x)
+    assert not op_calls and fast.shape == (3, 45)
+    slow = m(x.clone().requires_grad_()).detach()  # autograd takes the custom op
+    assert op_calls
+    assert torch.equal(fast.isnan(), slow.isnan()) and fast[1].isnan().all()
+    assert torch.equal(fast[[0, 2]], slow[[0, 2]])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_new_buffers_rebind(fmt, op_calls):
+    """load_state_dict with another weight (other sizes), then .to(bf16): each call reads the
+    buffers the module holds now."""
+    m, other = modules(fmt), sf.SparseLinear.from_linear(pruned_linear(density=0.2, seed=1), fmt)
+    x = torch.randn(4, 70)
+    with torch.no_grad():
+        m(x)
+        m.load_state_dict(other.state_dict())
+        assert torch.equal(m(x), other(x))
+        m.to(torch.bfloat16)
+        other.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        assert torch.equal(m(xb), other(xb))
+    assert not op_calls
+
+
+def test_buffer_contents_changed_in_place_are_read():
+    m = sf.SparseLinear.from_linear(pruned_linear(), "bitmask")
+    m.bias = None
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        y = m(x)
+        m.weight_values.mul_(2)
+        assert torch.allclose(m(x), 2 * y)
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["act/dense", "act/bitmask"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_inputs_the_weight_does_not_fit_are_refused(fmt, grad, op_calls):
+    """Another dtype or K falls through to the op, which refuses it (the kernels take K and the
+    dtype from x: a weight sized for 70 inputs must never be read as if it had 4000)."""
+    m = modules(fmt)
+    with torch.set_grad_enabled(grad):
+        bad = (torch.randn(2, 70, dtype=torch.bfloat16), torch.randn(2, 69), torch.randn(2, 4000), torch.randn(70)[0])
+        for x in bad:
+            with pytest.raises((TypeError, ValueError), match="in_features=70|weight is torch.float32"):
+                m(x.requires_grad_(grad))
+    assert len(op_calls) == 4
+
+
+def test_the_op_runs_where_the_fast_path_must_not(op_calls):
+    m = modules("bitmask")
+    with torch.no_grad():
+        m.dense_above = 2
+        m(torch.randn(3, 70))  # above the crossover: the batched row, through the op
+        assert len(op_calls) == 1
+        m.dense_above = None
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(torch.ones(1, 70)), m(torch.ones(1, 70)), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "act/bitmask"])
+def test_copies_and_pickles_drop_the_bound_kernel(fmt):
+    m = modules(fmt)
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        y = m(x)
+        assert m._kernel._fn is not None
+        for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # pickle of our own object, in memory
+            assert clone._kernel._fn is None
+            assert torch.equal(clone(x), y)
