@@ -41,6 +41,7 @@ from ..formats import BSR, CSR, NM, Bitmask
 from ..formats.nm import check_nm
 from ..info import info
 from . import bandwidth as bw
+from .load import OtherLoad
 from .timing import FLUSH_MODES, Stats, cache_flusher, compare, paired_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -828,6 +829,7 @@ def run(options: Options, command: str | None = None, log: Callable[[str], None]
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    others = OtherLoad()
     if options.clock == "thread" and torch.get_num_threads() != 1:
         raise ValueError("clock 'thread' times the calling thread only: it needs 1 thread (--threads 1)")
     bandwidth = bw.measure(clock=CLOCKS[options.clock])
@@ -887,6 +889,7 @@ def run(options: Options, command: str | None = None, log: Callable[[str], None]
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "other_cores": others.cores(),  # CPU other processes took, on average (bench/load.py)
         "elapsed_s": time.perf_counter() - start,
     }
     return {

@@ -46,18 +46,23 @@ def header_lines(report: dict) -> list[str]:
     if meta.get("loadavg_start") is not None:
         load = f"; load avg {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}"
     busy = ""
-    loads = [v for v in (meta.get("loadavg_start"), meta.get("loadavg_end")) if v is not None]
-    if loads and max(loads) > 0.5 * meta["threads"] and meta.get("clock") == "thread":
+    others = meta.get("other_cores")
+    if others is None:  # no /proc/stat: the load average, which this benchmark's own threads raise to `threads`
+        loads = [v for v in (meta.get("loadavg_start"), meta.get("loadavg_end")) if v is not None]
+        others = max(loads) - meta["threads"] if loads else None
+    else:
+        load += f"; other processes used {others:.2f} cores on average"
+    if others is not None and others > 0.1 * meta["threads"] and meta.get("clock") == "thread":
         busy = (
-            f"note: the machine was busy (load average {max(loads):.1f}); thread CPU time is not inflated by "
-            "preemption, but other processes still share the caches and the memory bandwidth"
+            f"note: other processes used {others:.2f} cores; thread CPU time is not inflated by "
+            "preemption, but they still share the caches and the memory bandwidth"
         )
-    elif loads and max(loads) > 0.5 * meta["threads"]:
+    elif others is not None and others > 0.1 * meta["threads"]:
         busy = (
-            f"WARNING: the machine was busy (load average {max(loads):.1f} on {meta['threads']} threads): "
-            "other processes took cores from timed calls, and dense F.linear suffers more than the kernels "
-            "(its OpenMP threads wait for each other at a barrier, the kernels' pool hands work to whichever "
-            "thread runs), so speedups come out too high; rerun on an idle machine, or with --threads 1"
+            f"WARNING: other processes used {others:.2f} cores on average while this ran on {meta['threads']} "
+            "threads: they took cores from timed calls, and dense F.linear suffers more than the kernels "
+            "(its OpenMP threads wait for each other at a barrier), so speedups come out too high; rerun on an "
+            "idle machine, or with --threads 1"
         )
     clock = "" if meta.get("clock", "wall") == "wall" else "; clock: CPU time of the calling thread"
     stat = (
