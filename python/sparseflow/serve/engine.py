@@ -9,7 +9,6 @@ Events a generation sink receives: ("text", delta), then ("done", finish_reason,
 from __future__ import annotations
 
 import collections
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models import cache_keyword
 from .kv_cache import BatchCache
 from .loader import GENERATE, LoadedModel
 from .metrics import Metrics
@@ -85,17 +85,11 @@ class EmbeddingJob:
         self.cancelled = True
 
 
-def _cache_keyword(model) -> str:
-    """transformers 5 renamed past_key_values to cache; use whichever this version takes."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 class Engine:
     def __init__(self, loaded: LoadedModel, limits: Limits, metrics: Metrics):
         self.loaded, self.limits, self.metrics = loaded, limits, metrics
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self._cache_kw = _cache_keyword(self.model) if loaded.kind == GENERATE else ""
+        self._cache_kw = cache_keyword(self.model) if loaded.kind == GENERATE else ""
         self._waiting: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Sequence] = []
