@@ -82,10 +82,11 @@ def skeleton(spec: dict) -> nn.Module:
         kind, shape = spec["type"], tuple(int(s) for s in spec["shape"])
         if kind == "SparseLinear":
             return SparseLinear.empty(spec["format"], spec.get("params") or {}, shape, bool(spec["bias"]),
-                                      spec.get("dense_above"))
+                                      spec.get("dense_above"), bool(spec.get("keep_dense", False)))
         if kind == "ActSparseLinear":
             return ActSparseLinear.empty(shape, float(spec["threshold"]), spec["weight_format"], bool(spec["bias"]),
-                                         bool(spec["shift"]), spec.get("dense_above"))
+                                         bool(spec["shift"]), spec.get("dense_above"),
+                                         bool(spec.get("keep_dense", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{DESCRIPTION}: bad module spec {spec!r} ({e})") from None
     raise ValueError(f"{DESCRIPTION}: unknown module type {kind!r}")
@@ -99,6 +100,8 @@ def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for mname, module in model.named_modules():
         for bname in getattr(module, "_non_persistent_buffers_set", ()):
+            if bname in getattr(module, "derived_buffers", ()):
+                continue
             t = module._buffers.get(bname)
             if t is not None:
                 out[f"{BUFFER_PREFIX}{mname + '.' if mname else ''}{bname}"] = t

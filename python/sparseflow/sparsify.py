@@ -147,7 +147,8 @@ def crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
 
 def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
              calibration=None, m_range: tuple[int, ...] = (1, 16), mode_centering: bool = False,
-             measure: bool = True, use_cache: bool = True, remeasure: bool = False) -> SparsifyReport:
+             measure: bool = True, use_cache: bool = True, remeasure: bool = False,
+             prefill: str = "batched") -> SparsifyReport:
     """Replaces nn.Linear layers in place.
 
     format: "auto" measures every format the weight's pattern allows against dense at each row count
@@ -160,10 +161,19 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     activation_sparsity: a fraction (per-layer TEAL thresholds calibrated for that target) or a dict
       {layer name or pattern: fraction}; needs `calibration`, an iterable of model inputs.
     mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
+    prefill: what runs where the sparse kernel loses (many rows of x). "batched" (default) keeps only
+      the compressed weight and decompresses it in chunks for torch's dense GEMM: the smallest model,
+      a few percent slower than dense there. "dense" keeps a dense copy of each sparse layer's weight
+      for those rows (from the first measured row count where dense beat the kernel, and above the
+      largest one measured): never slower than dense at any row count, for the memory of the copies
+      (rebuilt on load, never saved).
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
     m_range = tuple(int(m) for m in m_range)
+    if prefill not in ("batched", "dense"):
+        raise ValueError(f"prefill must be 'batched' or 'dense', got {prefill!r}")
+    keep_dense = prefill == "dense"
     layers = target_linears(model, include, exclude)
     tied = _tied(model)
     acts = None
@@ -189,7 +199,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             shift = input_modes(x).to(w.dtype) if mode_centering else None
             thr = threshold_for(x, float(target), shift)
             wf = "bitmask" if pattern.density <= 0.7 else "dense"
-            new = ActSparseLinear(w, lin.bias, thr, shift, wf)
+            new = ActSparseLinear(w, lin.bias, thr, shift, wf, keep_dense=keep_dense)
             after = sum(b.numel() * b.element_size() for b in new.buffers())
             reports.append(LayerReport(**base, choice=f"act-sparse({wf})", backend="cpp", bytes_after=after,
                                        note=f"threshold {thr:.4g}{', mode-centred' if shift is not None else ''}"))
@@ -211,13 +221,19 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        dense_above = crossover(speed[label], timed["batched"][label], m_range)
-        new = SparseLinear(cands[label], lin.bias, dense_above=dense_above)
+        if keep_dense:  # dense itself (1.0) is the other path, and it takes every row count not measured
+            dense_above = crossover(speed[label], {m: 1.0 for m in m_range}, m_range)
+            dense_above = max(m_range) if dense_above is None else dense_above
+            other, how = {m: 1.0 for m in m_range}, "dense copy"
+        else:
+            dense_above = crossover(speed[label], timed["batched"][label], m_range)
+            other, how = timed["batched"][label], "batched (decompress + dense GEMM)"
+        new = SparseLinear(cands[label], lin.bias, dense_above=dense_above, keep_dense=keep_dense)
         above = dense_above is not None
         reports.append(LayerReport(
-            **base, choice=label, backend="cpp" if not above else "cpp+batched", bytes_after=cands[label].nbytes,
-            speedup={m: (s if not above or m <= dense_above else timed["batched"][label].get(m, s))
-                     for m, s in speed[label].items()},
-            note=f"batched (decompress + dense GEMM) above {dense_above} rows" if above else ""))
+            **base, choice=label, backend="cpp" if not above else ("cpp+dense" if keep_dense else "cpp+batched"),
+            bytes_after=cands[label].nbytes + (before if keep_dense else 0),
+            speedup={m: (s if not above or m <= dense_above else other.get(m, s)) for m, s in speed[label].items()},
+            note=f"{how} above {dense_above} rows" if above else ""))
         _set_module(model, name, new)
     return SparsifyReport(reports)

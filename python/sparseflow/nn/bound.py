@@ -42,7 +42,7 @@ class BoundKernel:
         self._fn: Callable | None = None
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor], weight: Callable[[], object]) -> Callable | None:
-        key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in buffers)
+        key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in buffers if t is not None)
         if key != self._key:
             w = weight()
             b = table.select(self.op, self.format, x, w, rows_of(x))

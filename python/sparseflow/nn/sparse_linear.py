@@ -4,7 +4,9 @@ The format's buffers are registered as module buffers `weight_<name>` (so state_
 torch.compile see plain tensors) and forward calls the format's custom op. Above `dense_above`
 rows of x, where the sparse kernel measured slower, forward runs the batched path instead: on the
 CPU the weight is decompressed in cache-sized chunks (C++) for torch's dense GEMM, elsewhere
-decompressed whole (torch)."""
+decompressed whole (torch). With `keep_dense`, it runs F.linear on a dense copy of the weight
+there instead: never slower than dense at any row count, for the memory of the copy (which is
+rebuilt from the compressed buffers on load, never saved)."""
 
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def auto_format(w: torch.Tensor) -> str:
 
 
 class SparseLinear(nn.Module):
+    derived_buffers = ("dense_copy",)  # rebuilt from the others on load: sf.save leaves them out
     def __init__(self, weight: SparseFormat | torch.Tensor, bias: torch.Tensor | None = None,
-                 dense_above: int | None = None):
+                 dense_above: int | None = None, keep_dense: bool = False):
         super().__init__()
         if isinstance(weight, SparseFormat):
             self.format_name, self.format_params = weight.format_name, weight.params()
@@ -52,6 +55,7 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.dense_above = dense_above
         self._kernel = BoundKernel("linear", self.format_name)
+        self._keep_dense(keep_dense and self.format_name != "dense")
 
     # ---- construction ----
     @classmethod
@@ -73,7 +77,7 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def empty(cls, format_name: str, params: dict, shape: tuple[int, int], bias: bool,
-              dense_above: int | None = None) -> SparseLinear:
+              dense_above: int | None = None, keep_dense: bool = False) -> SparseLinear:
         """A module with placeholder buffers; load_state_dict fills (and validates) them."""
         if format_name != "dense" and format_name not in FORMATS:
             raise ValueError(f"unknown format {format_name!r}")
@@ -86,7 +90,14 @@ class SparseLinear(nn.Module):
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
         mod.dense_above = dense_above
         mod._kernel = BoundKernel("linear", format_name)
+        mod.register_buffer("dense_copy", torch.empty(0) if keep_dense and format_name != "dense" else None,
+                            persistent=False)
         return mod
+
+    def _keep_dense(self, on: bool) -> None:
+        """The dense copy for rows above the crossover (a buffer, so .to() moves it; not persistent:
+        state_dict and sf.save leave it out, loading rebuilds it)."""
+        self.register_buffer("dense_copy", self.weight.to_dense() if on else None, persistent=False)
 
     @property
     def weight(self) -> SparseFormat | torch.Tensor:
@@ -104,7 +115,7 @@ class SparseLinear(nn.Module):
         """What a checkpoint needs to rebuild this module (see sparseflow.model_io)."""
         return {"type": "SparseLinear", "format": self.format_name, "params": self.format_params,
                 "shape": [self.out_features, self.in_features], "bias": self.bias is not None,
-                "dense_above": self.dense_above}
+                "dense_above": self.dense_above, "keep_dense": self.dense_copy is not None}
 
     def to_linear(self) -> nn.Linear:
         """Back to a dense nn.Linear with zeros (what other engines load)."""
@@ -120,13 +131,16 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format_name == "dense":
             return F.linear(x, self.weight_dense, self.bias)
+        above = above_crossover(x, self.dense_above)
+        if above and self.dense_copy is not None:
+            return F.linear(x, self.dense_copy, self.bias)
         if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and x.dtype == self.weight_values.dtype and not above_crossover(x, self.dense_above)):
-            fn = self._kernel.get(x, self._buffers.values(), lambda: self.weight)  # the buffers are the weight's
+                and x.dtype == self.weight_values.dtype and not above):
+            fn = self._kernel.get(x, self._buffers.values(), lambda: self.weight)
             if fn is not None:
                 return fn(x.reshape(-1, self.in_features), self.bias).view(*x.shape[:-1], self.out_features)
         backend = ""
-        if above_crossover(x, self.dense_above):  # decompress + dense GEMM: measured faster at this many rows
+        if above:  # decompress + dense GEMM: measured faster at this many rows
             backend = table.batched_backend(x.device.type, rows_of(x))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
@@ -134,7 +148,7 @@ class SparseLinear(nn.Module):
     # ---- state dict: buffer sizes depend on the data, so loading replaces them (validated) ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        names = [n for n, _ in self.named_buffers(recurse=False)]
+        names = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         if self.format_name != "dense" and len(incoming) == len(names):
             tensors = {n.removeprefix("weight_"): t for n, t in incoming.items()}
@@ -150,10 +164,13 @@ class SparseLinear(nn.Module):
                 missing_keys.append(prefix + n)
         if self.bias is not None and bias_key not in state_dict and strict:
             missing_keys.append(bias_key)
+        if self.dense_copy is not None and self.format_name != "dense" and len(incoming) == len(names):
+            self._keep_dense(True)
 
     def extra_repr(self) -> str:
         w = self.weight
         density = 1.0 if self.format_name == "dense" else w.density
         params = "".join(f", {k}={v}" for k, v in self.format_params.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}{params}, "
-                f"density={density:.3f}, bias={self.bias is not None}, dense_above={self.dense_above}")
+                f"density={density:.3f}, bias={self.bias is not None}, dense_above={self.dense_above}"
+                + (", keep_dense=True" if self.dense_copy is not None else ""))

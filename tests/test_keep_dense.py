@@ -1,0 +1,106 @@
+"""keep_dense / sparsify(prefill="dense"): above its crossover a sparse layer runs F.linear on a dense
+copy of its weight, so the model is never slower than dense at any row count; the copy is rebuilt
+on load and never saved."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_2x
+from safetensors import safe_open
+from torch import nn
+
+import sparseflow as sf
+from sparseflow.ops import act_sparse_linear_reference, table
+
+
+def pruned(k=72, n=40, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(n, k) < 0.4)
+    return lin
+
+
+@pytest.fixture
+def no_sparse_backend(monkeypatch):
+    """Fails any call of a CPU backend of the table (the dense copy must not need one)."""
+    def refuse(*_args):
+        raise AssertionError("a sparse backend ran above the crossover")
+    rows = [table.Backend(b.op, b.format, b.device, b.name, refuse, b.dtypes, b.applies, b.available, None)
+            if b.device == "cpu" else b for b in table.BACKENDS]
+    monkeypatch.setattr(table, "BACKENDS", rows)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr"])
+def test_rows_above_the_crossover_run_the_dense_copy(fmt, no_sparse_backend):
+    lin = pruned()
+    sl = sf.SparseLinear(sf.SparseLinear.from_linear(lin, fmt).weight, lin.bias, dense_above=4, keep_dense=True)
+    assert torch.equal(sl.dense_copy, lin.weight)
+    x = torch.randn(3, 5, 72)  # 15 rows
+    with torch.no_grad():
+        assert torch.equal(sl(x), F.linear(x, lin.weight, lin.bias))
+        compiled = torch.compile(sl, fullgraph=True)
+        assert torch.equal(compiled(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_below_the_crossover_the_sparse_kernel_still_runs():
+    lin = pruned()
+    sl = sf.SparseLinear(sf.Bitmask.from_dense(lin.weight.detach()), lin.bias, dense_above=4, keep_dense=True)
+    sl.dense_copy.fill_(float("nan"))  # would show if the copy were used
+    x = torch.randn(4, 72)
+    assert_close_2x(sl(x), F.linear(x.double(), lin.weight.double(), lin.bias.double()), lin(x))
+
+
+def test_the_copy_is_not_saved_and_is_rebuilt_on_load(tmp_path):
+    model = nn.Sequential(pruned(), nn.ReLU(), pruned(40, 24, seed=1))
+    model[0] = sf.SparseLinear(sf.Bitmask.from_dense(model[0].weight.detach()), model[0].bias, 2, keep_dense=True)
+    model[2] = sf.ActSparseLinear.from_linear(model[2], 0.1, weight_format="bitmask")
+    model[2]._keep_dense(True)
+    assert "0.dense_copy" not in model.state_dict() and "2.dense_copy" not in model.state_dict()
+    sf.save(model, tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert not any("dense_copy" in k for k in f.keys())
+    assert json.loads((tmp_path / "sparseflow.json").read_text())["modules"]["0"]["keep_dense"] is True
+    loaded = sf.load(tmp_path)
+    assert torch.equal(loaded[0].dense_copy, model[0].dense_copy)
+    assert torch.equal(loaded[2].dense_copy, model[2].dense_copy)
+    x = torch.randn(20, 72)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_act_sparse_dense_copy_keeps_the_thresholded_product():
+    lin = pruned()
+    x = torch.randn(32, 72)
+    x[3, 5] = float("nan")
+    for weight_format in ("dense", "bitmask"):
+        act = sf.ActSparseLinear.from_linear(lin, 0.5, weight_format=weight_format)
+        ref64 = act_sparse_linear_reference(x.double(), lin.weight.detach().t().double(), 0.5, lin.bias.double())
+        ref = act_sparse_linear_reference(x, lin.weight.detach().t(), 0.5, lin.bias)
+        with torch.no_grad():
+            batched = act(x)  # 32 rows > dense_above=16: the batched path
+            act._keep_dense(True)
+            copy = act(x)
+            compiled = torch.compile(act, fullgraph=True)(x)  # torch.where instead of the C++ pass
+        for y in (batched, copy, compiled):
+            assert torch.equal(y.isnan(), ref64.isnan())
+            keep = ~ref64.isnan().any(1)
+            assert_close_2x(y[keep], ref64[keep], ref[keep])
+        torch.testing.assert_close(copy, compiled, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+def test_sparsify_prefill_dense(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    model = nn.Sequential(pruned(), nn.ReLU(), pruned(40, 24, seed=1))
+    dense = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    report = sf.sparsify(model, format="bitmask", m_range=(1, 8), prefill="dense")
+    for i, layer in zip((0, 2), report.layers, strict=True):
+        m = model[i]
+        assert isinstance(m, sf.SparseLinear) and torch.equal(m.dense_copy, dense[i // 2])
+        assert m.dense_above is not None and m.dense_above <= 8  # unmeasured rows (above 8) run dense
+        assert layer.bytes_after == m.weight.nbytes + dense[i // 2].numel() * 4
+        assert layer.backend == "cpp+dense" and "dense copy" in layer.note
+    with pytest.raises(ValueError, match="prefill"):
+        sf.sparsify(nn.Sequential(pruned()), prefill="fast")
