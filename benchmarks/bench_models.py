@@ -30,22 +30,22 @@ def prune_linears(model, pattern):
 M_RANGE = (1, 16, 128)  # decode, small batch, prefill: above the last win a layer decompresses and runs dense
 
 
-def variants(base, calibration):
+def variants(base, calibration, prefill="batched"):
     out = {"dense": base}
     m = copy.deepcopy(base)
     prune_linears(m, "2:4")
-    sf.sparsify(m, format="2:4", m_range=M_RANGE)
+    sf.sparsify(m, format="2:4", m_range=M_RANGE, prefill=prefill)
     out["2:4"] = m
     m = copy.deepcopy(base)
     prune_linears(m, "unstructured")
-    sf.sparsify(m, format="bitmask", m_range=M_RANGE)
+    sf.sparsify(m, format="bitmask", m_range=M_RANGE, prefill=prefill)
     out["unstructured 50%"] = m
     m = copy.deepcopy(base)
-    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration)
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, prefill=prefill)
     out["activation 50%"] = m
     m = copy.deepcopy(base)
     prune_linears(m, "unstructured")
-    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration)
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, prefill=prefill)
     out["weight 50% + activation 50%"] = m
     return out
 
@@ -59,6 +59,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--prefill-path", choices=["batched", "dense"], default="batched",
+                   help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
     p.add_argument("--json", default="benchmarks/results/models.json")
     args = p.parse_args(argv)
 
@@ -66,7 +68,7 @@ def main(argv=None):
     base = llama(args.hidden, args.intermediate, args.layers, vocab=args.vocab)
     ids = torch.randint(0, args.vocab, (1, args.context))
     calibration = [torch.randint(0, args.vocab, (1, 32)) for _ in range(4)]
-    models = variants(base, calibration)
+    models = variants(base, calibration, args.prefill_path)
     decode = median_interleaved({k: decode_step_fn(m, ids) for k, m in models.items()}, args.rounds)
     prompt = torch.randint(0, args.vocab, (1, args.prefill))
 
@@ -78,15 +80,18 @@ def main(argv=None):
 
     pre = median_interleaved({k: prefill(m) for k, m in models.items()}, max(3, args.rounds // 3))
     info = sf.info()
+    mb = {k: sum(t.numel() * t.element_size() for t in [*m.buffers(), *m.parameters()]) / 2**20
+          for k, m in models.items()}  # resident weights, dense copies included
     rows = [{"variant": k, "decode_ms": decode[k] * 1e3, "decode_tok_s": 1 / decode[k],
              "decode_speedup": decode["dense"] / decode[k], "prefill_ms": pre[k] * 1e3,
-             "prefill_speedup": pre["dense"] / pre[k]} for k in models]
+             "prefill_speedup": pre["dense"] / pre[k], "resident_mb": mb[k]} for k in models]
     print(f"Llama-shaped decoder: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"bf16, {info['threads']} threads, {info['cpu']} ({info['isa_in_use']}), context {args.context}")
-    print(f"{'variant':<30}{'decode ms':>10}{'tok/s':>8}{'speedup':>9}{'prefill ms':>12}{'speedup':>9}")
+          f"bf16, {info['threads']} threads, {info['cpu']} ({info['isa_in_use']}), context {args.context}, "
+          f"prefill path {args.prefill_path}")
+    print(f"{'variant':<30}{'decode ms':>10}{'tok/s':>8}{'speedup':>9}{'prefill ms':>12}{'speedup':>9}{'MB':>8}")
     for r in rows:
         print(f"{r['variant']:<30}{r['decode_ms']:>10.2f}{r['decode_tok_s']:>8.1f}{r['decode_speedup']:>8.2f}x"
-              f"{r['prefill_ms']:>12.1f}{r['prefill_speedup']:>8.2f}x")
+              f"{r['prefill_ms']:>12.1f}{r['prefill_speedup']:>8.2f}x{r['resident_mb']:>8.0f}")
     result = {"date": datetime.date.today().isoformat(), "machine": info, "python": platform.python_version(),
               "args": vars(args), "rows": rows}
     if args.json:
