@@ -40,7 +40,7 @@ def build_variants(args, root: Path) -> dict[str, Path]:
     for name, pattern, fmt in (("2:4", "2:4", "2:4"), ("unstructured 50%", "unstructured", "bitmask")):
         model = llama(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=30522)
         sf.prune(model, method="magnitude", sparsity=0.5, pattern=pattern, progress=False)
-        sf.sparsify(model, format=fmt, m_range=(1, args.clients, 64))
+        sf.sparsify(model, format=fmt, m_range=(1, args.clients, 64), prefill=args.prefill_path)
         dirs[name] = save_for_serving(model, root / fmt)
     return dirs
 
@@ -131,6 +131,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=24)
+    p.add_argument("--prefill-path", choices=["batched", "dense"], default="batched",
+                   help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
     p.add_argument("--json", default="benchmarks/results/serve.json")
     args = p.parse_args(argv)
 
