@@ -22,6 +22,7 @@ from ._common import (
     on_device,
     output,
 )
+from ._tile import store_tile
 
 INTERPRET = interpreter_mode()
 
@@ -61,10 +62,7 @@ def bitmask_gemv_kernel(
             x = tl.load(x_ptr + offs_k * stride_xk, mask=k_in, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :]
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)
 
 
 def _configs():

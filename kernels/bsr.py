@@ -27,6 +27,7 @@ from ._common import (
     on_device,
     output,
 )
+from ._tile import store_tile
 
 INTERPRET = interpreter_mode()
 
@@ -92,10 +93,7 @@ def bsr_matmul_kernel(
     total = tl.load(nf_ptr + offs_m, mask=m_in, other=0)
     acc = tl.where((total > seen)[:, None], float("nan"), acc)
     n_in = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)
 
 
 def _sub_n(args) -> int:

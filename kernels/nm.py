@@ -26,6 +26,7 @@ from ._common import (
     on_device,
     output,
 )
+from ._tile import store_tile
 
 INTERPRET = interpreter_mode()
 
@@ -88,10 +89,7 @@ def nm_matmul_kernel(
                         mask=(cols < K) & (pid_m < M), other=0.0).to(tl.float32)
             acc += tl.sum(tl.sum(tile * x[None, :, :], axis=2), axis=1)[None, :]
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)
 
 
 def _decode_configs():
