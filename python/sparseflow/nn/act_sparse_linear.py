@@ -101,7 +101,7 @@ class ActSparseLinear(nn.Module):
             x = x - self.shift
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:
-            return F.linear(skip_inactive(x, self.threshold), self.dense_copy, self.bias)
+            return F.linear(_skip_inactive(x, self.threshold), self.dense_copy, self.bias)
         weights = self.weight_t if self.weight_format == "dense" else self.weight_t_values
         if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
                 and x.dtype == weights.dtype and not above):
@@ -144,11 +144,12 @@ class ActSparseLinear(nn.Module):
                 + (", keep_dense=True" if self.dense_copy is not None else ""))
 
 
-def skip_inactive(x: torch.Tensor, threshold: float) -> torch.Tensor:
+def _skip_inactive(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """x with the inputs an activation-sparse product skips (|x| <= threshold, compared in x's
-    dtype; NaN and inf stay) set to zero: one C++ pass in eager CPU inference, else torch."""
+    dtype; NaN and inf stay) set to zero: one C++ pass in eager CPU inference (into a scratch
+    buffer: valid until the next call on this thread), else torch."""
     if eager_cpu_inference(x, None) and x.dim() >= 1:
-        return zero_inactive(x.reshape(-1, x.shape[-1]), threshold).view(x.shape)
+        return zero_inactive(x.reshape(-1, x.shape[-1]), threshold, reuse=True).view(x.shape)  # F.linear consumes it
     return torch.where(x.abs() <= threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
