@@ -124,3 +124,28 @@ def test_copies_and_pickles_drop_the_bound_kernel(fmt):
         for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # pickle of our own object, in memory
             assert clone._kernel._fn is None
             assert torch.equal(clone(x), y)
+
+
+def test_weights_on_another_device_or_a_bad_bias_take_the_op(op_calls):
+    """The bound kernel would read them as CPU memory of the expected size: the op refuses instead."""
+    m = modules("bitmask")
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        meta = copy.deepcopy(m).to("meta")
+        with pytest.raises((ValueError, RuntimeError, TypeError), match="meta|device"):
+            meta(x)
+        state = m.state_dict()
+        state["bias"] = torch.ones(1)
+        m.load_state_dict(state)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            m(x)
+    assert len(op_calls) == 2
+
+
+def test_jit_trace_records_the_op():
+    m = modules("bitmask")
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x, check_trace=False)
+        other = torch.randn(2, 70)
+        assert torch.allclose(traced(other), m(other), atol=1e-5)

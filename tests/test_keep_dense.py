@@ -104,3 +104,21 @@ def test_sparsify_prefill_dense(tmp_path, monkeypatch):
         assert layer.backend == "cpp+dense" and "dense copy" in layer.note
     with pytest.raises(ValueError, match="prefill"):
         sf.sparsify(nn.Sequential(pruned()), prefill="fast")
+
+
+def test_a_partial_load_rebuilds_the_copy():
+    lin, other = pruned(), pruned(seed=1)
+    sl = sf.SparseLinear(sf.CSR.from_dense(lin.weight.detach()), lin.bias, dense_above=2, keep_dense=True)
+    new = sf.SparseLinear(sf.CSR.from_dense(other.weight.detach()), lin.bias)
+    sl.load_state_dict(new.state_dict(), strict=False)
+    assert torch.equal(sl.dense_copy, other.weight)
+    x = torch.randn(8, 72)
+    with torch.no_grad():
+        assert torch.allclose(sl(x), F.linear(x, other.weight, lin.bias), atol=1e-5)
+
+
+def test_float64_above_the_crossover_is_refused_clearly():
+    act = sf.ActSparseLinear.from_linear(pruned(), 0.5)
+    act._keep_dense(True)
+    with torch.no_grad(), pytest.raises((TypeError, RuntimeError), match="dtype|Double|Float|type"):
+        act(torch.randn(32, 72, dtype=torch.float64))

@@ -18,7 +18,9 @@ def machine_busy_seconds() -> float | None:
         return None
     if len(fields) < 5:
         return None
-    idle = fields[3] + fields[4]  # idle + iowait; guest time is already inside user and nice
+    # idle + iowait; guest time is already inside user and nice; steal (time the hypervisor gave to
+    # other guests) stays in: it disturbs timings the same way
+    idle = fields[3] + fields[4]
     return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 

@@ -47,9 +47,9 @@ def header_lines(report: dict) -> list[str]:
         load = f"; load avg {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}"
     busy = ""
     others = meta.get("other_cores")
-    if others is None:  # no /proc/stat: the load average, which this benchmark's own threads raise to `threads`
-        loads = [v for v in (meta.get("loadavg_start"), meta.get("loadavg_end")) if v is not None]
-        others = max(loads) - meta["threads"] if loads else None
+    if others is None:  # no /proc/stat: the load average at the end, which this benchmark's own threads raise
+        end = meta.get("loadavg_end")  # to about `threads` (the start reading came before they ran)
+        others = end - meta["threads"] if end is not None else None
     else:
         load += f"; other processes used {others:.2f} cores on average"
     if others is not None and others > 0.1 * meta["threads"] and meta.get("clock") == "thread":

@@ -15,7 +15,7 @@ from ..io.inputs import dense_weight
 from ..ops import table
 from ..ops.cpu import zero_inactive
 from ..ops.linear import act_sparse_from_buffers
-from .bound import BoundKernel, eager_cpu_inference
+from .bound import BoundKernel, eager_cpu_inference, fits_bound_kernel
 from .crossover import above_crossover, rows_of
 
 
@@ -103,8 +103,7 @@ class ActSparseLinear(nn.Module):
         if above and self.dense_copy is not None:
             return F.linear(_skip_inactive(x, self.threshold), self.dense_copy, self.bias)
         weights = self.weight_t if self.weight_format == "dense" else self.weight_t_values
-        if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and x.dtype == weights.dtype and not above):
+        if not above and fits_bound_kernel(x, weights, self.bias, self.in_features, self.out_features):
             buffers = [t for t in self._buffers.values() if t is not None]  # weight (and shift: harmless)
             fn = self._kernel.get(x, buffers, self.w_t)
             if fn is not None:
@@ -131,12 +130,13 @@ class ActSparseLinear(nn.Module):
         names = [prefix + f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" \
             else [prefix + "weight_t"]
         loaded = all(n in state_dict for n in names)
+        any_loaded = any(n in state_dict for n in names)
         if self.weight_format == "bitmask" and loaded:
             self.w_t()._validate()
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().clone(), requires_grad=False)
-        if self.dense_copy is not None and loaded:
-            self._keep_dense(True)
+        if self.dense_copy is not None and any_loaded:
+            self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}, "
@@ -148,7 +148,7 @@ def _skip_inactive(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """x with the inputs an activation-sparse product skips (|x| <= threshold, compared in x's
     dtype; NaN and inf stay) set to zero: one C++ pass in eager CPU inference (into a scratch
     buffer: valid until the next call on this thread), else torch."""
-    if eager_cpu_inference(x, None) and x.dim() >= 1:
+    if eager_cpu_inference(x, None) and x.dim() >= 1 and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return zero_inactive(x.reshape(-1, x.shape[-1]), threshold, reuse=True).view(x.shape)  # F.linear consumes it
     return torch.where(x.abs() <= threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
 

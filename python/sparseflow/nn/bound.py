@@ -19,9 +19,11 @@ from .crossover import rows_of
 
 
 def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A plain CPU tensor in eager mode with no gradient to record."""
+    """A plain CPU tensor in eager mode (not compiling, tracing or under a dispatch mode) with no
+    gradient to record."""
     return (
         not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and type(x) is torch.Tensor
         and x.is_cpu
         and _get_current_dispatch_mode() is None
@@ -29,10 +31,23 @@ def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     )
 
 
+def fits_bound_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                      out_features: int) -> bool:
+    """Eager CPU inference with x, the weight's buffers (`weight`: one of them) and the bias all
+    matching: the bound kernel takes sizes and dtype from them unchecked, so anything else goes to
+    the custom op, which refuses a mismatch with a message."""
+    return (
+        eager_cpu_inference(x, bias)
+        and x.dim() >= 1 and x.shape[-1] == in_features
+        and weight.is_cpu and x.dtype == weight.dtype
+        and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.shape == (out_features,)))
+    )
+
+
 class BoundKernel:
     """A module's bound kernel, rebuilt whenever its buffers change (load_state_dict, .to(), a new
-    tensor assigned): the key holds each buffer's address, size and dtype, so a new buffer that
-    reuses a freed one's address but not its size is never read with the old bounds. None where
+    tensor assigned): the key holds each buffer's address, shape, strides and dtype, so a new buffer
+    that reuses a freed one's address but not its layout is never read with the old bounds. None where
     the row dispatch picks has no `bind`. Copies and pickles of the module drop it (a closure over
     raw pointers must not travel)."""
 
@@ -42,7 +57,7 @@ class BoundKernel:
         self._fn: Callable | None = None
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor], weight: Callable[[], object]) -> Callable | None:
-        key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in buffers if t is not None)
+        key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in buffers if t is not None)
         if key != self._key:
             w = weight()
             b = table.select(self.op, self.format, x, w, rows_of(x))

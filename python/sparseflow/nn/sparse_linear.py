@@ -19,7 +19,7 @@ from torch import nn
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
 from ..ops import linear_from_buffers, table
-from .bound import BoundKernel, eager_cpu_inference
+from .bound import BoundKernel, fits_bound_kernel
 from .crossover import above_crossover, rows_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
@@ -134,8 +134,7 @@ class SparseLinear(nn.Module):
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:
             return F.linear(x, self.dense_copy, self.bias)
-        if (eager_cpu_inference(x, self.bias) and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and x.dtype == self.weight_values.dtype and not above):
+        if not above and fits_bound_kernel(x, self.weight_values, self.bias, self.in_features, self.out_features):
             fn = self._kernel.get(x, self._buffers.values(), lambda: self.weight)
             if fn is not None:
                 return fn(x.reshape(-1, self.in_features), self.bias).view(*x.shape[:-1], self.out_features)
@@ -164,8 +163,8 @@ class SparseLinear(nn.Module):
                 missing_keys.append(prefix + n)
         if self.bias is not None and bias_key not in state_dict and strict:
             missing_keys.append(bias_key)
-        if self.dense_copy is not None and self.format_name != "dense" and len(incoming) == len(names):
-            self._keep_dense(True)
+        if self.dense_copy is not None and self.format_name != "dense" and incoming:
+            self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 
     def extra_repr(self) -> str:
         w = self.weight

@@ -22,7 +22,8 @@ def _run_linear(fmt: str, x: torch.Tensor, w: SparseFormat, bias, backend: str) 
 
 def _eager(x: torch.Tensor) -> bool:
     """Plain eager execution: no compiler, no tracing mode, no tensor subclass."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None)
 
 
 def _empty_out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -132,6 +133,8 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     (out, in): what modules use in forward, so that torch.compile traces tensors and constants only.
     x is checked against the weight here: the kernels take K from x, and a buffer sized for another
     K would be read out of bounds."""
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
+        raise TypeError(f"shape must be the weight's (out_features, in_features), got {shape!r}")
     out_features, in_features = shape
     values = tensors["values"]
     _check(x, in_features, out_features, values.dtype, values.device, bias)
