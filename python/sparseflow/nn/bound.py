@@ -1,8 +1,9 @@
 """The sparse modules' eager CPU fast path: a module binds its compressed buffers to the kernel of
 the backend row dispatch picks (a row's `bind`, ops/table.py) once, and each call passes only x,
 skipping torch's dispatcher, the format object and the table lookup. On the 2-core Zen 4 with a
-small layer it saves about 50 us per call with cold caches, which is what a layer meets in a model
-(the other layers' weights evict its Python state), and 6 us warm (benchmarks/RESULTS.md).
+small layer it saves about 25 us per call with cold caches, which is what a layer meets in a model
+(the other layers' weights evict its Python state), and 9-18 us warm: 0-7% of a Llama decode step
+(benchmarks/RESULTS.md).
 
 Anything else takes the custom op: torch.compile, export and tracing modes, autograd, devices other
 than the CPU, rows above the layer's crossover, and inputs the op must reject with a message."""
