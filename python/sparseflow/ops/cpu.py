@@ -5,6 +5,7 @@ result is exactly what dense F.linear gives (0 * inf = NaN at pruned weights inc
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -235,6 +236,14 @@ def decompress_linear(x2, w, bias, chunk_bytes: int | None = None):
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+@functools.lru_cache(maxsize=4096)
+def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
+    """The threshold's bits in x's dtype (rounded as the comparison in that dtype rounds it); cached:
+    building a tensor for it cost more than the pass itself on a prefill-sized x."""
+    thr = torch.tensor(threshold, dtype=dtype)
+    return int(thr.view(_INT[dtype])) & (0xFFFF if thr.element_size() == 2 else 0xFFFFFFFF)
+
+
 def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> torch.Tensor:
     """x2 with the inputs the reference skips (|x| <= threshold, compared in x's dtype) set to zero;
     NaN and inf stay. One C++ pass over the bits (torch.where on bf16 takes ~20x longer).
@@ -243,8 +252,7 @@ def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> to
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
         x2 = x2.contiguous()
     out = _scratch(x2.numel(), x2.dtype, "x").view(x2.shape) if reuse else torch.empty(x2.shape, dtype=x2.dtype)
-    thr = torch.tensor(float(threshold), dtype=x2.dtype)  # rounded as the comparison in x's dtype rounds it
-    bits = int(thr.view(_INT[x2.dtype])) & (0xFFFF if x2.element_size() == 2 else 0xFFFFFFFF)
+    bits = _threshold_bits(float(threshold), x2.dtype)
     m, k = x2.shape
     _C.zero_inactive(dtype_code(x2.dtype), ptr(x2), m, k, x2.stride(0), ptr(out), k, bits, torch.get_num_threads())
     return out
