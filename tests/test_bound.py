@@ -149,3 +149,22 @@ def test_jit_trace_records_the_op():
         traced = torch.jit.trace(m, x, check_trace=False)
         other = torch.randn(2, 70)
         assert torch.allclose(traced(other), m(other), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr", "nm"])
+def test_ops_linear_binds_each_format_object_once(fmt):
+    lin = pruned_linear()
+    w = sf.SparseLinear.from_linear(lin, "2:4" if fmt == "nm" else fmt).weight
+    bias = torch.randn(90)[::2]  # non-contiguous: the op path makes it contiguous
+    x = torch.randn(3, 70)
+    with torch.no_grad():
+        y = sf.ops.linear(x, w, bias)
+        assert w.__dict__.get("_bound_kernel") is None  # the non-contiguous bias took the op
+        y2 = sf.ops.linear(x, w, bias.contiguous())
+        fn = w.__dict__["_bound_kernel"]._fn
+        assert fn is not None and torch.equal(y, y2)
+        sf.ops.linear(x, w, bias.contiguous())
+        assert w.__dict__["_bound_kernel"]._fn is fn  # bound once
+        ref = sf.ops.linear(x, w, bias, backend="reference")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert copy.deepcopy(w).__dict__["_bound_kernel"]._fn is None

@@ -13,9 +13,9 @@ from torch import nn
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops import table
+from ..ops.bound import BoundKernel, eager_cpu_inference, fits_bound_kernel
 from ..ops.cpu import zero_inactive
 from ..ops.linear import act_sparse_from_buffers
-from .bound import BoundKernel, eager_cpu_inference, fits_bound_kernel
 from .crossover import above_crossover, rows_of
 
 

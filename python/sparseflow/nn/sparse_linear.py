@@ -19,7 +19,7 @@ from torch import nn
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
 from ..ops import linear_from_buffers, table
-from .bound import BoundKernel, fits_bound_kernel
+from ..ops.bound import BoundKernel, fits_bound_kernel
 from .crossover import above_crossover, rows_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")

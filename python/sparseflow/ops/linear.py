@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
+from .bound import bound_for_format, fits_bound_kernel
 
 LIB = "sparseflow"
 
@@ -124,6 +125,11 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
     `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a sparseflow format (Bitmask, CSR, BSR, NM), got {type(w).__name__}")
+    n, k = w.shape
+    if backend in ("", "cpp") and fits_bound_kernel(x, w.values, bias, k, n):
+        fn = bound_for_format(x, w)
+        if fn is not None:
+            return fn(x.reshape(-1, k), bias).view(*x.shape[:-1], n)
     return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), w.shape, bias, backend)
 
 

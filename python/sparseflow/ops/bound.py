@@ -1,6 +1,7 @@
-"""The sparse modules' eager CPU fast path: a module binds its compressed buffers to the kernel of
-the backend row dispatch picks (a row's `bind`, ops/table.py) once, and each call passes only x,
-skipping torch's dispatcher, the format object and the table lookup. On the 2-core Zen 4 with a
+"""The eager CPU fast path of sf.ops.linear and the sparse modules: a weight (a module's buffers, or
+a format object) is bound to the kernel of the backend row dispatch picks (a row's `bind`,
+ops/table.py) once, and each call passes only x, skipping torch's dispatcher, the format object and
+the table lookup. On the 2-core Zen 4 with a
 small layer it saves about 25 us per call with cold caches, which is what a layer meets in a model
 (the other layers' weights evict its Python state), and 9-18 us warm: 0-7% of a Llama decode step
 (benchmarks/RESULTS.md).
@@ -15,8 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..ops import table
-from .crossover import rows_of
+from . import table
 
 
 def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -41,7 +41,8 @@ def fits_bound_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         eager_cpu_inference(x, bias)
         and x.dim() >= 1 and x.shape[-1] == in_features
         and weight.is_cpu and x.dtype == weight.dtype
-        and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.shape == (out_features,)))
+        and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.shape == (out_features,)
+                              and bias.is_contiguous()))
     )
 
 
@@ -61,9 +62,19 @@ class BoundKernel:
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in buffers if t is not None)
         if key != self._key:
             w = weight()
-            b = table.select(self.op, self.format, x, w, rows_of(x))
+            b = table.select(self.op, self.format, x, w, max(1, x.numel() // max(1, x.shape[-1])))
             self._fn, self._key = (None if b.bind is None else b.bind(w)), key
         return self._fn
 
     def __getstate__(self) -> dict:
         return {"op": self.op, "format": self.format, "_key": None, "_fn": None}
+
+
+def bound_for_format(x: torch.Tensor, w) -> Callable | None:
+    """The bound kernel of a format object, kept on the object (formats are immutable; the cache is
+    not part of its value, and the cycle it makes with the kernel's closure is collected with it)."""
+    kernel = w.__dict__.get("_bound_kernel")
+    if kernel is None:
+        kernel = BoundKernel("linear", w.format_name)
+        object.__setattr__(w, "_bound_kernel", kernel)
+    return kernel.get(x, w.tensors().values(), lambda: w)
