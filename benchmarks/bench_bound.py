@@ -1,4 +1,4 @@
-"""What the modules' bound-kernel fast path (python/sparseflow/nn/bound.py) saves: the same sparse
+"""What the modules' bound-kernel fast path (python/sparseflow/ops/bound.py) saves: the same sparse
 models decode one token with the fast path on and off (off: every layer goes through the custom
 op, as before it existed), interleaved in one process, plus the per-call time of one small layer
 with warm and with cold caches.

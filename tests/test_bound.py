@@ -1,4 +1,4 @@
-"""The modules' eager CPU fast path (nn/bound.py): the bound kernel gives what the custom op gives,
+"""The modules' eager CPU fast path (ops/bound.py): the bound kernel gives what the custom op gives,
 is rebuilt when the buffers change, and steps aside wherever the op must run."""
 
 import copy

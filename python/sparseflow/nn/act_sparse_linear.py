@@ -16,7 +16,8 @@ from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fits_bound_kernel
 from ..ops.cpu import zero_inactive
 from ..ops.linear import act_sparse_from_buffers
-from .crossover import above_crossover, rows_of
+from ..ops.table import rows_of
+from .crossover import above_crossover
 
 
 class ActSparseLinear(nn.Module):
@@ -104,8 +105,7 @@ class ActSparseLinear(nn.Module):
             return F.linear(_skip_inactive(x, self.threshold), self.dense_copy, self.bias)
         weights = self.weight_t if self.weight_format == "dense" else self.weight_t_values
         if not above and fits_bound_kernel(x, weights, self.bias, self.in_features, self.out_features):
-            buffers = [t for t in self._buffers.values() if t is not None]  # weight (and shift: harmless)
-            fn = self._kernel.get(x, buffers, self.w_t)
+            fn = self._kernel.get(x, self._buffers.values(), self.w_t)  # the weight's (and shift, copy: harmless)
             if fn is not None:
                 y = fn(x.reshape(-1, self.in_features), self.threshold, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-def rows_of(x: torch.Tensor) -> int:
-    """Rows of x [..., K]: every dimension but the last (0 for an empty x; 1 for a 0-d x, which the
-    op then refuses with a message)."""
-    return x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+from ..ops.table import rows_of
 
 
 def above_crossover(x: torch.Tensor, dense_above: int | None) -> bool:

@@ -20,7 +20,8 @@ from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
 from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fits_bound_kernel
-from .crossover import above_crossover, rows_of
+from ..ops.table import rows_of
+from .crossover import above_crossover
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -39,6 +40,7 @@ def auto_format(w: torch.Tensor) -> str:
 
 class SparseLinear(nn.Module):
     derived_buffers = ("dense_copy",)  # rebuilt from the others on load: sf.save leaves them out
+
     def __init__(self, weight: SparseFormat | torch.Tensor, bias: torch.Tensor | None = None,
                  dense_above: int | None = None, keep_dense: bool = False):
         super().__init__()

@@ -1,10 +1,9 @@
 """The eager CPU fast path of sf.ops.linear and the sparse modules: a weight (a module's buffers, or
 a format object) is bound to the kernel of the backend row dispatch picks (a row's `bind`,
 ops/table.py) once, and each call passes only x, skipping torch's dispatcher, the format object and
-the table lookup. On the 2-core Zen 4 with a
-small layer it saves about 25 us per call with cold caches, which is what a layer meets in a model
-(the other layers' weights evict its Python state), and 9-18 us warm: 0-7% of a Llama decode step
-(benchmarks/RESULTS.md).
+the table lookup. On the 2-core Zen 4 with a small layer it saves about 25 us per call with cold
+caches, which is what a layer meets in a model (the other layers' weights evict its Python state),
+and 9-18 us warm: 0-7% of a Llama decode step (benchmarks/RESULTS.md).
 
 Anything else takes the custom op: torch.compile, export and tracing modes, autograd, devices other
 than the CPU, rows above the layer's crossover, and inputs the op must reject with a message."""
@@ -62,7 +61,7 @@ class BoundKernel:
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in buffers if t is not None)
         if key != self._key:
             w = weight()
-            b = table.select(self.op, self.format, x, w, max(1, x.numel() // max(1, x.shape[-1])))
+            b = table.select(self.op, self.format, x, w, table.rows_of(x))
             self._fn, self._key = (None if b.bind is None else b.bind(w)), key
         return self._fn
 

@@ -64,7 +64,7 @@ def _linear_kernel(w):
 
 def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """fn(x2, bias) = F.linear(x2, w.to_dense(), bias) by w's C++ kernel, with the weight's pointers
-    and sizes bound once: a module that keeps fn pays only for x on each call (nn/bound.py)."""
+    and sizes bound once: a module that keeps fn pays only for x on each call (ops/bound.py)."""
     kernel, args, keep = _linear_kernel(w)
     n = w.shape[0]
 
@@ -85,7 +85,8 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
     """fn(x2, threshold, bias) = act_sparse_linear(x2, w_t, threshold, bias) by the C++ kernel for a
     dense or Bitmask w_t [K, N], with the weight's pointers and sizes bound once."""
     k, n = w_t.shape
-    if isinstance(w_t, Bitmask):
+    dense = not isinstance(w_t, Bitmask)
+    if not dense:
         keep = v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
         kernel, args = _C.act_sparse_bitmask, (ptr(v), ptr(mask), ptr(offs), k, n, mask.shape[1], v.numel())
     else:
@@ -95,7 +96,7 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
     def run(x2: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
         x2, y, kw = _io(x2, n, bias)
         rows = kernel(*args, float(threshold), **kw)
-        if not isinstance(w_t, Bitmask):
+        if dense:
             return y  # a dense w_t propagates NaN/inf by itself
         return _fix_nonfinite(rows, x2, y,
                               lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))

@@ -40,7 +40,7 @@ class Backend:
     applies: Callable = field(default=_always)    # (w, m) -> bool
     available: Callable = field(default=_always)  # () -> bool
     # (w) -> fn(x2, bias) (act_sparse_linear: fn(x2, threshold, bias)): fn with w's pointers bound
-    # once, which a module keeps between calls (nn/bound.py); for rows that apply at every row count
+    # once, which a module keeps between calls (ops/bound.py); for rows that apply at every row count
     bind: Callable | None = None
 
     @property
@@ -93,6 +93,12 @@ BACKENDS: list[Backend] = [
 # What a layer runs above its measured crossover (many rows of x), per device type: the batched
 # CPU path, else decompress + dense in torch (on a GPU, torch's decompression is fast).
 BATCHED = {"cpu": "batched"}
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """Rows of x [..., K]: every dimension but the last (0 for an empty x; 1 for a 0-d x, which the
+    op then refuses with a message)."""
+    return x.numel() // max(1, x.shape[-1]) if x.dim() else 1
 
 
 def batched_backend(device_type: str, m: int) -> str:
