@@ -117,6 +117,33 @@ def test_nan_and_inf_propagate_like_dense(isa, fmt, dtype):
     assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
 
 
+# The bf16 GEMM micro-kernel (tiled.h, from 12 rows): 16-row blocks of x taken 1 to 4 at a time,
+# tiles of 48 weight rows, k in blocks of 512 pairs; shapes that end inside each of them.
+GEMM_SHAPES = [(12, 50, 1030), (20, 97, 31), (40, 49, 64), (64, 48, 1001), (77, 145, 2049)]
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4", "4:8"])
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_bf16_gemm_path(isa, fmt, M, N, K):
+    gen = torch.Generator().manual_seed(M * 131 + N * 7 + K)
+    sparse = FORMATS[fmt](random_weight(N, K, torch.bfloat16, 0.5, gen))
+    w = sparse.to_dense()
+    xw = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, 2 : 2 + K]  # row stride > K
+    check_linear(xw, w, sparse, torch.randn(N, generator=gen).to(torch.bfloat16))
+    check_linear(xw.contiguous(), w, sparse)
+    x = xw.contiguous()
+    rows = [0, min(17, M - 2), M - 1]  # in the first, second (where M > 16) and last 16-row block
+    x[rows[0], 0] = float("nan")
+    x[rows[1], K // 2] = float("inf")
+    x[rows[2], K - 1] = -float("inf")  # the last column: an odd K's lone pair
+    y = sf.ops.linear(x, sparse)
+    dense = F.linear(x.float(), w.float()).to(torch.bfloat16)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense))
+    assert torch.equal(torch.isinf(y), torch.isinf(dense))
+    finite = torch.isfinite(dense)
+    assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
+
+
 # ---- activation-sparse ----
 def act_case(M, N, K, dtype, gen, zero_frac=0.5):
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -185,8 +212,9 @@ def test_several_threads_at_once():
         w = random_weight(300, 257, torch.bfloat16) if not fmt.startswith("bsr") else block_weight(
             300, 257, torch.bfloat16, (32, 32))
         sparse = FORMATS[fmt](w)
-        x = torch.randn(5, 257).to(torch.bfloat16)
-        cases.append((x, sparse, sf.ops.linear(x, sparse)))
+        for m in (5, 20):  # the row kernels and the bf16 GEMM (its packed x is per calling thread)
+            x = torch.randn(m, 257).to(torch.bfloat16)
+            cases.append((x, sparse, sf.ops.linear(x, sparse)))
 
     def worker():
         for _ in range(30):
