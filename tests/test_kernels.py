@@ -9,6 +9,7 @@ from conftest import assert_close_2x, run_in_threads
 
 import sparseflow as sf
 from sparseflow.ops import table
+from sparseflow.ops.reference import act_sparse_linear_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, N, K): odd sizes that are multiples of no tile, decode and batched row counts
@@ -202,6 +203,48 @@ def test_act_sparse_nan_inf_count_as_active(isa, weight):
     assert torch.equal(torch.isinf(y), torch.isinf(expect))
     finite = torch.isfinite(expect)
     assert torch.allclose(y[finite], expect[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_act_sparse_gemm_path(isa, weight, M, N, K):
+    """From 12 rows (bf16) one GEMM over the thresholded x (gemm_kn.h): panels of 64 columns,
+    6 rows of x per micro-kernel, blocks of 128 k pairs."""
+    gen = torch.Generator().manual_seed(M * 17 + N * 3 + K)
+    x, w = act_case(M, N, K, torch.bfloat16, gen)
+    if weight == "bitmask":
+        w = w * (torch.rand(N, K, generator=gen) < 0.5)
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    check_act(x, w_t_sparse, w_t, 0.3, torch.randn(N, generator=gen).to(torch.bfloat16))
+    check_act(x[:, :], w_t_sparse, w_t, 0.0, None)
+    xw = torch.randn(M, K + 7, generator=gen).to(torch.bfloat16)[:, 3 : 3 + K]  # row stride > K
+    check_act(xw, w_t_sparse, w_t, 0.3, None)
+    # NaN/inf are active and meet the weight's zeros as in dense; the last column is a lone pair
+    x[0, 0], x[min(17, M - 2), K // 2], x[M - 1, K - 1] = float("nan"), float("inf"), -float("inf")
+    y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.3)
+    expect = act_sparse_linear_reference(x, w_t, 0.3, None)
+    assert torch.equal(torch.isnan(y), torch.isnan(expect))
+    assert torch.equal(torch.isinf(y), torch.isinf(expect))
+
+
+@pytest.mark.parametrize("M", [3, 16])  # the row kernel and the batch GEMM
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_threshold_compares_in_x_dtype(isa, weight, M):
+    """torch compares |x| <= 0.2 in bf16, where 0.2 rounds up to 0.2001953125: an input of exactly
+    that magnitude is inactive, though it is larger than the float 0.2."""
+    at = torch.tensor(0.2).to(torch.bfloat16).item()
+    assert at > 0.2
+    x = torch.full((M, 40), at, dtype=torch.bfloat16)
+    x[:, 1::2] = 1.0  # active
+    w = torch.randn(24, 40).to(torch.bfloat16)
+    w[:, 0::2] = 100.0  # taken as active, those inputs would add 400 to every output
+    w_t = w.t().contiguous()
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.2)
+    expect = act_sparse_linear_reference(x, w_t, 0.2, None)
+    assert expect.abs().max() < 50
+    assert torch.allclose(y.float(), expect.float(), rtol=2e-2, atol=5e-2)
 
 
 # ---- concurrency, dispatch, errors ----

@@ -2,6 +2,7 @@
 // active unless |x[k]| <= threshold (so NaN and inf are always active). The weight is stored
 // transposed, so each active input reads one contiguous row: the bytes read shrink with the
 // activation density. With a bitmask w_t, weight and activation sparsity multiply.
+#include "cpu/kernels/gemm_kn.h"
 #include "cpu/kernels/kernels.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -11,6 +12,15 @@ struct Active {
   int64_t k;
   float x;
 };
+
+// The threshold rounded to x's dtype (to nearest even): torch compares |x| <= threshold in x's
+// dtype, so an input equal to the rounded threshold is inactive even where it exceeds the float.
+float threshold_in(DType t, float threshold) {
+  if (t == DType::f32) return threshold;
+  uint16_t bits;
+  store_from_f32(&bits, 0, t, threshold);
+  return load_as_f32(&bits, 0, t);
+}
 
 // Active inputs of row m of x (the threshold test is fused into this one pass over x).
 // Returns whether the row holds a NaN or inf.
@@ -176,13 +186,27 @@ int64_t column_chunk(const LinearIO& io) {
 }  // namespace
 
 void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io) {
+#if defined(SF_ISA_avx512)
+  if (gemm_kn_applies(io)) {  // a batch: one GEMM over the thresholded x (gemm_kn.h)
+    gemm_kn_bf16(io, threshold, [&](int64_t) {
+      return [&](int64_t k, int64_t n0, int64_t ncols, uint16_t* buf) -> const uint16_t* {
+        const uint16_t* src = static_cast<const uint16_t*>(w_t.values) + k * w_t.ld + n0;
+        if (k + kKnPrefetchRows < w_t.rows) prefetch_range(src + kKnPrefetchRows * w_t.ld, ncols * 2);
+        if (ncols == kKnPanel) return src;
+        std::copy(src, src + ncols, buf);  // the last panel: buf is zero past ncols
+        return buf;
+      };
+    });
+    return;
+  }
+#endif
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
   const size_t esize = io.dtype == DType::f32 ? 4 : 2;
   std::vector<Active> active;
   std::vector<const void*> rows;
   std::vector<float> xs;
   for (int64_t m = 0; m < io.M; ++m) {
-    collect_active(io, m, threshold, active);  // NaN/inf need no fix-up: w_t is dense
+    collect_active(io, m, threshold_in(io.dtype, threshold), active);  // NaN/inf need no fix-up: w_t is dense
     if (io.nonfinite) io.nonfinite[m] = 0;
     rows.resize(active.size());
     xs.resize(active.size());
@@ -239,6 +263,38 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
 }
 
 void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io) {
+#if defined(SF_ISA_avx512)
+  if (gemm_kn_applies(io)) {  // a batch: one GEMM over the thresholded x (gemm_kn.h)
+    gemm_kn_bf16(io, threshold, [&](int64_t first_panel) {
+      // Each row's next value: the one at the task's first column (panels then go left to right).
+      std::vector<int64_t> cursor(static_cast<size_t>(w_t.rows));
+      const int64_t skip = first_panel * kKnPanel / 8;  // whole mask bytes before that column
+      for (int64_t k = 0; k < w_t.rows; ++k) {
+        const uint8_t* mask = w_t.mask + k * w_t.mask_stride;
+        int64_t next = w_t.row_offsets[k], b = 0;
+        for (; b + 8 <= skip; b += 8) {
+          uint64_t word;
+          std::memcpy(&word, mask + b, 8);
+          next += __builtin_popcountll(word);
+        }
+        for (; b < skip; ++b) next += __builtin_popcount(mask[b]);
+        cursor[static_cast<size_t>(k)] = next;
+      }
+      return [&w_t, cursor = std::move(cursor)](int64_t k, int64_t n0, int64_t ncols, uint16_t* buf) mutable {
+        if (k + kKnPrefetchRows < w_t.rows) {
+          const int64_t ahead = k + kKnPrefetchRows;
+          prefetch_range(w_t.mask + ahead * w_t.mask_stride + n0 / 8, (ncols + 7) / 8);
+          prefetch_range(static_cast<const uint16_t*>(w_t.values) + cursor[static_cast<size_t>(ahead)], ncols * 2);
+        }
+        int64_t& next = cursor[static_cast<size_t>(k)];
+        next += expand_row(static_cast<const uint16_t*>(w_t.values) + next, w_t.nnz - next,
+                           w_t.mask + k * w_t.mask_stride + n0 / 8, w_t.mask_stride - n0 / 8, ncols, buf);
+        return static_cast<const uint16_t*>(buf);  // zero past ncols: expand_row writes ncols
+      };
+    });
+    return;
+  }
+#endif
   // Each thread sums its share of the active rows into a private accumulator over all N outputs;
   // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).
   const int64_t parts = threads_for(io.threads, io.K * io.N);
@@ -247,7 +303,7 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
   std::vector<Active> active;
   std::vector<float> partial(static_cast<size_t>(parts * ld));
   for (int64_t m = 0; m < io.M; ++m) {
-    const bool finite = collect_active(io, m, threshold, active);
+    const bool finite = collect_active(io, m, threshold_in(io.dtype, threshold), active);
     if (io.nonfinite) io.nonfinite[m] = finite ? 0 : 1;
     parallel_for(parts, static_cast<int>(parts), [&](int64_t p) {
       float* acc = partial.data() + p * ld;

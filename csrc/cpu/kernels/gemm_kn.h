@@ -1,0 +1,185 @@
+// Activation-sparse linear for batches (bf16 from kGemmMinRows rows, AVX-512 BF16): y = x' @ w_t
+// + bias, x' being x with its inactive inputs (|x| <= threshold) zeroed. Each row of x has its own
+// active set, so in a batch nearly every row of w_t is needed by some row of x, and one GEMM over
+// the zeroed x beats the row kernel, which streams the active rows once per row of x.
+// The weight keeps its [K, N] layout (dense, or a bitmask per input row): panels of 64 output
+// columns are packed into k pairs, the operand layout of vdpbf16ps, and pairs of x are broadcast
+// against them; 6 rows of x times 4 vectors of columns make 24 accumulators. The zeros of the
+// decompressed weight are multiplied as dense would, so NaN and inf in x propagate as in dense.
+#pragma once
+#include "cpu/kernels/tiled.h"
+
+namespace sparseflow::cpu::SF_ISA {
+
+#if defined(SF_ISA_avx512)
+// Output columns per panel: each row of w_t is read 512 bytes at a time. Narrower panels (64
+// columns, 2 cache lines per row 8-16 KiB apart) left the weight reads bound by memory latency.
+constexpr int64_t kKnPanel = 256;
+constexpr int64_t kKnSub = 64;           // columns per micro-kernel call: 4 vectors of 16
+constexpr int64_t kKnBlockPairs = 256;   // k pairs per packed block (256 KiB, in L2): 32-128 measured slower
+constexpr int kKnRows = 6;               // rows of x per micro-kernel call
+constexpr int64_t kKnPrefetchRows = 8;   // rows of w_t fetched ahead of the packing
+
+// c[i][0:64] += sum over p of (pair p of x row i) . (packed pair p of 64 columns, row stride ldw).
+template <int MR>
+void gemm_kn_micro_bf16(const uint16_t* x, int64_t ldx, const uint32_t* wp, int64_t ldw, int64_t pairs, float* c,
+                        int64_t ldc) {
+  constexpr int NB = kKnSub / 16;
+  __m512 acc[MR][NB];  // fully unrolled, so that the accumulators live in registers
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wp + p * ldw + 16 * j);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(load_pair(x + i * ldx + 2 * p)));
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = dot_bf16(acc[i][j], xb, wv[j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+// The largest bf16 magnitude (as bits) that counts as inactive, or -1 when none does. As torch
+// compares |x| <= threshold in x's dtype, the threshold is rounded to bf16 first.
+inline int32_t inactive_bits_bf16(float threshold) {
+  if (!(threshold >= 0.0f)) return -1;  // negative or NaN: every input is active
+  return f32_to_bf16(threshold);
+}
+
+// z[m][0:ldz] = x[m] with inactive inputs and the padding past K set to +0 (ldz: a multiple of 32).
+inline void threshold_x_bf16(const LinearIO& io, float threshold, int64_t ldz, uint16_t* z) {
+  const int32_t thr = inactive_bits_bf16(threshold);
+  const __m512i magnitude = _mm512_set1_epi16(0x7fff), limit = _mm512_set1_epi16(static_cast<int16_t>(thr));
+  parallel_for(io.M, threads_for(io.threads, io.M * io.K), [&](int64_t m) {
+    const uint16_t* src = static_cast<const uint16_t*>(io.x) + m * io.ldx;
+    uint16_t* dst = z + m * ldz;
+    for (int64_t k = 0; k < ldz; k += 32) {
+      const __mmask32 live = k + 32 <= io.K ? ~0u : _bzhi_u32(~0u, static_cast<unsigned>(std::max<int64_t>(0, io.K - k)));
+      const __m512i v = _mm512_maskz_loadu_epi16(live, src + k);
+      const __mmask32 inactive =
+          thr < 0 ? 0 : _mm512_cmple_epu16_mask(_mm512_and_si512(v, magnitude), limit);
+      _mm512_storeu_si512(dst + k, _mm512_maskz_mov_epi16(~inactive, v));
+    }
+  });
+}
+
+// Packs k pairs [p0, p0 + np) of one panel: wp[q][c] = (row 2(p0+q), row 2(p0+q)+1) at column c.
+// `row(k)` returns kKnPanel bf16 of row k of the panel (zero past its columns); past K: zeros.
+template <class Row>
+void pack_kn_pairs_bf16(const Row& row, int64_t K, int64_t p0, int64_t np, uint32_t* wp) {
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int64_t q = 0; q < np; ++q) {
+    const int64_t k = 2 * (p0 + q);
+    const uint16_t* r0 = row(k);
+    constexpr int H = kKnPanel / 32;
+    __m512i a[H], b[H];
+    for (int h = 0; h < H; ++h) a[h] = _mm512_loadu_si512(r0 + 32 * h);  // before row(k + 1) reuses a buffer
+    if (k + 1 < K) {
+      const uint16_t* r1 = row(k + 1);
+      for (int h = 0; h < H; ++h) b[h] = _mm512_loadu_si512(r1 + 32 * h);
+    } else {
+      for (int h = 0; h < H; ++h) b[h] = _mm512_setzero_si512();
+    }
+    uint32_t* dst = wp + q * kKnPanel;
+    for (int h = 0; h < H; ++h) {
+      _mm512_storeu_si512(dst + 32 * h, _mm512_permutex2var_epi16(a[h], lo_idx, b[h]));
+      _mm512_storeu_si512(dst + 32 * h + 16, _mm512_permutex2var_epi16(a[h], hi_idx, b[h]));
+    }
+  }
+}
+
+// Rounds 16 floats to bf16 as f32_to_bf16 does (nearest even, NaN kept quiet).
+inline __m256i round_bf16x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// y = threshold(x) @ w_t + bias. `make_reader(first_panel)` returns a reader for one task, whose
+// reader(k, n0, ncols, buf) gives kKnPanel bf16 of row k from column n0 (ncols of them real, zeros
+// after; it may write them to buf) and is called for k = 0, 1, ... K-1 in order, panel after panel.
+// reader.prefetch(k, n0, ncols) asks for row k's bytes ahead of time.
+template <class MakeReader>
+void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReader& make_reader) {
+  const int64_t K = io.K, N = io.N, pairs = (K + 1) / 2;
+  const int64_t ldz = round_up(K, 32) + 32;  // off 4 KiB multiples: the 6 rows fall in different L1 sets
+  thread_local std::vector<uint16_t> z_buf;
+  if (z_buf.size() < static_cast<size_t>(io.M * ldz)) z_buf.resize(static_cast<size_t>(io.M * ldz));
+  uint16_t* const z = z_buf.data();  // the workers below see this thread's buffer through it
+  threshold_x_bf16(io, threshold, ldz, z);
+  if (io.nonfinite) std::fill(io.nonfinite, io.nonfinite + io.M, uint8_t{0});  // computed as dense: no fix-up
+  const int threads = threads_for(io.threads, io.M * K * N);
+  const int64_t panels = (N + kKnPanel - 1) / kKnPanel;
+  const int64_t tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
+  parallel_for(tasks, threads, [&](int64_t t) {
+    thread_local std::vector<uint32_t> wp_buf;
+    thread_local std::vector<float> c_buf;
+    wp_buf.resize(static_cast<size_t>(kKnBlockPairs * kKnPanel));
+    if (c_buf.size() < static_cast<size_t>(io.M * kKnPanel)) c_buf.resize(static_cast<size_t>(io.M * kKnPanel));
+    uint32_t* wp = wp_buf.data();
+    float* c = c_buf.data();
+    alignas(64) uint16_t row_buf[kKnPanel];
+    const int64_t first = t * panels / tasks, end = (t + 1) * panels / tasks;  // equal shares
+    auto reader = make_reader(first);
+    for (int64_t panel = first; panel < end; ++panel) {
+      const int64_t n0 = panel * kKnPanel, ncols = std::min(kKnPanel, N - n0);
+      std::fill(row_buf, row_buf + kKnPanel, uint16_t{0});
+      std::fill(c, c + io.M * kKnPanel, 0.0f);
+      const auto row = [&](int64_t k) { return reader(k, n0, ncols, row_buf); };
+      for (int64_t p0 = 0; p0 < pairs; p0 += kKnBlockPairs) {
+        const int64_t np = std::min(kKnBlockPairs, pairs - p0);
+        pack_kn_pairs_bf16(row, K, p0, np, wp);
+        for (int64_t s = 0; s < ncols; s += kKnSub) {
+          const auto micro = [&](auto rows, int64_t m0) {
+            gemm_kn_micro_bf16<decltype(rows)::value>(z + m0 * ldz + 2 * p0, ldz, wp + s, kKnPanel, np,
+                                                      c + m0 * kKnPanel + s, kKnPanel);
+          };
+          int64_t m0 = 0;
+          for (; m0 + kKnRows <= io.M; m0 += kKnRows) micro(std::integral_constant<int, kKnRows>{}, m0);
+          switch (io.M - m0) {
+            case 1: micro(std::integral_constant<int, 1>{}, m0); break;
+            case 2: micro(std::integral_constant<int, 2>{}, m0); break;
+            case 3: micro(std::integral_constant<int, 3>{}, m0); break;
+            case 4: micro(std::integral_constant<int, 4>{}, m0); break;
+            case 5: micro(std::integral_constant<int, 5>{}, m0); break;
+            default: break;
+          }
+        }
+      }
+      __m512 bias[kKnPanel / 16];
+      for (int j = 0; j < kKnPanel / 16; ++j) {
+        const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(ncols - 16 * j, 0, 16))));
+        bias[j] = io.bias ? cvt16_bf16(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n0 + 16 * j))
+                          : _mm512_setzero_ps();
+      }
+      for (int64_t m = 0; m < io.M; ++m) {
+        uint16_t* y = static_cast<uint16_t*>(io.y) + m * io.ldy + n0;
+        for (int j = 0; j < kKnPanel / 16 && 16 * j < ncols; ++j) {
+          const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, ncols - 16 * j))));
+          const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + m * kKnPanel + 16 * j), bias[j]);
+          _mm256_mask_storeu_epi16(y + 16 * j, live, round_bf16x16(v));
+        }
+      }
+    }
+  });
+}
+
+inline bool gemm_kn_applies(const LinearIO& io) {
+  return io.M >= kGemmMinRows && io.dtype == DType::bf16 && use_bf16_dot();
+}
+#endif
+
+}  // namespace sparseflow::cpu::SF_ISA
