@@ -2,6 +2,8 @@
 CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
 
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,6 +228,24 @@ def test_act_sparse_gemm_path(isa, weight, M, N, K):
     expect = act_sparse_linear_reference(x, w_t, 0.3, None)
     assert torch.equal(torch.isnan(y), torch.isnan(expect))
     assert torch.equal(torch.isinf(y), torch.isinf(expect))
+
+
+def test_act_sparse_batch_rows_by_isa(isa):
+    """The act-sparse batched backend hands a batch to the C++ kernel exactly where the kernel runs
+    one GEMM for it: bf16 on AVX-512 with BF16 dot products, from 12 rows."""
+    from sparseflow._ext import _C
+    bf16_dot = isa == "avx512" and _C.cpu_features()["avx512bf16"] and os.environ.get("SPARSEFLOW_NO_BF16_DOT") != "1"
+    assert _C.act_sparse_batch_rows(1) == (12 if bf16_dot else 0)
+    assert _C.act_sparse_batch_rows(0) == 0 and _C.act_sparse_batch_rows(2) == 0
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.act_sparse_batch_rows(7)
+    x, w = act_case(20, 33, 70, torch.bfloat16, torch.Generator().manual_seed(5))
+    w_t = w.t().contiguous()
+    for w_t_sparse in (w_t, sf.Bitmask.from_dense(w_t * (torch.rand(70, 33) < 0.5))):
+        ref_w = w_t_sparse if isinstance(w_t_sparse, torch.Tensor) else w_t_sparse.to_dense()
+        y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.3, backend="batched")
+        xm = torch.where(x.abs() <= 0.3, torch.zeros((), dtype=x.dtype), x)  # compared in bf16, as torch does
+        assert_close_2x(y, xm.double() @ ref_w.double(), xm @ ref_w)
 
 
 @pytest.mark.parametrize("M", [3, 16])  # the row kernel and the batch GEMM

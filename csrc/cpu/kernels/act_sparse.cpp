@@ -185,6 +185,15 @@ int64_t column_chunk(const LinearIO& io) {
 
 }  // namespace
 
+int64_t act_sparse_batch_rows(DType t) {
+#if defined(SF_ISA_avx512)
+  return t == DType::bf16 && use_bf16_dot() ? kGemmMinRows : 0;
+#else
+  (void)t;
+  return 0;
+#endif
+}
+
 void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
   if (gemm_kn_applies(io)) {  // a batch: one GEMM over the thresholded x (gemm_kn.h)

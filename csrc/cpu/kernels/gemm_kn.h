@@ -178,7 +178,7 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReader& make_re
 }
 
 inline bool gemm_kn_applies(const LinearIO& io) {
-  return io.M >= kGemmMinRows && io.dtype == DType::bf16 && use_bf16_dot();
+  return io.M >= kGemmMinRows && io.dtype == DType::bf16 && use_bf16_dot();  // see act_sparse_batch_rows
 }
 #endif
 

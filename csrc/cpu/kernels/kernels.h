@@ -15,4 +15,5 @@ void csr_decompress(const CsrView& w, const DecompressIO& d);
 void bsr_decompress(const BsrView& w, const DecompressIO& d);
 void nm_decompress(const NMView& w, const DecompressIO& d);
 void zero_inactive(const ThresholdIO& a);
+int64_t act_sparse_batch_rows(DType t);
 }  // namespace sparseflow::cpu::SF_ISA

@@ -21,6 +21,9 @@ struct KernelTable {
   void (*nm_decompress)(const NMView&, const DecompressIO&);
   // x with the inputs an activation-sparse product skips zeroed (its batched path's first step).
   void (*zero_inactive)(const ThresholdIO&);
+  // Rows of x from which act_sparse_* run one GEMM for the whole batch in this dtype, instead of a
+  // pass per row; 0 where they never do (the batched path then wins at prefill).
+  int64_t (*act_sparse_batch_rows)(DType);
 };
 
 namespace scalar { extern const KernelTable table; }
