@@ -147,6 +147,17 @@ def test_bf16_gemm_path(isa, fmt, M, N, K):
     assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_gemms_with_a_batch_too_large_to_keep_its_buffer(isa):
+    """2100 rows of 4096: the packed (or thresholded) x exceeds the 16 MiB a thread keeps between
+    calls, so it lives for one call only (common.h: call_buffer)."""
+    gen = torch.Generator().manual_seed(3)
+    w = random_weight(80, 4096, torch.bfloat16, 0.5, gen)
+    x = torch.randn(2100, 4096, generator=gen).to(torch.bfloat16)
+    check_linear(x, w, sf.Bitmask.from_dense(w))
+    w_t = w.t().contiguous()
+    check_act(x, w_t, w_t, 0.3, None)
+
+
 # ---- activation-sparse ----
 def act_case(M, N, K, dtype, gen, zero_frac=0.5):
     x = torch.randn(M, K, generator=gen).to(dtype)

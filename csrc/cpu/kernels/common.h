@@ -101,6 +101,20 @@ inline void store_from_f32(void* p, int64_t i, DType t, float v) {
 }
 
 inline int popcount32(uint32_t v) { return __builtin_popcount(v); }
+
+// A buffer of n elements for one call: the calling thread's `kept` one when it is small enough to
+// keep between calls (a fresh buffer page-faults on every call, ~1 us per 4 KiB page), else
+// `once`, which the caller frees on return (a prefill-sized x would otherwise stay resident).
+template <class T>
+T* call_buffer(std::vector<T>& kept, std::vector<T>& once, size_t n) {
+  constexpr size_t kKeepBytes = size_t{16} << 20;
+  if (n * sizeof(T) > kKeepBytes) {
+    once.resize(n);
+    return once.data();
+  }
+  if (kept.size() < n) kept.resize(n);
+  return kept.data();
+}
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Converts `rows` rows of x starting at m0 to float32 (row stride kpad, zero padding) and flags

@@ -116,9 +116,9 @@ template <class MakeReader>
 void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReader& make_reader) {
   const int64_t K = io.K, N = io.N, pairs = (K + 1) / 2;
   const int64_t ldz = round_up(K, 32) + 32;  // off 4 KiB multiples: the 6 rows fall in different L1 sets
-  thread_local std::vector<uint16_t> z_buf;
-  if (z_buf.size() < static_cast<size_t>(io.M * ldz)) z_buf.resize(static_cast<size_t>(io.M * ldz));
-  uint16_t* const z = z_buf.data();  // the workers below see this thread's buffer through it
+  thread_local std::vector<uint16_t> z_kept;
+  std::vector<uint16_t> z_once;
+  uint16_t* const z = call_buffer(z_kept, z_once, static_cast<size_t>(io.M * ldz));  // the workers use it too
   threshold_x_bf16(io, threshold, ldz, z);
   if (io.nonfinite) std::fill(io.nonfinite, io.nonfinite + io.M, uint8_t{0});  // computed as dense: no fix-up
   const int threads = threads_for(io.threads, io.M * K * N);

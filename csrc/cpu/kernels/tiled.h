@@ -273,10 +273,9 @@ void gemm_linear_bf16(const LinearIO& io, const Decompress& decompress, const Pr
   // one L1 set, and the 24 rows a micro-kernel reads would evict each other.
   const int64_t K = io.K, pairs = (K + 1) / 2, ld = round_up(K, 32) + 32, ldxb = pairs * 16 + 16;
   const int64_t blocks = (io.M + 15) / 16, Mp = blocks * 16;
-  // Reused between calls (per calling thread): a fresh buffer page-faults on every call.
-  thread_local std::vector<uint32_t> xp_buf;
-  if (xp_buf.size() < static_cast<size_t>(blocks * ldxb)) xp_buf.resize(static_cast<size_t>(blocks * ldxb));
-  uint32_t* const xp = xp_buf.data();  // the workers below see this thread's buffer through it
+  thread_local std::vector<uint32_t> xp_kept;
+  std::vector<uint32_t> xp_once;
+  uint32_t* const xp = call_buffer(xp_kept, xp_once, static_cast<size_t>(blocks * ldxb));  // the workers use it too
   pack_x_pairs_bf16(io, pairs, ldxb, xp);
   // Each task takes consecutive tiles, so the tile it prefetches is the one it runs next.
   const int threads = threads_for(io.threads, io.N * K * io.M);
