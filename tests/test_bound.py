@@ -2,6 +2,7 @@
 is rebuilt when the buffers change, and steps aside wherever the op must run."""
 
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -159,12 +160,42 @@ def test_ops_linear_binds_each_format_object_once(fmt):
     x = torch.randn(3, 70)
     with torch.no_grad():
         y = sf.ops.linear(x, w, bias)
-        assert w.__dict__.get("_bound_kernel") is None  # the non-contiguous bias took the op
+        assert w.__dict__.get("_bound_linear") is None  # the non-contiguous bias took the op
         y2 = sf.ops.linear(x, w, bias.contiguous())
-        fn = w.__dict__["_bound_kernel"]._fn
+        fn = w.__dict__["_bound_linear"]._fn
         assert fn is not None and torch.equal(y, y2)
         sf.ops.linear(x, w, bias.contiguous())
-        assert w.__dict__["_bound_kernel"]._fn is fn  # bound once
+        assert w.__dict__["_bound_linear"]._fn is fn  # bound once
         ref = sf.ops.linear(x, w, bias, backend="reference")
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    assert copy.deepcopy(w).__dict__["_bound_kernel"]._fn is None
+    assert copy.deepcopy(w).__dict__["_bound_linear"]._fn is None
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_ops_act_sparse_linear_takes_the_bound_kernel(weight, monkeypatch):
+    ops_linear = importlib.import_module("sparseflow.ops.linear")  # the module: sf.ops.linear is the function
+    op_calls = []
+    for name in ("act_sparse_linear_dense", "act_sparse_linear_bitmask"):
+        op = getattr(ops_linear, name)
+        monkeypatch.setattr(ops_linear, name, lambda *a, _op=op, **k: op_calls.append(1) or _op(*a, **k))
+    w = pruned_linear().weight.detach()
+    w_t = w.t().contiguous()
+    if weight == "bitmask":
+        w_t = sf.Bitmask.from_dense(w_t)
+    bias = torch.randn(90)[::2]
+    x = torch.randn(3, 70)
+    x[1, 5] = float("inf")
+    with torch.no_grad():
+        y_op = sf.ops.act_sparse_linear(x, w_t, 0.4, bias)  # non-contiguous bias: the custom op
+        assert len(op_calls) == 1
+        y = sf.ops.act_sparse_linear(x, w_t, 0.4, bias.contiguous())
+        assert len(op_calls) == 1  # the bound kernel, not the custom op
+        if weight == "bitmask":
+            fn = w_t.__dict__["_bound_act_sparse_linear"]._fn
+            sf.ops.act_sparse_linear(x, w_t, 0.4, bias.contiguous())
+            assert fn is not None and w_t.__dict__["_bound_act_sparse_linear"]._fn is fn  # bound once
+        ref = sf.ops.act_sparse_linear(x, w_t, 0.4, bias, backend="reference")
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)

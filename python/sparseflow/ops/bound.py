@@ -69,11 +69,22 @@ class BoundKernel:
         return {"op": self.op, "format": self.format, "_key": None, "_fn": None}
 
 
-def bound_for_format(x: torch.Tensor, w) -> Callable | None:
-    """The bound kernel of a format object, kept on the object (formats are immutable; the cache is
-    not part of its value, and the cycle it makes with the kernel's closure is collected with it)."""
-    kernel = w.__dict__.get("_bound_kernel")
+def bound_for_format(x: torch.Tensor, w, op: str = "linear") -> Callable | None:
+    """The bound kernel of a format object for `op`, kept on the object (formats are immutable; the
+    cache is not part of its value, and the cycle it makes with the kernel's closure is collected
+    with it)."""
+    attr = f"_bound_{op}"
+    kernel = w.__dict__.get(attr)
     if kernel is None:
-        kernel = BoundKernel("linear", w.format_name)
-        object.__setattr__(w, "_bound_kernel", kernel)
+        kernel = BoundKernel(op, w.format_name)
+        object.__setattr__(w, attr, kernel)
     return kernel.get(x, w.tensors().values(), lambda: w)
+
+
+def bound_act_sparse(x: torch.Tensor, w_t) -> Callable | None:
+    """The bound act-sparse kernel of a Bitmask w_t (kept on it) or a dense w_t (bound per call:
+    a tensor has no place to keep it, and binding a dense one costs a few microseconds)."""
+    if not isinstance(w_t, torch.Tensor):
+        return bound_for_format(x, w_t, "act_sparse_linear")
+    b = table.select("act_sparse_linear", "dense", x, w_t, table.rows_of(x))
+    return None if b.bind is None else b.bind(w_t)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
-from .bound import bound_for_format, fits_bound_kernel
+from .bound import bound_act_sparse, bound_for_format, fits_bound_kernel
 
 LIB = "sparseflow"
 
@@ -197,6 +197,10 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
     if isinstance(w_t, Bitmask):
         k, n = w_t.shape
         _check(x, k, n, w_t.dtype, w_t.device, bias)
+        if backend in ("", "cpp") and fits_bound_kernel(x, w_t.values, bias, k, n):
+            fn = bound_act_sparse(x, w_t)
+            if fn is not None:
+                return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
         return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold,
                                          None if bias is None else bias.contiguous(), backend)
     if isinstance(w_t, torch.Tensor):
@@ -204,6 +208,10 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
             raise ValueError(f"w_t must be 2-D [in_features, out_features], got {tuple(w_t.shape)}")
         k, n = w_t.shape
         _check(x, k, n, w_t.dtype, w_t.device, bias)
+        if backend in ("", "cpp") and fits_bound_kernel(x, w_t, bias, k, n):
+            fn = bound_act_sparse(x, w_t)
+            if fn is not None:
+                return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
         return act_sparse_linear_dense(x, w_t, threshold, None if bias is None else bias.contiguous(), backend)
     raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
 
