@@ -152,9 +152,11 @@ inline __m512i expand_next(const uint8_t* mask, int64_t stride, int64_t n, const
 }
 
 // acc (all columns, padded to 32, pair order) += P pairs of bitmask rows of w_t times their x
-// pairs; P = 0 takes one row (act[0]) paired with zeros.
+// pairs; P = 0 takes one row (act[0]) paired with zeros. The `n_next` rows after them are
+// prefetched meanwhile, a cache line of each per 32 columns: a row's values never take more lines
+// than it has 32-column steps, and the active rows are too scattered for the hardware prefetcher.
 template <int P>
-void axpy_bitmask_pairs_bf16(float* acc, const BitmaskView& w, const Active* act) {
+void axpy_bitmask_pairs_bf16(float* acc, const BitmaskView& w, const Active* act, int n_next) {
   constexpr int R = P == 0 ? 1 : 2 * P, Q = P == 0 ? 1 : P;
   const uint8_t* mask[R];
   const uint16_t* v[R];
@@ -163,8 +165,22 @@ void axpy_bitmask_pairs_bf16(float* acc, const BitmaskView& w, const Active* act
     mask[j] = w.mask + act[j].k * w.mask_stride;
     v[j] = static_cast<const uint16_t*>(w.values) + w.row_offsets[act[j].k];
   }
+  const char* next_values[R];
+  const char* next_mask[R];
+  int64_t next_bytes[R];
+  n_next = std::min(n_next, R);
+  for (int j = 0; j < n_next; ++j) {
+    const int64_t k = act[R + j].k;
+    next_values[j] = static_cast<const char*>(w.values) + w.row_offsets[k] * 2;
+    next_bytes[j] = (w.row_offsets[k + 1] - w.row_offsets[k]) * 2;
+    next_mask[j] = reinterpret_cast<const char*>(w.mask + k * w.mask_stride);
+  }
   for (int p = 0; p < Q; ++p) xp[p] = P == 0 ? bf16_pair(act[0].x, 0.0f) : bf16_pair(act[2 * p].x, act[2 * p + 1].x);
   for (int64_t n = 0; n < w.cols; n += 32) {
+    for (int j = 0; j < n_next; ++j) {
+      if (n * 2 < next_bytes[j]) _mm_prefetch(next_values[j] + n * 2, _MM_HINT_T1);  // line n / 32 of its values
+      if (n % 512 == 0) _mm_prefetch(next_mask[j] + n / 8, _MM_HINT_T1);
+    }
     __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
     for (int p = 0; p < Q; ++p) {
       const __m512i a = expand_next(mask[2 * p], w.mask_stride, n, v[2 * p]);
@@ -321,9 +337,10 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
 #if defined(SF_ISA_avx512)
       if (io.dtype == DType::bf16 && use_bf16_dot()) {
         size_t a = lo;
-        for (; a + 8 <= hi; a += 8) axpy_bitmask_pairs_bf16<4>(acc, w_t, active.data() + a);
-        for (; a + 2 <= hi; a += 2) axpy_bitmask_pairs_bf16<1>(acc, w_t, active.data() + a);
-        if (a < hi) axpy_bitmask_pairs_bf16<0>(acc, w_t, active.data() + a);
+        const auto after = [&](size_t end) { return static_cast<int>(std::min<size_t>(8, hi - end)); };
+        for (; a + 8 <= hi; a += 8) axpy_bitmask_pairs_bf16<4>(acc, w_t, active.data() + a, after(a + 8));
+        for (; a + 2 <= hi; a += 2) axpy_bitmask_pairs_bf16<1>(acc, w_t, active.data() + a, after(a + 2));
+        if (a < hi) axpy_bitmask_pairs_bf16<0>(acc, w_t, active.data() + a, 0);
         unpermute_chunks(acc, ld);
         return;
       }
