@@ -67,15 +67,26 @@ void axpy_rows(float* acc, int64_t len, const void* const* rows, const float* xs
 }
 
 // acc[0:cols] += x * (row k of a bitmask matrix, expanded). acc is padded to a multiple of 32
-// columns, so whole chunks are written without masks (mask bits past `cols` are zero).
-void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DType t) {
+// columns, so whole chunks are written without masks (mask bits past `cols` are zero). Row
+// `prefetch_k` (a later active row, or -1) is fetched meanwhile, a line of its values per step:
+// the active rows are too scattered for the hardware prefetcher.
+void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DType t, int64_t prefetch_k) {
   const uint8_t* row = w.mask + k * w.mask_stride;
   int64_t v = w.row_offsets[k];
 #if defined(SF_ISA_avx512)
+  const int64_t esize = t == DType::f32 ? 4 : 2;
+  const char* next = prefetch_k < 0 ? nullptr : static_cast<const char*>(w.values) + w.row_offsets[prefetch_k] * esize;
+  const int64_t next_bytes = prefetch_k < 0 ? 0 : (w.row_offsets[prefetch_k + 1] - w.row_offsets[prefetch_k]) * esize;
+  const char* next_mask = prefetch_k < 0 ? nullptr : reinterpret_cast<const char*>(w.mask + prefetch_k * w.mask_stride);
+  const auto prefetch_step = [&](int64_t step) {  // one line of values per step covers the row
+    if (step * 64 < next_bytes) _mm_prefetch(next + step * 64, _MM_HINT_T1);
+    if (next_mask && step * 64 < w.mask_stride) _mm_prefetch(next_mask + step * 64, _MM_HINT_T1);
+  };
   const __m512 xv = _mm512_set1_ps(x);
   if (t == DType::f32) {
     const float* vals = static_cast<const float*>(w.values);
     for (int64_t n = 0; n < w.cols; n += 16) {
+      prefetch_step(n / 16);
       const uint32_t bits = mask_bits(row, w.mask_stride, n, 16);
       const int cnt = popcount32(bits);
       const __m512 wv = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits),
@@ -88,6 +99,7 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
   const uint16_t* vals = static_cast<const uint16_t*>(w.values);
   const bool bf16 = t == DType::bf16;
   for (int64_t n = 0; n < w.cols; n += 32) {
+    prefetch_step(n / 32);
     const uint32_t bits = mask_bits(row, w.mask_stride, n, 32);
     const int cnt = popcount32(bits);
     const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), vals + v));
@@ -98,6 +110,7 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
     v += cnt;
   }
 #else
+  (void)prefetch_k;
   for (int64_t byte = 0; byte < w.mask_stride; ++byte)
     for (uint32_t bits = row[byte]; bits; bits &= bits - 1)
       acc[byte * 8 + __builtin_ctz(bits)] += x * load_as_f32(w.values, v++, t);
@@ -345,7 +358,8 @@ void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO&
         return;
       }
 #endif
-      for (size_t a = lo; a < hi; ++a) axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype);
+      for (size_t a = lo; a < hi; ++a)
+        axpy_bitmask_row(acc, w_t, active[a].k, active[a].x, io.dtype, a + 2 < hi ? active[a + 2].k : -1);
     });
     parallel_for(tasks, static_cast<int>(parts), [&](int64_t task) {
       const int64_t n0 = task * chunk, n1 = std::min(io.N, n0 + chunk);
