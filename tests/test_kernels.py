@@ -221,8 +221,8 @@ def test_act_sparse_nan_inf_count_as_active(isa, weight):
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 @pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
 def test_act_sparse_gemm_path(isa, weight, M, N, K):
-    """From 12 rows (bf16) one GEMM over the thresholded x (gemm_kn.h): panels of 64 columns,
-    6 rows of x per micro-kernel, blocks of 128 k pairs."""
+    """From 12 rows (bf16) one GEMM over the thresholded x (gemm_kn.h): panels of 256 columns,
+    6 rows of x per micro-kernel, blocks of 256 k pairs (one panel here: see the next test)."""
     gen = torch.Generator().manual_seed(M * 17 + N * 3 + K)
     x, w = act_case(M, N, K, torch.bfloat16, gen)
     if weight == "bitmask":
@@ -259,6 +259,36 @@ def test_act_sparse_batch_rows_by_isa(isa):
         assert_close_2x(y, xm.double() @ ref_w.double(), xm @ ref_w)
 
 
+@pytest.mark.parametrize("M", [12, 13, 15, 17])  # rows past the last 6: 0, 1, 3, 5
+@pytest.mark.parametrize("N", [257, 513, 800])  # several 256-column panels, so several tasks
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_gemm_several_panels(isa, weight, N, M):
+    """Tasks that start at a later panel: the dense weight read in place (full panels), the bitmask
+    rows entered mid-row through each task's cursors, the last panel partial."""
+    gen = torch.Generator().manual_seed(N + M)
+    K = 515
+    x, _ = act_case(M, K, K, torch.bfloat16, gen)
+    w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    check_act(x, w_t_sparse, w_t, 0.3, torch.randn(N, generator=gen).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("M", [4, 16])  # the row kernel and the batch GEMM
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+@pytest.mark.parametrize("backend", ["", "batched"])
+def test_act_sparse_negative_zero_threshold(isa, weight, M, backend):
+    """-0.0 is a threshold of zero: only zeros are inactive (its sign bit once made every input
+    compare as inactive in the bit-level tests)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = act_case(M, 48, 64, dtype, torch.Generator().manual_seed(M))
+        w_t = w.t().contiguous()
+        w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+        y = sf.ops.act_sparse_linear(x, w_t_sparse, -0.0, backend=backend)
+        expect = act_sparse_linear_reference(x, w_t, 0.0, None)
+        assert expect.abs().max() > 1
+        torch.testing.assert_close(y.float(), expect.float(), rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("M", [3, 16])  # the row kernel and the batch GEMM
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_act_sparse_threshold_compares_in_x_dtype(isa, weight, M):
@@ -289,11 +319,17 @@ def test_several_threads_at_once():
         for m in (5, 20):  # the row kernels and the bf16 GEMM (its packed x is per calling thread)
             x = torch.randn(m, 257).to(torch.bfloat16)
             cases.append((x, sparse, sf.ops.linear(x, sparse)))
+    w_t = random_weight(257, 600, torch.bfloat16)  # act-sparse: the thresholded x is per calling thread too
+    for w in (w_t, sf.Bitmask.from_dense(w_t)):
+        for m in (5, 20):
+            x = torch.randn(m, 257).to(torch.bfloat16)
+            cases.append((x, w, sf.ops.act_sparse_linear(x, w, 0.3)))
 
     def worker():
         for _ in range(30):
-            for x, sparse, expect in cases:
-                assert torch.equal(sf.ops.linear(x, sparse), expect)
+            for x, w, expect in cases:
+                y = sf.ops.linear(x, w) if expect.shape[1] == 300 else sf.ops.act_sparse_linear(x, w, 0.3)
+                assert torch.equal(y, expect)
 
     run_in_threads(worker)
 

@@ -15,7 +15,7 @@ void zero_inactive(const ThresholdIO& a) {
   with_element(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T magnitude = static_cast<T>(sizeof(T) == 2 ? 0x7fffu : 0x7fffffffu);
-    const T limit = static_cast<T>(a.threshold_bits);
+    const T limit = static_cast<T>(a.threshold_bits & magnitude);  // -0.0 compares as +0.0
     parallel_for_torch_threads(tasks, threads, [&](int64_t t) {
       for (int64_t m = t * per_task; m < std::min(a.M, (t + 1) * per_task); ++m) {
         const T* x = static_cast<const T*>(a.x) + m * a.ldx;

@@ -2,7 +2,7 @@
 // + bias, x' being x with its inactive inputs (|x| <= threshold) zeroed. Each row of x has its own
 // active set, so in a batch nearly every row of w_t is needed by some row of x, and one GEMM over
 // the zeroed x beats the row kernel, which streams the active rows once per row of x.
-// The weight keeps its [K, N] layout (dense, or a bitmask per input row): panels of 64 output
+// The weight keeps its [K, N] layout (dense, or a bitmask per input row): panels of 256 output
 // columns are packed into k pairs, the operand layout of vdpbf16ps, and pairs of x are broadcast
 // against them; 6 rows of x times 4 vectors of columns make 24 accumulators. The zeros of the
 // decompressed weight are multiplied as dense would, so NaN and inf in x propagate as in dense.
@@ -51,7 +51,7 @@ void gemm_kn_micro_bf16(const uint16_t* x, int64_t ldx, const uint32_t* wp, int6
 // compares |x| <= threshold in x's dtype, the threshold is rounded to bf16 first.
 inline int32_t inactive_bits_bf16(float threshold) {
   if (!(threshold >= 0.0f)) return -1;  // negative or NaN: every input is active
-  return f32_to_bf16(threshold);
+  return f32_to_bf16(threshold) & 0x7fff;  // -0.0 compares as +0.0
 }
 
 // z[m][0:ldz] = x[m] with inactive inputs and the padding past K set to +0 (ldz: a multiple of 32).
@@ -108,12 +108,12 @@ inline __m256i round_bf16x16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// y = threshold(x) @ w_t + bias. `make_reader(first_panel)` returns a reader for one task, whose
-// reader(k, n0, ncols, buf) gives kKnPanel bf16 of row k from column n0 (ncols of them real, zeros
-// after; it may write them to buf) and is called for k = 0, 1, ... K-1 in order, panel after panel.
-// reader.prefetch(k, n0, ncols) asks for row k's bytes ahead of time.
-template <class MakeReader>
-void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReader& make_reader) {
+// y = threshold(x) @ w_t + bias. `make_readers(first_panels)` is called once, with each task's
+// first panel, and returns reader_for(t): task t's reader, whose reader(k, n0, ncols, buf) gives
+// kKnPanel bf16 of row k from column n0 (ncols of them real, zeros after; it may write them to buf)
+// and is called for k = 0, 1, ... K-1 in order, panel after panel.
+template <class MakeReaders>
+void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_readers) {
   const int64_t K = io.K, N = io.N, pairs = (K + 1) / 2;
   const int64_t ldz = round_up(K, 32) + 32;  // off 4 KiB multiples: the 6 rows fall in different L1 sets
   thread_local std::vector<uint16_t> z_kept;
@@ -124,16 +124,19 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReader& make_re
   const int threads = threads_for(io.threads, io.M * K * N);
   const int64_t panels = (N + kKnPanel - 1) / kKnPanel;
   const int64_t tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
+  std::vector<int64_t> first_panels(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) first_panels[static_cast<size_t>(t)] = t * panels / tasks;  // equal shares
+  const auto reader_for = make_readers(first_panels);
   parallel_for(tasks, threads, [&](int64_t t) {
     thread_local std::vector<uint32_t> wp_buf;
-    thread_local std::vector<float> c_buf;
+    thread_local std::vector<float> c_kept;
+    std::vector<float> c_once;
     wp_buf.resize(static_cast<size_t>(kKnBlockPairs * kKnPanel));
-    if (c_buf.size() < static_cast<size_t>(io.M * kKnPanel)) c_buf.resize(static_cast<size_t>(io.M * kKnPanel));
     uint32_t* wp = wp_buf.data();
-    float* c = c_buf.data();
+    float* c = call_buffer(c_kept, c_once, static_cast<size_t>(io.M * kKnPanel));
     alignas(64) uint16_t row_buf[kKnPanel];
-    const int64_t first = t * panels / tasks, end = (t + 1) * panels / tasks;  // equal shares
-    auto reader = make_reader(first);
+    const int64_t first = first_panels[static_cast<size_t>(t)], end = (t + 1) * panels / tasks;
+    auto reader = reader_for(t);
     for (int64_t panel = first; panel < end; ++panel) {
       const int64_t n0 = panel * kKnPanel, ncols = std::min(kKnPanel, N - n0);
       std::fill(row_buf, row_buf + kKnPanel, uint16_t{0});

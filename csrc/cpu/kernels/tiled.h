@@ -282,10 +282,12 @@ void gemm_linear_bf16(const LinearIO& io, const Decompress& decompress, const Pr
   const int64_t tiles = (io.N + kGemmTileRows - 1) / kGemmTileRows;
   const int64_t tasks = std::min<int64_t>(tiles, int64_t{threads} * 8);
   parallel_for(tasks, threads, [&](int64_t t) {
-    thread_local std::vector<uint16_t> tile_buf;
-    thread_local std::vector<float> c_buf;
-    if (tile_buf.size() < static_cast<size_t>(kGemmTileRows * ld)) tile_buf.resize(kGemmTileRows * ld);
-    if (c_buf.size() < static_cast<size_t>(kGemmTileRows * Mp)) c_buf.resize(kGemmTileRows * Mp);
+    thread_local std::vector<uint16_t> tile_kept;
+    thread_local std::vector<float> c_kept;
+    std::vector<uint16_t> tile_once;
+    std::vector<float> c_once;
+    uint16_t* const tile_buf = call_buffer(tile_kept, tile_once, static_cast<size_t>(kGemmTileRows * ld));
+    float* const c_buf = call_buffer(c_kept, c_once, static_cast<size_t>(kGemmTileRows * Mp));
     const int64_t end = (t + 1) * tiles / tasks;  // equal shares: tasks differ by one tile at most
     for (int64_t tile = t * tiles / tasks; tile < end; ++tile) {
       const int64_t n0 = tile * kGemmTileRows, next = n0 + kGemmTileRows;
@@ -295,7 +297,7 @@ void gemm_linear_bf16(const LinearIO& io, const Decompress& decompress, const Pr
         if (r1 > r0) prefetch(next + r0, next + r1);
       };
       gemm_tile_bf16(io, decompress, prefetch_next, n0, std::min(kGemmTileRows, io.N - n0), xp, ldxb, pairs,
-                     tile_buf.data(), ld, c_buf.data());
+                     tile_buf, ld, c_buf);
     }
   });
 }

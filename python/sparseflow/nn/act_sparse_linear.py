@@ -36,7 +36,7 @@ class ActSparseLinear(nn.Module):
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.threshold = float(threshold)
+        self.threshold = float(threshold) + 0.0  # -0.0 -> +0.0
         self.weight_format = weight_format
         w_t = weight.detach().t().contiguous()
         if weight_format == "bitmask":

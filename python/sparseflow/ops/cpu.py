@@ -242,7 +242,8 @@ def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
     """The threshold's bits in x's dtype (rounded as the comparison in that dtype rounds it); cached:
     building a tensor for it cost more than the pass itself on a prefill-sized x."""
     thr = torch.tensor(threshold, dtype=dtype)
-    return int(thr.view(_INT[dtype])) & (0xFFFF if thr.element_size() == 2 else 0xFFFFFFFF)
+    # the magnitude bits: -0.0 must compare as +0.0 (a set sign bit would exceed every |x|)
+    return int(thr.view(_INT[dtype])) & (0x7FFF if thr.element_size() == 2 else 0x7FFFFFFF)
 
 
 def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> torch.Tensor:

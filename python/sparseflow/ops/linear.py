@@ -189,9 +189,10 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
 
 def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor | None = None,
                       backend: str = "") -> torch.Tensor:
-    """y = x_active @ w_t (+ bias), where inputs with |x| <= threshold are skipped (NaN/inf always
-    count as active). w_t is the transposed weight [K, N]: a dense tensor or a sf.Bitmask of it."""
-    threshold = float(threshold)
+    """y = x_active @ w_t (+ bias), where inputs with |x| <= threshold (compared in x's dtype, as
+    torch compares) are skipped: NaN always counts as active, inf unless the threshold is inf.
+    w_t is the transposed weight [K, N]: a dense tensor or a sf.Bitmask of it."""
+    threshold = float(threshold) + 0.0  # -0.0 -> +0.0: the kernels compare magnitude bits with its bits
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if isinstance(w_t, Bitmask):
