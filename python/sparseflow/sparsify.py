@@ -162,8 +162,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       {layer name or pattern: fraction}; needs `calibration`, an iterable of model inputs.
     mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
     prefill: what runs where the sparse kernel loses (many rows of x). "batched" (default) keeps only
-      the compressed weight and decompresses it in chunks for torch's dense GEMM: the smallest model,
-      a few percent slower than dense there. "dense" keeps a dense copy of each sparse layer's weight
+      the compressed weight: above the crossover it decompresses it in chunks for torch's dense GEMM
+      (where that measured faster than the kernel's own batch GEMM): the smallest model, 0-5% slower
+      than dense there. "dense" keeps a dense copy of each sparse layer's weight
       for those rows (from the first measured row count where dense beat the kernel, and above the
       largest one measured): never slower than dense at any row count, for the memory of the copies
       (rebuilt on load, never saved).
