@@ -216,7 +216,7 @@ int64_t column_chunk(const LinearIO& io) {
 
 int64_t act_sparse_batch_rows(DType t) {
 #if defined(SF_ISA_avx512)
-  return t == DType::bf16 && use_bf16_dot() ? kGemmMinRows : 0;
+  return gemm_kn_min_rows(t);
 #else
   (void)t;
   return 0;

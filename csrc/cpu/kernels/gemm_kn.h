@@ -20,33 +20,6 @@ constexpr int64_t kKnBlockPairs = 256;   // k pairs per packed block (256 KiB, i
 constexpr int kKnRows = 6;               // rows of x per micro-kernel call
 constexpr int64_t kKnPrefetchRows = 8;   // rows of w_t fetched ahead of the packing
 
-// c[i][0:64] += sum over p of (pair p of x row i) . (packed pair p of 64 columns, row stride ldw).
-template <int MR>
-void gemm_kn_micro_bf16(const uint16_t* x, int64_t ldx, const uint32_t* wp, int64_t ldw, int64_t pairs, float* c,
-                        int64_t ldc) {
-  constexpr int NB = kKnSub / 16;
-  __m512 acc[MR][NB];  // fully unrolled, so that the accumulators live in registers
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512i wv[NB];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wp + p * ldw + 16 * j);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(load_pair(x + i * ldx + 2 * p)));
-#pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = dot_bf16(acc[i][j], xb, wv[j]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
-}
-
 // The largest bf16 magnitude (as bits) that counts as inactive, or -1 when none does. As torch
 // compares |x| <= threshold in x's dtype, the threshold is rounded to bf16 first.
 inline int32_t inactive_bits_bf16(float threshold) {
@@ -147,8 +120,9 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_r
         pack_kn_pairs_bf16(row, K, p0, np, wp);
         for (int64_t s = 0; s < ncols; s += kKnSub) {
           const auto micro = [&](auto rows, int64_t m0) {
-            gemm_kn_micro_bf16<decltype(rows)::value>(z + m0 * ldz + 2 * p0, ldz, wp + s, kKnPanel, np,
-                                                      c + m0 * kKnPanel + s, kKnPanel);
+            constexpr int MR = decltype(rows)::value, NV = kKnSub / 16;
+            gemm_micro_bf16<MR, NV>(z + m0 * ldz + 2 * p0, ldz, wp + s, 16, kKnPanel, np, c + m0 * kKnPanel + s,
+                                    kKnPanel);
           };
           int64_t m0 = 0;
           for (; m0 + kKnRows <= io.M; m0 += kKnRows) micro(std::integral_constant<int, kKnRows>{}, m0);
@@ -180,8 +154,12 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_r
   });
 }
 
+// Rows of x from which the act-sparse kernels run a batch as this GEMM in dtype t (0: never).
+inline int64_t gemm_kn_min_rows(DType t) { return t == DType::bf16 && use_bf16_dot() ? kGemmMinRows : 0; }
+
 inline bool gemm_kn_applies(const LinearIO& io) {
-  return io.M >= kGemmMinRows && io.dtype == DType::bf16 && use_bf16_dot();  // see act_sparse_batch_rows
+  const int64_t rows = gemm_kn_min_rows(io.dtype);
+  return rows > 0 && io.M >= rows;
 }
 #endif
 

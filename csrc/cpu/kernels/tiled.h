@@ -141,30 +141,34 @@ inline uint32_t load_pair(const uint16_t* p) {
   return v;
 }
 
-// c[i][16 j + l] += sum over p of w row i pair p . x block j row l pair p.
-template <int NR, int MB>
-void gemm_micro_bf16(const uint16_t* w, int64_t ldw, const uint32_t* xp, int64_t ldxb, int64_t pairs,
-                     float* c, int64_t ldc) {
-  __m512 acc[NR][MB];  // fully unrolled below, so that the accumulators live in registers
+// c[i][16 j + l] += sum over p of (pair p of bf16 row i of `bcast`, broadcast) . (lane l of vector
+// j of pair p, at vec + j * vec_j + p * vec_p: 16 pairs of bf16). The NR x NV accumulators live in
+// registers (NR * NV <= 24): each vector load feeds NR dot products, each broadcast NV. Both bf16
+// GEMMs use it: here the weight rows are broadcast against packed x, in gemm_kn.h rows of x against
+// packed weight columns.
+template <int NR, int NV>
+void gemm_micro_bf16(const uint16_t* bcast, int64_t ld, const uint32_t* vec, int64_t vec_j, int64_t vec_p,
+                     int64_t pairs, float* c, int64_t ldc) {
+  __m512 acc[NR][NV];  // fully unrolled below, so that the accumulators live in registers
 #pragma GCC unroll 24
   for (int i = 0; i < NR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < MB; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_loadu_ps(c + i * ldc + 16 * j);
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512i xv[MB];
+    __m512i v[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_si512(xp + j * ldxb + p * 16);
+    for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_si512(vec + j * vec_j + p * vec_p);
 #pragma GCC unroll 24
     for (int i = 0; i < NR; ++i) {
-      const __m512i wb = _mm512_set1_epi32(static_cast<int>(load_pair(w + i * ldw + 2 * p)));
+      const __m512i b = _mm512_set1_epi32(static_cast<int>(load_pair(bcast + i * ld + 2 * p)));
 #pragma GCC unroll 4
-      for (int j = 0; j < MB; ++j) acc[i][j] = dot_bf16(acc[i][j], wb, xv[j]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = dot_bf16(acc[i][j], b, v[j]);
     }
   }
 #pragma GCC unroll 24
   for (int i = 0; i < NR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < MB; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
 }
 
 // Packs x (bf16) as [M / 16 blocks, row stride ldxb][pairs][16] pairs, zero past M and K, and
@@ -247,8 +251,8 @@ void gemm_tile_bf16(const LinearIO& io, const Decompress& decompress, const Pref
       const auto run = [&](auto mb) {
         constexpr int MB = decltype(mb)::value, NR = 24 / MB;
         for (int64_t i0 = 0; i0 < kGemmTileRows; i0 += NR)
-          gemm_micro_bf16<NR, MB>(tile + i0 * ld + 2 * p0, ld, xp + b0 * ldxb + p0 * 16, ldxb, np, c + i0 * Mp + b0 * 16,
-                                  Mp);
+          gemm_micro_bf16<NR, MB>(tile + i0 * ld + 2 * p0, ld, xp + b0 * ldxb + p0 * 16, ldxb, 16, np,
+                                  c + i0 * Mp + b0 * 16, Mp);
       };
       switch (std::min<int64_t>(4, blocks - b0)) {
         case 1: run(std::integral_constant<int, 1>{}); break;

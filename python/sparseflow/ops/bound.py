@@ -18,17 +18,20 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import table
 
 
+def plain_eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, no tracing mode, no tensor subclass."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None)
+
+
+def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd must record the op (the weights are fixed buffers: only x and bias count)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A plain CPU tensor in eager mode (not compiling, tracing or under a dispatch mode) with no
-    gradient to record."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and type(x) is torch.Tensor
-        and x.is_cpu
-        and _get_current_dispatch_mode() is None
-        and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-    )
+    """A plain CPU tensor in eager mode with no gradient to record."""
+    return plain_eager(x) and x.is_cpu and not needs_grad(x, bias)
 
 
 def fits_bound_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,

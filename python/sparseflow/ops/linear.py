@@ -6,11 +6,10 @@ the table selects."""
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
-from .bound import bound_act_sparse, bound_for_format, fits_bound_kernel
+from .bound import bound_act_sparse, bound_for_format, fits_bound_kernel, needs_grad, plain_eager
 
 LIB = "sparseflow"
 
@@ -19,12 +18,6 @@ def _run_linear(fmt: str, x: torch.Tensor, w: SparseFormat, bias, backend: str) 
     x2 = x.reshape(-1, x.shape[-1])
     b = table.select("linear", fmt, x, w, x2.shape[0], backend)
     return b.fn(x2, w, bias).reshape(*x.shape[:-1], w.shape[0])
-
-
-def _eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, no tracing mode, no tensor subclass."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None)
 
 
 def _empty_out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -147,8 +140,7 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     if bias is not None:
         bias = bias.contiguous()
     t = tensors
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if _eager(x) and not needs_grad:  # skip the dispatcher's ~15 us per call; tracing and autograd see the op
+    if plain_eager(x) and not needs_grad(x, bias):  # skip the dispatcher (~15 us); tracing and autograd see the op
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
     if format_name == "bitmask":
@@ -175,9 +167,8 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
     w_rows = tensors["t"] if weight_format == "dense" else tensors["mask"]  # one row per input feature
     values = tensors["t"] if weight_format == "dense" else tensors["values"]
     _check(x, w_rows.shape[0], out_features, values.dtype, values.device, bias)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     t = tensors
-    if _eager(x) and not needs_grad:
+    if plain_eager(x) and not needs_grad(x, bias):
         w_t = t["t"] if weight_format == "dense" else Bitmask.from_tensors((x.shape[-1], out_features), t,
                                                                             validate=False)
         return _run_act_sparse(weight_format, x, w_t, out_features, threshold, bias, backend)
@@ -196,25 +187,23 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if isinstance(w_t, Bitmask):
-        k, n = w_t.shape
-        _check(x, k, n, w_t.dtype, w_t.device, bias)
-        if backend in ("", "cpp") and fits_bound_kernel(x, w_t.values, bias, k, n):
-            fn = bound_act_sparse(x, w_t)
-            if fn is not None:
-                return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
-        return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold,
-                                         None if bias is None else bias.contiguous(), backend)
-    if isinstance(w_t, torch.Tensor):
+        values = w_t.values
+    elif isinstance(w_t, torch.Tensor):
         if w_t.dim() != 2:
             raise ValueError(f"w_t must be 2-D [in_features, out_features], got {tuple(w_t.shape)}")
-        k, n = w_t.shape
-        _check(x, k, n, w_t.dtype, w_t.device, bias)
-        if backend in ("", "cpp") and fits_bound_kernel(x, w_t, bias, k, n):
-            fn = bound_act_sparse(x, w_t)
-            if fn is not None:
-                return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
-        return act_sparse_linear_dense(x, w_t, threshold, None if bias is None else bias.contiguous(), backend)
-    raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
+        values = w_t
+    else:
+        raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
+    k, n = w_t.shape
+    _check(x, k, n, w_t.dtype, w_t.device, bias)
+    if backend in ("", "cpp") and fits_bound_kernel(x, values, bias, k, n):
+        fn = bound_act_sparse(x, w_t)
+        if fn is not None:
+            return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
+    bias = None if bias is None else bias.contiguous()
+    if isinstance(w_t, Bitmask):
+        return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold, bias, backend)
+    return act_sparse_linear_dense(x, w_t, threshold, bias, backend)
 
 
 # ---------------------------------------------------------------------------------------------
