@@ -40,6 +40,8 @@ void bitmask_dot_bf16(const BitmaskView& w, int64_t n, const XRows& x, float* ou
   for (; k + 64 <= w.cols; k += 64) {  // whole 64-column chunks: both mask words exist
     uint32_t bits[2];
     std::memcpy(bits, row + k / 8, 8);
+    prefetch_stream(v);
+    prefetch_stream(row + k / 8, 512);
     step(bits[0], k, acc0);
     step(bits[1], k + 32, acc1);
   }
@@ -66,6 +68,8 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
     for (; k + 32 <= K; k += 32) {  // two 16-column chunks, two accumulator chains
       uint32_t bits;
       std::memcpy(&bits, row + k / 8, 4);
+      prefetch_stream(v);
+      prefetch_stream(row + k / 8, 512);
       step(bits & 0xffffu, k, 0);
       step(bits >> 16, k + 16, 1);
     }
@@ -74,6 +78,8 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
     const uint16_t* v = static_cast<const uint16_t*>(w.values) + w.row_offsets[n];
     const bool bf16 = t == DType::bf16;
     for (int64_t k = 0; k < K; k += 32) {
+      prefetch_stream(v);
+      prefetch_stream(row + k / 8, 512);
       const uint32_t bits = mask_bits(row, w.mask_stride, k, 32);
       if (!bits) continue;
       const int cnt = popcount32(bits);
@@ -105,6 +111,10 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
   const char* base = static_cast<const char*>(w.values);
   int64_t v = begin;
   for (int64_t byte = 0; byte < w.mask_stride; ++byte) {
+    if (byte % 4 == 0) {
+      prefetch_stream(base + v * esize);
+      prefetch_stream(row + byte, 512);
+    }
     const uint32_t bits = row[byte];
     if (!bits) continue;
     const int cnt = popcount32(bits);

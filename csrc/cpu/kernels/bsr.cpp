@@ -29,6 +29,7 @@ void bsr_block_row(const BsrView& w, DType t, int64_t br, const XRows& x, float*
       __m512 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm512_loadu_ps(a + r * kLanes);
       for (int64_t k = 0; k < bk; k += 16) {
+        prefetch_stream(static_cast<const char*>(w.values) + (base + k) * element_size(t));
         const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, bk - k))));
         const __m512 wv = maskz_load16_f32(live, w.values, base + k, t);
         for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r] + k0 + k), acc[r]);
@@ -39,6 +40,7 @@ void bsr_block_row(const BsrView& w, DType t, int64_t br, const XRows& x, float*
       for (int r = 0; r < R; ++r) acc[r] = _mm256_loadu_ps(a + r * kLanes);
       int64_t k = 0;
       for (; k + 8 <= bk; k += 8) {
+        if (k % 16 == 0) prefetch_stream(static_cast<const char*>(w.values) + (base + k) * element_size(t));
         const __m256 wv = load8_f32(w.values, base + k, t);
         for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[r] + k0 + k), acc[r]);
       }

@@ -11,6 +11,19 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   int64_t i = w.row_ptr[n];
   const int64_t end = w.row_ptr[n + 1];
   float acc[R] = {};
+  // The gathers read x (float32) from L1 while it fits in half of it; then the streams go to L1
+  // too. A larger x misses L1 anyway, and streams prefetched there would push it out further.
+  const bool x_in_l1 = w.cols * 4 * R <= 16384;
+  const auto prefetch = [&](int64_t at) {
+    const char* v = static_cast<const char*>(w.values) + at * element_size(t);
+    if (x_in_l1) {
+      prefetch_stream(v);
+      prefetch_stream(col + at);
+    } else {
+      prefetch_stream<_MM_HINT_T1>(v, 4096);
+      prefetch_stream<_MM_HINT_T1>(col + at, 4096);
+    }
+  };
 #if defined(SF_ISA_avx512)
   __m512 vacc[R], vacc2[R];  // two accumulators per row: gathers are long-latency
   for (int r = 0; r < R; ++r) vacc[r] = vacc2[r] = _mm512_setzero_ps();
@@ -21,6 +34,7 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
       return _mm512_loadu_si512(col + at);
   };
   for (; i + 32 <= end; i += 32) {  // whole chunks: no lane masks
+    prefetch(i);
     const __m512i idx0 = indices(i), idx1 = indices(i + 16);
     const __m512 w0 = load16_f32(w.values, i, t), w1 = load16_f32(w.values, i + 16, t);
     for (int r = 0; r < R; ++r) {
@@ -45,6 +59,7 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   __m256 vacc[R];
   for (int r = 0; r < R; ++r) vacc[r] = _mm256_setzero_ps();
   for (; i + 8 <= end; i += 8) {
+    if (i % 16 == 0) prefetch(i);
     __m256i idx;
     if constexpr (sizeof(Index) == 2)
       idx = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + i)));
