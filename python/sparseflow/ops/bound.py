@@ -13,15 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import table
 
 
 def plain_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, no tracing mode, no tensor subclass."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None)
+    """Plain eager execution: no compiler, no tracing mode, no tensor subclass. (torch.jit.is_tracing
+    and _get_current_dispatch_mode, called through their C functions: each Python frame costs
+    microseconds with cold caches. Under torch.compile the check stops at is_compiling.)"""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -63,10 +64,20 @@ class BoundKernel:
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor], weight: Callable[[], object]) -> Callable | None:
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in buffers if t is not None)
         if key != self._key:
-            w = weight()
-            b = table.select(self.op, self.format, x, w, table.rows_of(x))
-            self._fn, self._key = (None if b.bind is None else b.bind(w)), key
+            self._bind(x, weight())
+            self._key = key
         return self._fn
+
+    def once(self, x: torch.Tensor, w) -> Callable | None:
+        """For an immutable weight (a format object): bound on first use, never checked again."""
+        if self._key is None:
+            self._bind(x, w)
+            self._key = ()
+        return self._fn
+
+    def _bind(self, x: torch.Tensor, w) -> None:
+        b = table.select(self.op, self.format, x, w, table.rows_of(x))
+        self._fn = None if b.bind is None else b.bind(w)
 
     def __getstate__(self) -> dict:
         return {"op": self.op, "format": self.format, "_key": None, "_fn": None}
@@ -81,7 +92,7 @@ def bound_for_format(x: torch.Tensor, w, op: str = "linear") -> Callable | None:
     if kernel is None:
         kernel = BoundKernel(op, w.format_name)
         object.__setattr__(w, attr, kernel)
-    return kernel.get(x, w.tensors().values(), lambda: w)
+    return kernel.once(x, w)
 
 
 def bound_act_sparse(x: torch.Tensor, w_t) -> Callable | None:

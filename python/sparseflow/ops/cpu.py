@@ -20,18 +20,18 @@ POISON_OUTPUTS = False
 
 
 def _io(x2: torch.Tensor, n_out: int, bias: torch.Tensor | None):
-    """Contiguous-row x, the output, and the keyword arguments every kernel takes."""
+    """Contiguous-row x, the output, and the arguments every kernel takes after its weight's, in the
+    binding's order (dtype, x, M, K, ldx, y, N, ldy, bias, threads): passed by position, because
+    pybind11 matching keywords cost ~10 us per call with cold caches, which is what a layer meets."""
     if x2.stride(-1) != 1 or x2.stride(0) < x2.shape[1]:
         x2 = x2.contiguous()
     m, k = x2.shape
     y = torch.empty(m, n_out, dtype=x2.dtype)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    kw = dict(
-        dtype=dtype_code(x2.dtype), x=ptr(x2), M=m, K=k, ldx=max(x2.stride(0), k) if m > 1 else k,
-        y=ptr(y), N=n_out, ldy=n_out, bias=ptr(bias), threads=torch.get_num_threads(),
-    )
-    return x2, y, kw
+    io = (dtype_code(x2.dtype), ptr(x2), m, k, max(x2.stride(0), k) if m > 1 else k,
+          ptr(y), n_out, n_out, ptr(bias), torch.get_num_threads())
+    return x2, y, io
 
 
 def _fix_nonfinite(rows, x2, y, recompute):
@@ -69,8 +69,8 @@ def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
     n = w.shape[0]
 
     def run(x2: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        x2, y, kw = _io(x2, n, bias)
-        rows = kernel(*args, **kw)
+        x2, y, io = _io(x2, n, bias)
+        rows = kernel(*args, *io)
         return _fix_nonfinite(rows, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
     return run
@@ -94,8 +94,8 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
         kernel, args = _C.act_sparse_dense, (ptr(w), k, n, w.stride(0))
 
     def run(x2: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        x2, y, kw = _io(x2, n, bias)
-        rows = kernel(*args, float(threshold), **kw)
+        x2, y, io = _io(x2, n, bias)
+        rows = kernel(*args, float(threshold), *io)
         if dense:
             return y  # a dense w_t propagates NaN/inf by itself
         return _fix_nonfinite(rows, x2, y,
