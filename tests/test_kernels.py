@@ -147,6 +147,28 @@ def test_bf16_gemm_path(isa, fmt, M, N, K):
     assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
 
 
+# The 2:4 bf16 GEMM that skips the zeros (gemm_nm24.h, from 4 rows): 12-row micro-kernels and
+# their tails, tiles of 32 output features, blocks of 256 groups of 4 inputs, and a K that ends
+# inside a group (a kept position past the last column must meet zeros of x).
+NM24_SHAPES = [(4, 1, 4), (5, 31, 5), (11, 33, 1023), (13, 65, 4096), (25, 40, 1030)]
+
+
+@pytest.mark.parametrize("M,N,K", NM24_SHAPES)
+def test_nm24_gemm_path(isa, M, N, K):
+    gen = torch.Generator().manual_seed(M * 131 + N * 7 + K)
+    sparse = sf.NM.from_dense(torch.randn(N, K, generator=gen).to(torch.bfloat16), 2, 4, prune=True)
+    w = sparse.to_dense()
+    xw = torch.randn(M, K + 3, generator=gen).to(torch.bfloat16)[:, 1 : 1 + K]
+    check_linear(xw, w, sparse, torch.randn(N, generator=gen).to(torch.bfloat16))
+    x = xw.contiguous()
+    x[M // 2, K - 1] = float("inf")  # a pruned weight there turns it into NaN, as in dense
+    y = sf.ops.linear(x, sparse)
+    dense = F.linear(x.float(), w.float()).to(torch.bfloat16)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense)) and torch.equal(torch.isinf(y), torch.isinf(dense))
+    finite = torch.isfinite(dense)
+    assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_bf16_gemms_with_a_batch_too_large_to_keep_its_buffer(isa):
     """2100 rows of 4096: the packed (or thresholded) x exceeds the 16 MiB a thread keeps between
     calls, so it lives for one call only (common.h: call_buffer)."""

@@ -3,6 +3,7 @@
 // values at once and fetch the matching x elements: AVX-512 by a two-register permute when the
 // chunk spans 32 x elements (2:4, 4:8, 8:16), by a gather otherwise; AVX2 by a gather.
 #include "cpu/kernels/kernels.h"
+#include "cpu/kernels/gemm_nm24.h"
 #include "cpu/kernels/tiled.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -167,7 +168,14 @@ void nm_tiled_linear(const NMView& w, const LinearIO& io);
 
 void nm_linear(const NMView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (tiled_applies(io)) {  // 2 <= M: decompress 4 rows at a time into a tile, register-blocked GEMM
+  if (nm24_gemm_applies(w, io)) {  // 2:4, bf16: a GEMM that skips the zeros
+    nm24_gemm_bf16(w, io);
+    return;
+  }
+  // Decompress 4 rows at a time into a tile, register-blocked GEMM. Half-dense ratios (2:4, 4:8,
+  // 8:16) have fast row kernels (a permute fetches x), which win at a few rows of x.
+  const bool half = 2 * w.n == w.m;
+  if (tiled_applies(io, half ? TiledFrom{8, 4} : TiledFrom{2, 2})) {
     nm_tiled_linear(w, io);
     return;
   }
