@@ -8,7 +8,8 @@
 //
 // C[m][n] in tiles of kNm24Cols output features (two vectors of 16 lanes). Per tile and per block
 // of kNm24Groups groups, the tile's value pairs are transposed to [group][lane] and its controls
-// built as [group][lane] (16 KiB, in L1); then micro-kernels run over rows of x, kNm24MR at a time.
+// built as [group][lane] (64 KiB, read in order from L2); then micro-kernels run over the rows of
+// x, kNm24MR at a time.
 #pragma once
 #include <array>
 
@@ -35,30 +36,33 @@ inline bool nm24_gemm_applies(const NMView& w, const LinearIO& io) {
 // . pairs[g], for MR rows of x (row stride ldx, starting at the block's first group).
 template <int MR>
 void nm24_micro(const uint16_t* x, int64_t ldx, const uint32_t* tile, int64_t G, float* c) {
-  __m512 acc[MR][2];
+  constexpr int NV = kNm24Cols / 16;
+  __m512 acc[MR][NV];
 #pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    acc[r][0] = _mm512_loadu_ps(c + r * kNm24Cols);
-    acc[r][1] = _mm512_loadu_ps(c + r * kNm24Cols + 16);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_loadu_ps(c + r * kNm24Cols + 16 * j);
   for (int64_t g = 0; g < G; ++g) {
     const uint32_t* t = tile + g * kNm24TileStride;
-    const __m512i w0 = _mm512_load_si512(t), w1 = _mm512_load_si512(t + 16);
-    const __m512i s0 = _mm512_load_si512(t + 32), s1 = _mm512_load_si512(t + 48);
+    __m512i w[NV], s[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      w[j] = _mm512_load_si512(t + 16 * j);
+      s[j] = _mm512_load_si512(t + kNm24Cols + 16 * j);
+    }
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       int64_t quad;
       std::memcpy(&quad, x + r * ldx + 4 * g, 8);
       const __m512i xb = _mm512_set1_epi64(quad);
-      acc[r][0] = dot_bf16(acc[r][0], _mm512_shuffle_epi8(xb, s0), w0);
-      acc[r][1] = dot_bf16(acc[r][1], _mm512_shuffle_epi8(xb, s1), w1);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = dot_bf16(acc[r][j], _mm512_shuffle_epi8(xb, s[j]), w[j]);
     }
   }
 #pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(c + r * kNm24Cols, acc[r][0]);
-    _mm512_storeu_ps(c + r * kNm24Cols + 16, acc[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * kNm24Cols + 16 * j, acc[r][j]);
 }
 
 template <class F>
@@ -79,7 +83,7 @@ inline void with_mr(int64_t rows, const F& f) {
   }
 }
 
-// The pairs and shuffle controls of rows [n0, n0 + rows) (rows <= 32) for groups [g0, g0 + G)
+// The pairs and shuffle controls of rows [n0, n0 + rows) (rows <= kNm24Cols) for groups [g0, g0 + G)
 // (G <= kNm24Groups), lanes past `rows` zero. 16 rows x 16 groups at a time: the value pairs by a
 // 16 x 16 transpose of 32-bit elements; the 4-bit position fields (two groups per index byte) by a
 // byte transpose (vpermt2b), then a 16-entry table from the field to the lane's shuffle control.
@@ -103,7 +107,7 @@ inline void nm24_prepare(const NMView& w, int64_t n0, int64_t rows, int64_t g0, 
   const __m512i lut = _mm512_loadu_si512(kControl.data());
   const __m512i tidx0 = _mm512_loadu_si512(kTranspose.data()), tidx1 = _mm512_loadu_si512(kTranspose.data() + 64);
   const __m512i low4 = _mm512_set1_epi32(0xf);
-  for (int64_t h = 0; h < 2; ++h) {
+  for (int64_t h = 0; h < kNm24Cols / 16; ++h) {
     const int64_t r0 = 16 * h, live = std::clamp<int64_t>(rows - r0, 0, 16);
     for (int64_t c = 0; c < G; c += 16) {
       const int64_t gc = g0 + c, ng = std::min<int64_t>(16, groups - gc);
@@ -205,15 +209,16 @@ inline void nm24_gemm_bf16(const NMView& w, const LinearIO& io) {
           });
       }
       // y = bf16(c + bias), 16 features at a time
-      __m512 bias[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int j = 0; j < 2; ++j) {
+      __m512 bias[kNm24Cols / 16];
+      for (int j = 0; j < kNm24Cols / 16; ++j) {
+        bias[j] = _mm512_setzero_ps();
         const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
         const __mmask16 mask = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(live)));
         if (io.bias && live) bias[j] = cvt16_bf16(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(io.bias) + n0 + 16 * j));
       }
       for (int64_t m = 0; m < io.M; ++m) {
         uint16_t* yrow = static_cast<uint16_t*>(io.y) + m * io.ldy + n0;
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < kNm24Cols / 16; ++j) {
           const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
           if (!live) continue;
           const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + m * kNm24Cols + 16 * j), bias[j]);
