@@ -116,4 +116,5 @@ class BSR(SparseFormat):
         brow = torch.repeat_interleave(torch.arange(block_rows, device=self.device), self.row_ptr.diff())
         blocks[brow, self.col_indices.to(torch.int64)] = self.values
         dense = blocks.transpose(1, 2).reshape(block_rows * bm, block_cols * bk)
-        return dense if dense.shape == self.shape else dense[:rows, :cols].contiguous()
+        # contiguous even where reshape could return a view (blocks one column wide: (4, 1) blocks)
+        return dense[:rows, :cols].contiguous()
