@@ -7,10 +7,12 @@ namespace sparseflow::cpu::SF_ISA {
 namespace {
 
 #if defined(SF_ISA_avx512)
-// One row of x: on Zen 4, sixteen scalar loads inserted into a vector beat a 16-lane gather (0.56
-// against 0.88 cycles per value with x in L1). Where float32 x outgrows L1 and x is bf16, the
-// bf16 copy (half the size) is read instead: 0.75 against 0.92 cycles. (A/B in one process, bf16
-// 4096x4096 95%: 0.42 -> 0.34 ms; float32 x past L1 read this way was slower, so it gathers.)
+// One row of x: on Zen 4, sixteen scalar loads inserted into a vector beat a 16-lane gather in
+// isolation (0.56 against 0.88 cycles per value with x in L1). Where float32 x outgrows L1 and x
+// is bf16, the bf16 copy (half the size) is read instead: 0.75 against 0.92 cycles. Inside the
+// kernel (A/B, calls in random order, bf16 95%) that buys 0.92 -> 0.82 ms at 4096x14336 and
+// nothing measurable at K = 4096 (memory-bound there); float32 x past L1 read this way was slower,
+// so it gathers.
 template <class Index>
 inline __m512 x16_f32(const float* x, const Index* col) {
   using U = std::make_unsigned_t<Index>;
@@ -36,13 +38,8 @@ float csr_dot_one(const CsrView& w, DType t, int64_t n, const XRows& x) {
   const auto fetch = [&](int64_t at) { return FromBf16 ? x16_bf16(x.bf16[0], col + at) : x16_f32(x[0], col + at); };
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; i + 32 <= end; i += 32) {
-    if (FromBf16) {  // x is past L1: the streams go to L2 (into L1 they would push x out)
-      prefetch_stream<_MM_HINT_T1>(static_cast<const char*>(w.values) + i * element_size(t), 4096);
-      prefetch_stream<_MM_HINT_T1>(col + i, 4096);
-    } else {
-      prefetch_stream(static_cast<const char*>(w.values) + i * element_size(t));
-      prefetch_stream(col + i);
-    }
+    prefetch_stream(static_cast<const char*>(w.values) + i * element_size(t));  // 2 to 16 KiB ahead
+    prefetch_stream(col + i);                                                   // measured alike
     acc0 = _mm512_fmadd_ps(load16_f32(w.values, i, t), fetch(i), acc0);
     acc1 = _mm512_fmadd_ps(load16_f32(w.values, i + 16, t), fetch(i + 16), acc1);
   }
@@ -62,18 +59,9 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   int64_t i = w.row_ptr[n];
   const int64_t end = w.row_ptr[n + 1];
   float acc[R] = {};
-  // The gathers read x (float32) from L1 while it fits in half of it; then the streams go to L1
-  // too. A larger x misses L1 anyway, and streams prefetched there would push it out further.
-  const bool x_in_l1 = w.cols * 4 * R <= 16384;
   const auto prefetch = [&](int64_t at) {
-    const char* v = static_cast<const char*>(w.values) + at * element_size(t);
-    if (x_in_l1) {
-      prefetch_stream(v);
-      prefetch_stream(col + at);
-    } else {
-      prefetch_stream<_MM_HINT_T1>(v, 4096);
-      prefetch_stream<_MM_HINT_T1>(col + at, 4096);
-    }
+    prefetch_stream(static_cast<const char*>(w.values) + at * element_size(t));
+    prefetch_stream(col + at);
   };
 #if defined(SF_ISA_avx512)
   __m512 vacc[R], vacc2[R];  // two accumulators per row: gathers are long-latency
