@@ -231,20 +231,19 @@ void run_rowwise(const LinearIO& io, int64_t align, const RowsFn& rows_fn) {
   }
 }
 
-// Calls f(std::integral_constant<int, R>) for R in 1..kRowGroup, so inner loops see R at compile time.
-template <class F>
-inline void with_rows(int R, const F& f) {
-  switch (R) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
+// Calls f(std::integral_constant<int, v>) for v in 1..Max (Max for anything larger), so that inner
+// loops over v rows are unrolled at compile time.
+template <int Max, int N = 1, class F>
+inline void with_count(int64_t v, const F& f) {
+  if constexpr (N >= Max)
+    f(std::integral_constant<int, Max>{});
+  else if (v <= N)
+    f(std::integral_constant<int, N>{});
+  else
+    with_count<Max, N + 1>(v, f);
 }
+template <class F>
+inline void with_rows(int R, const F& f) { with_count<kRowGroup>(R, f); }
 
 #if defined(SF_ISA_avx2)
 // For each 8-bit mask: the pshufb control that moves packed 16-bit values to their lanes

@@ -65,24 +65,6 @@ void nm24_micro(const uint16_t* x, int64_t ldx, const uint32_t* tile, int64_t G,
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * kNm24Cols + 16 * j, acc[r][j]);
 }
 
-template <class F>
-inline void with_mr(int64_t rows, const F& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 9: f(std::integral_constant<int, 9>{}); break;
-    case 10: f(std::integral_constant<int, 10>{}); break;
-    case 11: f(std::integral_constant<int, 11>{}); break;
-    default: f(std::integral_constant<int, 12>{}); break;
-  }
-}
-
 // The pairs and shuffle controls of rows [n0, n0 + rows) (rows <= kNm24Cols) for groups [g0, g0 + G)
 // (G <= kNm24Groups), lanes past `rows` zero. 16 rows x 16 groups at a time: the value pairs by a
 // 16 x 16 transpose of 32-bit elements; the 4-bit position fields (two groups per index byte) by a
@@ -204,7 +186,7 @@ inline void nm24_gemm_bf16(const NMView& w, const LinearIO& io) {
         else if (tile + 1 < end)
           nm24_prefetch(w, n0 + kNm24Cols, std::min(kNm24Cols, io.N - n0 - kNm24Cols), 0, std::min(kNm24Groups, groups));
         for (int64_t m0 = 0; m0 < io.M; m0 += kNm24MR)
-          with_mr(std::min<int64_t>(kNm24MR, io.M - m0), [&](auto mr) {
+          with_count<kNm24MR>(io.M - m0, [&](auto mr) {
             nm24_micro<decltype(mr)::value>(x + m0 * ldx + 4 * g0, ldx, tile_data, G, c + m0 * kNm24Cols);
           });
       }
