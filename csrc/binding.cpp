@@ -65,6 +65,12 @@ void check_cols(int64_t w_cols, int64_t K, const char* what) {
                                 std::to_string(K));
 }
 
+void check_rows(int64_t w_rows, int64_t N, const char* what) {
+  if (w_rows != N)
+    throw std::invalid_argument(std::string(what) + ": weight has " + std::to_string(w_rows) + " output features, y has " +
+                                std::to_string(N));
+}
+
 }  // namespace
 
 #define SF_IO_ARGS int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t y, int64_t N, int64_t ldy, \
@@ -121,6 +127,7 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t values, uintptr_t mask, uintptr_t row_offsets, int64_t rows, int64_t cols, int64_t stride, int64_t nnz, SF_IO_ARGS) {
           SF_IO;
           check_cols(cols, K, "bitmask_linear");
+          check_rows(rows, N, "bitmask_linear");
           const BitmaskView w{ptr<void>(values), ptr<uint8_t>(mask), ptr<int64_t>(row_offsets), rows, cols, stride, nnz};
           const KernelTable& t = table(isa);
           {
@@ -135,6 +142,7 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t values, uintptr_t col, int bits, uintptr_t row_ptr, int64_t rows, int64_t cols, int64_t nnz, SF_IO_ARGS) {
           SF_IO;
           check_cols(cols, K, "csr_linear");
+          check_rows(rows, N, "csr_linear");
           const CsrView w{ptr<void>(values), ptr<void>(col), ptr<int64_t>(row_ptr), rows, cols, nnz, bits};
           const KernelTable& t = table(isa);
           {
@@ -150,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
            int64_t nblocks, SF_IO_ARGS) {
           SF_IO;
           check_cols(cols, K, "bsr_linear");
+          check_rows(rows, N, "bsr_linear");
           const BsrView w{ptr<void>(values), ptr<int32_t>(col), ptr<int64_t>(row_ptr), rows, cols, bm, bk, nblocks};
           const KernelTable& t = table(isa);
           {
@@ -164,6 +173,7 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t values, uintptr_t index, int64_t rows, int64_t cols, int64_t n, int64_t mm, int64_t stride, SF_IO_ARGS) {
           SF_IO;
           check_cols(cols, K, "nm_linear");
+          check_rows(rows, N, "nm_linear");
           const NMView w{ptr<void>(values), ptr<uint8_t>(index), rows, cols, n, mm, stride};
           const KernelTable& t = table(isa);
           {

@@ -171,6 +171,22 @@ def test_ops_linear_binds_each_format_object_once(fmt):
     assert copy.deepcopy(w).__dict__["_bound_linear"]._fn is None
 
 
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr", "nm"])
+def test_a_bound_format_object_follows_its_memory(fmt):
+    """share_memory_() (what pickling for torch.multiprocessing does) moves a tensor's memory in
+    place and frees the old one: the kernel bound to the old pointers must not read it."""
+    lin = pruned_linear(k=256, n=512)
+    w = sf.SparseLinear.from_linear(lin, "2:4" if fmt == "nm" else fmt).weight
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        sf.ops.linear(x, w)  # binds
+        before = tuple(t.data_ptr() for t in w.tensors().values())
+        for t in w.tensors().values():
+            t.share_memory_()
+        assert tuple(t.data_ptr() for t in w.tensors().values()) != before
+        torch.testing.assert_close(sf.ops.linear(x, w), sf.ops.linear(x, w, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_ops_act_sparse_linear_takes_the_bound_kernel(weight, monkeypatch):
     ops_linear = importlib.import_module("sparseflow.ops.linear")  # the module: sf.ops.linear is the function

@@ -169,6 +169,27 @@ def test_nm24_gemm_path(isa, M, N, K):
     assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
 
 
+def test_nm24_gemm_rounds_as_torch(isa):
+    """The output is rounded to bf16 exactly as torch rounds (subnormals kept: vcvtneps2bf16 would
+    flush them), so that every path gives the same bits for an exactly representable result."""
+    sparse = sf.NM.from_dense(torch.randn(40, 64).to(torch.bfloat16), 2, 4, prune=True)
+    bias = torch.full((40,), 1.01e-39).to(torch.bfloat16)  # subnormal in bf16
+    assert bias[0] != 0
+    for m in (3, 4, 16):  # the row kernel, then the GEMM
+        y = sf.ops.linear(torch.zeros(m, 64, dtype=torch.bfloat16), sparse, bias)
+        assert torch.equal(y, bias.expand(m, 40))
+
+
+def test_kernels_refuse_a_weight_of_another_output_size():
+    from sparseflow._ext import _C, ptr
+
+    w = sf.NM.from_dense(torch.randn(8, 64), 2, 4, prune=True)
+    x, y = torch.randn(1, 64), torch.empty(1, 4096)
+    with pytest.raises(ValueError, match="output features"):
+        _C.nm_linear(ptr(w.values), ptr(w.index), 8, 64, 2, 4, w.index.shape[1],
+                     0, ptr(x), 1, 64, 64, ptr(y), 4096, 4096, 0, 1)
+
+
 def test_bf16_gemms_with_a_batch_too_large_to_keep_its_buffer(isa):
     """2100 rows of 4096: the packed (or thresholded) x exceeds the 16 MiB a thread keeps between
     calls, so it lives for one call only (common.h: call_buffer)."""

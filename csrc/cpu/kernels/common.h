@@ -28,9 +28,10 @@ namespace sparseflow::cpu::SF_ISA {
 // where it reads: into L1, or into L2 where L1 holds what the kernel needs more (hint and distance
 // per kernel were measured the same way).
 inline int64_t element_size(DType t) { return t == DType::f32 ? 4 : 2; }
-template <int Hint = _MM_HINT_T0>
+constexpr int kToL1 = 3, kToL2 = 2;  // __builtin_prefetch locality: prefetcht0, prefetcht1
+template <int Locality = kToL1>
 inline void prefetch_stream(const void* p, int64_t ahead = 2048) {
-  _mm_prefetch(static_cast<const char*>(p) + ahead, static_cast<_mm_hint>(Hint));
+  __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, Locality);
 }
 
 // ---- scalar conversions (bit exact with torch: round to nearest even) ----
@@ -376,6 +377,16 @@ inline __m512 cvt16_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi
 inline __m512 cvt16_f16(__m256i h) { return _mm512_cvtph_ps(h); }
 // acc += pairwise bf16 products of a and b (vdpbf16ps: exact products, float32 accumulation)
 inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+// Rounds 16 floats to bf16 as f32_to_bf16 does (nearest even, NaN kept quiet).
+inline __m256i round_bf16x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 inline __m512 load16_f32(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::f32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);

@@ -71,16 +71,6 @@ void pack_kn_pairs_bf16(const Row& row, int64_t K, int64_t p0, int64_t np, uint3
   }
 }
 
-// Rounds 16 floats to bf16 as f32_to_bf16 does (nearest even, NaN kept quiet).
-inline __m256i round_bf16x16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // y = threshold(x) @ w_t + bias. `make_readers(first_panels)` is called once, with each task's
 // first panel, and returns reader_for(t): task t's reader, whose reader(k, n0, ncols, buf) gives
 // kKnPanel bf16 of row k from column n0 (ncols of them real, zeros after; it may write them to buf)

@@ -204,7 +204,7 @@ inline void nm24_gemm_bf16(const NMView& w, const LinearIO& io) {
           const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
           if (!live) continue;
           const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + m * kNm24Cols + 16 * j), bias[j]);
-          const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+          const __m256i h = round_bf16x16(v);  // as f32_to_bf16 (vcvtneps2bf16 flushes subnormals)
           _mm256_mask_storeu_epi16(yrow + 16 * j, static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(live))), h);
         }
       }

@@ -56,8 +56,8 @@ void nm_dot_bf16_half(const NMView& w, int64_t n, const XRows& x, float* out) {
     const __m512i data = _mm512_inserti64x4(_mm512_set1_epi64(static_cast<long long>(words[0])),
                                             _mm256_set1_epi64x(static_cast<long long>(b == 2 ? words[0] : words[1])), 1);
     const __m512i pos = _mm512_add_epi16(_mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, data), low), vbase);
-    prefetch_stream<_MM_HINT_T1>(vals + v, 4096);
-    prefetch_stream<_MM_HINT_T1>(idx_row + v * b / 8, 512);
+    prefetch_stream<kToL2>(vals + v, 4096);
+    prefetch_stream<kToL2>(idx_row + v * b / 8, 512);
     const __m512i wv = _mm512_loadu_si512(vals + v);
     for (int r = 0; r < R; ++r) {
       const uint16_t* xr = x.bf16[r] + k;
@@ -111,8 +111,8 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
         std::memcpy(&word, idx_row + v / 2, 8);
       const __m512i words = _mm512_permutexvar_epi32(vsel, _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>(word))));
       const __m512i pos = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(words, vshift), low), vbase16);
-      prefetch_stream<_MM_HINT_T1>(static_cast<const char*>(w.values) + (vbase + v) * element_size(t), 4096);
-      prefetch_stream<_MM_HINT_T1>(idx_row + v * b / 8, 512);
+      prefetch_stream<kToL2>(static_cast<const char*>(w.values) + (vbase + v) * element_size(t), 4096);
+      prefetch_stream<kToL2>(idx_row + v * b / 8, 512);
       const __m512 wv = load16_f32(w.values, vbase + v, t);
       for (int r = 0; r < R; ++r) {
         const float* xr = x[r] + k;
@@ -142,8 +142,8 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
         std::memcpy(&word, idx_row + v / 2, 4);
       const __m256i pos = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), vshift), low), vbase8);
       if (v % 16 == 0) {
-        prefetch_stream<_MM_HINT_T1>(static_cast<const char*>(w.values) + (vbase + v) * element_size(t), 4096);
-        prefetch_stream<_MM_HINT_T1>(idx_row + v * b / 8, 512);
+        prefetch_stream<kToL2>(static_cast<const char*>(w.values) + (vbase + v) * element_size(t), 4096);
+        prefetch_stream<kToL2>(idx_row + v * b / 8, 512);
       }
       const __m256 wv = load8_f32(w.values, vbase + v, t);
       for (int r = 0; r < R; ++r) vacc[r] = _mm256_fmadd_ps(wv, _mm256_i32gather_ps(x[r] + k, pos, 4), vacc[r]);

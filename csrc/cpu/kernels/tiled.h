@@ -1,7 +1,8 @@
-// Batches (2 <= M) on AVX-512, for formats whose rows decompress cheaply (bitmask, N:M).
-// The row kernels feed one x load to one dot product, so past M ~ 3 they fall behind dense GEMM
-// (compute-bound, not memory-bound). Here each task decompresses a few weight rows at a time into
-// a tile that stays in the core's caches and multiplies it with x in registers:
+// Batches on AVX-512, for formats whose rows decompress cheaply (bitmask, N:M), from the row counts
+// in each format's TiledFrom (2 to 10: where the row kernels, which feed one x load to one dot
+// product, fall behind; 2:4 in bf16 has its own GEMM, gemm_nm24.h). Here each task decompresses a
+// few weight rows at a time into a tile that stays in the core's caches and multiplies it with x
+// in registers:
 // - fp32, and bf16 below kGemmMinRows rows: 4 weight rows times 4 rows of x per pass, 16
 //   accumulators, each loaded x vector feeding 4 dot products and each tile vector 4;
 // - bf16 from kGemmMinRows rows: a GEMM micro-kernel (gemm_micro_bf16) that runs at 92-95% of the

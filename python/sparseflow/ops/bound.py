@@ -69,10 +69,13 @@ class BoundKernel:
         return self._fn
 
     def once(self, x: torch.Tensor, w) -> Callable | None:
-        """For an immutable weight (a format object): bound on first use, never checked again."""
-        if self._key is None:
+        """For a format object: its tensors cannot be swapped, but their memory can move in place
+        (share_memory_(), which pickling for torch.multiprocessing does, or .data =), so only the
+        data pointers are checked: far cheaper than get's key with cold caches."""
+        key = tuple(t.data_ptr() for t in w.tensors().values())
+        if key != self._key:
             self._bind(x, w)
-            self._key = ()
+            self._key = key
         return self._fn
 
     def _bind(self, x: torch.Tensor, w) -> None:
