@@ -152,7 +152,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
 
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (tiled_applies(io, {10, 7})) {  // decompress 4 rows at a time into a tile, register-blocked GEMM
+  if (tiled_applies(io, {9, 7})) {  // decompress 4 rows at a time into a tile, register-blocked GEMM
     const int64_t esize = io.dtype == DType::f32 ? 4 : 2;
     tiled_linear(
         io,

@@ -1,5 +1,5 @@
 // Batches on AVX-512, for formats whose rows decompress cheaply (bitmask, N:M), from the row counts
-// in each format's TiledFrom (2 to 10: where the row kernels, which feed one x load to one dot
+// in each format's TiledFrom (2 to 9: where the row kernels, which feed one x load to one dot
 // product, fall behind; 2:4 in bf16 has its own GEMM, gemm_nm24.h). Here each task decompresses a
 // few weight rows at a time into a tile that stays in the core's caches and multiplies it with x
 // in registers:
@@ -20,7 +20,8 @@ constexpr int64_t kTileX = 4;     // rows of x per micro-kernel pass
 // From how many rows of x each dtype takes the tiles. Below, the row kernels (which read the
 // compressed weight once for all rows, streaming it) win: A/B in one process, 4096x4096, bf16
 // bitmask at 2 / 3 / 6 rows 1.98x / 1.75x / 1.12x over dense against 1.15x / 1.11x / 0.97x tiled,
-// float32 bitmask at 8 rows 2.22x against 2.07x, float32 2:4 at 4 rows 3.66x against 2.81x.
+// float32 bitmask at 8 rows 2.22x against 2.07x (at 11, 2.33x against 2.60x; from 9 rows a row kernel
+// would pass over the weight twice, kRowGroup = 8), float32 2:4 at 4 rows 3.66x against 2.81x.
 struct TiledFrom {
   int64_t f32, bf16;
 };
