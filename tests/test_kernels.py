@@ -169,6 +169,39 @@ def test_nm24_gemm_path(isa, M, N, K):
     assert torch.allclose(y[finite].float(), dense[finite].float(), rtol=2e-2, atol=2e-2)
 
 
+# The float32 2:4 GEMM (gemm_nm24.h, from 32 rows): 8-row micro-kernels and their tails, blocks
+# of 64 groups, K ending inside a group. Its error stays within 2x of torch's at large K too.
+NM24_F32_SHAPES = [(32, 1, 5), (41, 33, 1030), (40, 65, 4097)]
+
+
+@pytest.mark.parametrize("M,N,K", NM24_F32_SHAPES)
+def test_nm24_f32_gemm_path(isa, M, N, K):
+    gen = torch.Generator().manual_seed(M * 131 + N * 7 + K)
+    sparse = sf.NM.from_dense(torch.randn(N, K, generator=gen), 2, 4, prune=True)
+    w = sparse.to_dense()
+    xw = torch.randn(M, K + 3, generator=gen)[:, 1 : 1 + K]
+    check_linear(xw, w, sparse, torch.randn(N, generator=gen))
+    x = xw.contiguous()
+    x[M // 2, K - 1] = float("inf")
+    x[M - 1, 0] = float("nan")
+    y = sf.ops.linear(x, sparse)
+    dense = F.linear(x, w)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense)) and torch.equal(torch.isinf(y), torch.isinf(dense))
+    finite = torch.isfinite(dense)
+    assert torch.allclose(y[finite], dense[finite], rtol=1e-4, atol=1e-3)
+
+
+def test_nm24_f32_gemm_error_at_large_k():
+    """No atol: summing all of K in one running sum had 4-10x the error of torch's GEMM here."""
+    gen = torch.Generator().manual_seed(5)
+    sparse = sf.NM.from_dense(torch.randn(64, 8192, generator=gen), 2, 4, prune=True)
+    x = torch.randn(48, 8192, generator=gen)
+    ref = F.linear(x.double(), sparse.to_dense().double())
+    err = (sf.ops.linear(x, sparse).double() - ref).abs().max().item()
+    base = (F.linear(x, sparse.to_dense()).double() - ref).abs().max().item()
+    assert err <= 2 * base, (err, base)
+
+
 def test_nm24_gemm_rounds_as_torch(isa):
     """The output is rounded to bf16 exactly as torch rounds (subnormals kept: vcvtneps2bf16 would
     flush them), so that every path gives the same bits for an exactly representable result."""

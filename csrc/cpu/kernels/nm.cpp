@@ -172,6 +172,10 @@ void nm_linear(const NMView& w, const LinearIO& io) {
     nm24_gemm_bf16(w, io);
     return;
   }
+  if (nm24_gemm_f32_applies(w, io)) {  // 2:4, float32, larger batches: the same idea
+    nm24_gemm_f32(w, io);
+    return;
+  }
   // Decompress 4 rows at a time into a tile, register-blocked GEMM. Half-dense ratios (2:4, 4:8,
   // 8:16) have fast row kernels (a permute fetches x), which win at a few rows of x.
   const bool half = 2 * w.n == w.m;
