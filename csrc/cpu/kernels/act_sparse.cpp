@@ -26,7 +26,7 @@ float threshold_in(DType t, float threshold) {
 // Returns whether the row holds a NaN or inf.
 bool collect_active(const LinearIO& io, int64_t m, float threshold, std::vector<Active>& out) {
   out.clear();
-  const char* row = static_cast<const char*>(io.x) + m * io.ldx * (io.dtype == DType::f32 ? 4 : 2);
+  const char* row = static_cast<const char*>(io.x) + m * io.ldx * element_size(io.dtype);
   bool finite = true;
   for (int64_t k = 0; k < io.K; ++k) {
     const float v = load_as_f32(row, k, io.dtype);
@@ -74,7 +74,7 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
   const uint8_t* row = w.mask + k * w.mask_stride;
   int64_t v = w.row_offsets[k];
 #if defined(SF_ISA_avx512)
-  const int64_t esize = t == DType::f32 ? 4 : 2;
+  const int64_t esize = element_size(t);
   const char* next = prefetch_k < 0 ? nullptr : static_cast<const char*>(w.values) + w.row_offsets[prefetch_k] * esize;
   const int64_t next_bytes = prefetch_k < 0 ? 0 : (w.row_offsets[prefetch_k + 1] - w.row_offsets[prefetch_k]) * esize;
   const char* next_mask = prefetch_k < 0 ? nullptr : reinterpret_cast<const char*>(w.mask + prefetch_k * w.mask_stride);
@@ -241,7 +241,7 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
   }
 #endif
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
-  const size_t esize = io.dtype == DType::f32 ? 4 : 2;
+  const int64_t esize = element_size(io.dtype);
   std::vector<Active> active;
   std::vector<const void*> rows;
   std::vector<float> xs;

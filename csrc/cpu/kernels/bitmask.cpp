@@ -107,7 +107,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
   const uint8_t* row = w.mask + n * w.mask_stride;
   const int64_t begin = w.row_offsets[n];
   const int64_t safe_end = w.nnz - 8;  // a full 8-value load from below here stays in bounds
-  const size_t esize = t == DType::f32 ? 4 : 2;
+  const int64_t esize = element_size(t);
   const char* base = static_cast<const char*>(w.values);
   int64_t v = begin;
   for (int64_t byte = 0; byte < w.mask_stride; ++byte) {
@@ -153,7 +153,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
   if (tiled_applies(io, {9, 7})) {  // decompress 4 rows at a time into a tile, register-blocked GEMM
-    const int64_t esize = io.dtype == DType::f32 ? 4 : 2;
+    const int64_t esize = element_size(io.dtype);
     tiled_linear(
         io,
         [&](int64_t n0, int64_t n1, void* out, int64_t ld) {

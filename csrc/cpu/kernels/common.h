@@ -22,12 +22,13 @@
 
 namespace sparseflow::cpu::SF_ISA {
 
+inline int64_t element_size(DType t) { return t == DType::f32 ? 4 : 2; }  // bytes of one element
+
 // The row-wise (small M) kernels stream each weight buffer once, row after row, and the hardware
 // prefetcher alone left them waiting on memory (A/B in one process, bf16 4096x14336: bitmask 70%
 // 2.71 -> 2.07 ms, 2:4 3.08 -> 2.52 ms). So each step also asks for the line `ahead` bytes past
 // where it reads: into L1, or into L2 where L1 holds what the kernel needs more (hint and distance
 // per kernel were measured the same way).
-inline int64_t element_size(DType t) { return t == DType::f32 ? 4 : 2; }
 constexpr int kToL1 = 3, kToL2 = 2;  // __builtin_prefetch locality: prefetcht0, prefetcht1
 template <int Locality = kToL1>
 inline void prefetch_stream(const void* p, int64_t ahead = 2048) {
@@ -135,7 +136,7 @@ inline void load_x_block(const LinearIO& io, int64_t m0, int64_t rows, int64_t k
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
     float* dst = buf + r * kpad;
-    const char* src = static_cast<const char*>(io.x) + m * io.ldx * (io.dtype == DType::f32 ? 4 : 2);
+    const char* src = static_cast<const char*>(io.x) + m * io.ldx * element_size(io.dtype);
     bool finite = true;
     for (int64_t k = 0; k < io.K; ++k) {
       const float v = load_as_f32(src, k, io.dtype);
@@ -149,7 +150,7 @@ inline void load_x_block(const LinearIO& io, int64_t m0, int64_t rows, int64_t k
 
 // y[m, n0:n1] = acc + bias, rounded to the output dtype.
 inline void store_y_row(const LinearIO& io, int64_t m, int64_t n0, int64_t n1, const float* acc) {
-  char* row = static_cast<char*>(io.y) + m * io.ldy * (io.dtype == DType::f32 ? 4 : 2);
+  char* row = static_cast<char*>(io.y) + m * io.ldy * element_size(io.dtype);
   for (int64_t n = n0; n < n1; ++n) {
     float v = acc[n - n0];
     if (io.bias) v += load_as_f32(io.bias, n, io.dtype);
@@ -385,6 +386,45 @@ inline __m256i round_bf16x16(__m512 v) {
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
   return _mm512_cvtepi32_epi16(r);
+}
+
+// The batch GEMMs' bf16 output: y[m, n0 + j] = c[m * ldc + j] + bias[n0 + j] for every row m and
+// j < cols (cols <= MaxCols), rounded as f32_to_bf16.
+template <int MaxCols>
+inline void store_y_bf16(const LinearIO& io, int64_t n0, int64_t cols, const float* c, int64_t ldc) {
+  const auto live = [&](int j) {
+    return static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(cols - 16 * j, 0, 16))));
+  };
+  __m512 bias[MaxCols / 16];
+  for (int j = 0; j < MaxCols / 16; ++j)
+    bias[j] = io.bias ? cvt16_bf16(_mm256_maskz_loadu_epi16(live(j), static_cast<const uint16_t*>(io.bias) + n0 + 16 * j))
+                      : _mm512_setzero_ps();
+  for (int64_t m = 0; m < io.M; ++m) {
+    uint16_t* y = static_cast<uint16_t*>(io.y) + m * io.ldy + n0;
+    for (int j = 0; j < MaxCols / 16 && 16 * j < cols; ++j)
+      _mm256_mask_storeu_epi16(y + 16 * j, live(j), round_bf16x16(_mm512_add_ps(_mm512_loadu_ps(c + m * ldc + 16 * j), bias[j])));
+  }
+}
+
+// Whether a row of K elements holds a NaN or inf (all exponent bits set), 64 bytes at a time.
+template <class T>
+inline bool row_nonfinite(const T* row, int64_t K) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "bf16 or float32");
+  constexpr int64_t lanes = 64 / sizeof(T);
+  uint64_t bad = 0;
+  for (int64_t k = 0; k < K; k += lanes) {
+    const uint64_t live = _bzhi_u64(~0ull, static_cast<unsigned>(std::min(lanes, K - k)));
+    if constexpr (sizeof(T) == 2) {
+      const __m512i e = _mm512_set1_epi16(0x7f80);
+      const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(live), row + k);
+      bad |= _mm512_mask_cmpeq_epi16_mask(static_cast<__mmask32>(live), _mm512_and_si512(v, e), e);
+    } else {
+      const __m512i e = _mm512_set1_epi32(0x7f800000);
+      const __m512i v = _mm512_maskz_loadu_epi32(static_cast<__mmask16>(live), row + k);
+      bad |= _mm512_mask_cmpeq_epi32_mask(static_cast<__mmask16>(live), _mm512_and_si512(v, e), e);
+    }
+  }
+  return bad != 0;
 }
 
 inline __m512 load16_f32(const void* p, int64_t i, DType t) {

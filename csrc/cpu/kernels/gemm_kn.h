@@ -116,30 +116,10 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_r
           };
           int64_t m0 = 0;
           for (; m0 + kKnRows <= io.M; m0 += kKnRows) micro(std::integral_constant<int, kKnRows>{}, m0);
-          switch (io.M - m0) {
-            case 1: micro(std::integral_constant<int, 1>{}, m0); break;
-            case 2: micro(std::integral_constant<int, 2>{}, m0); break;
-            case 3: micro(std::integral_constant<int, 3>{}, m0); break;
-            case 4: micro(std::integral_constant<int, 4>{}, m0); break;
-            case 5: micro(std::integral_constant<int, 5>{}, m0); break;
-            default: break;
-          }
+          if (m0 < io.M) with_count<kKnRows - 1>(io.M - m0, [&](auto rows) { micro(rows, m0); });
         }
       }
-      __m512 bias[kKnPanel / 16];
-      for (int j = 0; j < kKnPanel / 16; ++j) {
-        const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(ncols - 16 * j, 0, 16))));
-        bias[j] = io.bias ? cvt16_bf16(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n0 + 16 * j))
-                          : _mm512_setzero_ps();
-      }
-      for (int64_t m = 0; m < io.M; ++m) {
-        uint16_t* y = static_cast<uint16_t*>(io.y) + m * io.ldy + n0;
-        for (int j = 0; j < kKnPanel / 16 && 16 * j < ncols; ++j) {
-          const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, ncols - 16 * j))));
-          const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + m * kKnPanel + 16 * j), bias[j]);
-          _mm256_mask_storeu_epi16(y + 16 * j, live, round_bf16x16(v));
-        }
-      }
+      store_y_bf16<kKnPanel>(io, n0, ncols, c, kKnPanel);
     }
   });
 }

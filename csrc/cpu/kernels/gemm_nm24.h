@@ -147,7 +147,9 @@ inline void nm24_prefetch(const NMView& w, int64_t esize, int64_t n0, int64_t ro
 
 // x copied with a row stride one cache line past a multiple of 64 bytes (rows 8 KiB apart would
 // share one L1 set, and a micro-kernel reads up to 12 of them) and zeros past K (a group reads 4
-// elements, and a position past the last column of a partial group must read 0).
+// elements, and a position past the last column of a partial group must read 0). Rows with a NaN
+// or inf are flagged for the caller, which recomputes them: a skipped zero weight would not turn
+// an inf into NaN as dense does.
 template <class T>
 inline const T* nm24_copy_x(const LinearIO& io, std::vector<T>& kept, std::vector<T>& once, int64_t& ldx) {
   const int64_t groups = (io.K + 3) / 4, line = 64 / static_cast<int64_t>(sizeof(T));
@@ -156,6 +158,7 @@ inline const T* nm24_copy_x(const LinearIO& io, std::vector<T>& kept, std::vecto
   parallel_for(io.M, threads_for(io.threads, io.M * io.K * 16), [&](int64_t m) {
     std::memcpy(x + m * ldx, static_cast<const T*>(io.x) + m * io.ldx, static_cast<size_t>(io.K) * sizeof(T));
     std::fill(x + m * ldx + io.K, x + (m + 1) * ldx, T{0});
+    if (io.nonfinite) io.nonfinite[m] = row_nonfinite(x + m * ldx, io.K) ? 1 : 0;
   });
   return x;
 }
@@ -195,24 +198,7 @@ void nm24_tiles(const NMView& w, const LinearIO& io, int64_t block, int64_t esiz
   });
 }
 
-// Rows of x with a NaN or inf (all exponent bits set) go to the caller, which recomputes them:
-// a skipped zero weight would not turn an inf into NaN as dense does.
-inline void nm24_flag_nonfinite(const LinearIO& io) {
-  const __m512i exp_bits = _mm512_set1_epi16(0x7f80);
-  for (int64_t m = 0; m < io.M; ++m) {
-    const uint16_t* row = static_cast<const uint16_t*>(io.x) + m * io.ldx;
-    __mmask32 bad = 0;
-    for (int64_t k = 0; k < io.K; k += 32) {
-      const __mmask32 live = static_cast<__mmask32>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(32, io.K - k))));
-      const __m512i v = _mm512_maskz_loadu_epi16(live, row + k);
-      bad |= _mm512_mask_cmpeq_epi16_mask(live, _mm512_and_si512(v, exp_bits), exp_bits);
-    }
-    io.nonfinite[m] = bad ? 1 : 0;
-  }
-}
-
 inline void nm24_gemm_bf16(const NMView& w, const LinearIO& io) {
-  if (io.nonfinite) nm24_flag_nonfinite(io);
   thread_local std::vector<uint16_t> x_kept;
   std::vector<uint16_t> x_once;
   int64_t ldx;
@@ -223,25 +209,7 @@ inline void nm24_gemm_bf16(const NMView& w, const LinearIO& io) {
       [&](auto mr, int64_t m0, int64_t g0, int64_t G, const uint32_t* tile, float* c) {
         nm24_micro<decltype(mr)::value>(x + m0 * ldx + 4 * g0, ldx, tile, G, c);
       },
-      [&](int64_t n0, int64_t rows, const float* c) {  // y = bf16(c + bias), 16 features at a time
-        __m512 bias[kNm24Cols / 16];
-        for (int j = 0; j < kNm24Cols / 16; ++j) {
-          bias[j] = _mm512_setzero_ps();
-          const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
-          const __mmask16 mask = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(live)));
-          if (io.bias && live) bias[j] = cvt16_bf16(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(io.bias) + n0 + 16 * j));
-        }
-        for (int64_t m = 0; m < io.M; ++m) {
-          uint16_t* yrow = static_cast<uint16_t*>(io.y) + m * io.ldy + n0;
-          for (int j = 0; j < kNm24Cols / 16; ++j) {
-            const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
-            if (!live) continue;
-            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + m * kNm24Cols + 16 * j), bias[j]);
-            const __m256i h = round_bf16x16(v);  // as f32_to_bf16 (vcvtneps2bf16 flushes subnormals)
-            _mm256_mask_storeu_epi16(yrow + 16 * j, static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(live))), h);
-          }
-        }
-      });
+      [&](int64_t n0, int64_t rows, const float* c) { store_y_bf16<kNm24Cols>(io, n0, rows, c, kNm24Cols); });
 }
 
 // ---- float32: the same GEMM with two FMAs per group instead of four ----
@@ -326,12 +294,6 @@ inline void nm24_gemm_f32(const NMView& w, const LinearIO& io) {
   std::vector<float> x_once;
   int64_t ldx;
   const float* const x = nm24_copy_x(io, x_kept, x_once, ldx);
-  if (io.nonfinite)
-    parallel_for(io.M, threads_for(io.threads, io.M * io.K * 16), [&](int64_t m) {
-      bool bad = false;
-      for (int64_t k = 0; k < io.K; ++k) bad |= !std::isfinite(x[m * ldx + k]);
-      io.nonfinite[m] = bad ? 1 : 0;
-    });
   nm24_tiles<kNm24F32MR>(
       w, io, kNm24F32Groups, 4,
       [&](int64_t n0, int64_t rows, int64_t g0, int64_t G, uint32_t* tile) { nm24_prepare_f32(w, n0, rows, g0, G, tile); },

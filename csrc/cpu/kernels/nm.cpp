@@ -365,7 +365,7 @@ void nm_dense_row(const NMView& w, const NMMaskTable& table, int64_t n, T* out) 
 #if defined(SF_ISA_avx512)
 void nm_tiled_linear(const NMView& w, const LinearIO& io) {
   const NMMaskTable table(w);  // built once: building it per tile would cost more than the tile
-  const int64_t row_bytes = (w.cols + w.m - 1) / w.m * w.n * (io.dtype == DType::f32 ? 4 : 2);
+  const int64_t row_bytes = (w.cols + w.m - 1) / w.m * w.n * element_size(io.dtype);
   tiled_linear(
       io,
       [&](int64_t n0, int64_t n1, void* out, int64_t ld) {

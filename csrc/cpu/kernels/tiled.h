@@ -264,12 +264,7 @@ void gemm_tile_bf16(const LinearIO& io, const Decompress& decompress, const Pref
           gemm_micro_bf16<NR, MB>(tile + i0 * ld + 2 * p0, ld, xp + b0 * ldxb + p0 * 16, ldxb, 16, np,
                                   c + i0 * Mp + b0 * 16, Mp);
       };
-      switch (std::min<int64_t>(4, blocks - b0)) {
-        case 1: run(std::integral_constant<int, 1>{}); break;
-        case 2: run(std::integral_constant<int, 2>{}); break;
-        case 3: run(std::integral_constant<int, 3>{}); break;
-        default: run(std::integral_constant<int, 4>{}); break;
-      }
+      with_count<4>(blocks - b0, run);
     }
   }
   float bias[kGemmTileRows] = {};
