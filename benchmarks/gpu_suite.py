@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -665,19 +666,11 @@ def main(argv=None) -> int:
         print(f"build: {steps['build']['status']} ({r['seconds']:.0f} s)", flush=True)
     if not args.skip_tests:
         budget = min(args.tests_timeout_s, deadline - time.time() - 200)
+        # pytest-xdist, where installed, spreads the Triton compiles over the cores (one GPU is shared).
+        xdist = ["-n", "8"] if importlib.util.find_spec("xdist") else []
         r = run_step(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-m",
-                "cuda",
-                "-q",
-                "-p",
-                "no:randomly",
-                "-p",
-                "no:cacheprovider",
-            ],
+            [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+             *xdist],
             budget,
             env={"SPARSEFLOW_TRITON_AUTOTUNE": "0"},
             log=args.out / "tests.log",
