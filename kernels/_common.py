@@ -30,6 +30,15 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def split_k_for(m: int, n: int, chunks: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Slices of K (each a whole number of its `chunks`) that give about PROGRAMS_PER_SM programs
+    per SM over the output tiles, with no empty slice."""
+    n_tiles = -(-n // block_n) * -(-m // block_m)
+    want = max(1, min(chunks, PROGRAMS_PER_SM * sm_count(device) // n_tiles))
+    per_slice = -(-chunks // want)
+    return -(-chunks // per_slice)
+
+
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown workspaces stay alive: a captured CUDA graph may use them
 _MIN_WORKSPACE_WORDS = 1 << 16

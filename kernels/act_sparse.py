@@ -1,17 +1,14 @@
 """Activation-sparse linear in Triton: y = x_active @ w_t (+ bias), w_t the transposed weight [K, N].
 
 An input k is active unless |x[m, k]| <= threshold (NaN and inf are always active). Because the
-weight is transposed, input k owns the contiguous row w_t[k, :]; a row that no x row needs is never
-loaded (its masked loads issue no memory traffic), so the bytes read shrink with the activation
-density. The threshold test is fused into the one read of x.
+weight is transposed, input k owns the contiguous row w_t[k, :]; in the GEMV (M = 1) a row whose
+input is inactive is never loaded (its masked loads issue no memory traffic), so the bytes read
+shrink with the activation density. The threshold test is fused into the one read of x.
 
-Decode (M <= 16) splits K across programs so a GEMV fills the GPU: each program adds its fp32
-partial sums into an fp32 workspace with atomics, and the last program of each output tile (a
-per-tile ticket counter) adds the bias, converts to the output dtype and zeroes its part of the
-workspace again (it is cached per stream, see _common.zeroed_workspace: no memset launch per
-call). Atomics never touch bf16 or fp16 memory, which is what lets bf16 work (Triton has no bf16
-atomic add on most GPUs).
-Prefill (M > 16) uses one program per output tile on tensor cores, no split.
+Decode (M <= 16) splits K across programs so a GEMV fills the GPU; the slices of a tile meet in
+an fp32 workspace (_tile.store_split_k), so bf16 works without bf16 atomics.
+Prefill (M > 16) uses one program per output tile on tensor cores, no split. Tiles of 16 or more
+rows of x read every weight row: together those rows need nearly all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    PROGRAMS_PER_SM,
     bias_or_dummy,
     check_x,
     choose_configs,
@@ -30,9 +26,10 @@ from ._common import (
     m_bucket,
     on_device,
     output,
-    sm_count,
+    split_k_for,
     zeroed_workspace,
 )
+from ._tile import store_split_k
 
 INTERPRET = interpreter_mode()
 
@@ -65,52 +62,27 @@ def act_sparse_dense_kernel(
         # Out-of-range lanes read 0 and threshold >= 0, so they are inactive.
         active = ~(tl.abs(x) <= threshold)
         xa = tl.where(active, x, 0.0)
-        row_live = tl.max(active.to(tl.int32), axis=0) > 0
-        w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=row_live[:, None] & n_in[None, :], other=0.0)
+        w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
         if USE_DOT:
+            # A tile of 16+ rows of x needs nearly every weight row, and a load whose mask waits on
+            # x cannot be issued stages ahead: read the whole tile, as a dense GEMM does.
+            w = tl.load(w_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
             if UPCAST_DOT:  # the interpreter's numpy dot cannot take bf16
                 acc = tl.dot(xa, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(xa.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
         else:
+            row_live = tl.max(active.to(tl.int32), axis=0) > 0
+            w = tl.load(w_ptrs, mask=row_live[:, None] & n_in[None, :], other=0.0)
             acc += tl.sum(xa[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
 
-    out_mask = m_in[:, None] & n_in[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    if split_k == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
-        # Every thread's partial sums are in before one thread takes the ticket (release).
-        tl.debug_barrier()
-        ticket = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
-        if ticket == split_k - 1:
-            # Last program of this tile: the workspace now holds the full sums (read past L1). It
-            # leaves the workspace and its ticket at zero for the next call (no memset per call).
-            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptrs, tl.zeros_like(total), mask=out_mask)
-            tl.store(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0)
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-def split_k_for(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
-                device: torch.device) -> int:
-    """Enough programs to fill the GPU, with no empty ones."""
-    n_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    chunks = triton.cdiv(k, block_k)
-    want = max(1, min(chunks, PROGRAMS_PER_SM * sm_count(device) // n_tiles))
-    return triton.cdiv(chunks, triton.cdiv(chunks, want))
+    store_split_k(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n, split_k, offs_m,
+                  offs_n, m_in, n_in, N, stride_ym, HAS_BIAS)
 
 
 def _split_k(args) -> int:
-    return split_k_for(args["M"], args["N"], args["K"], args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"],
-                       args["x_ptr"].device)
+    return split_k_for(args["M"], args["N"], triton.cdiv(args["K"], args["BLOCK_K"]), args["BLOCK_M"],
+                       args["BLOCK_N"], args["x_ptr"].device)
 
 
 def _decode_configs():
@@ -168,7 +140,8 @@ def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias
             args = (x2, w_t, bias_arg, y, ws, cnt, m, n, k, *strides, thr)
 
             def grid(meta):  # the grid sees only constexprs as plain values, so split_k is recomputed
-                split = split_k or split_k_for(m, n, k, block_m, meta["BLOCK_N"], meta["BLOCK_K"], x2.device)
+                split = split_k or split_k_for(m, n, triton.cdiv(k, meta["BLOCK_K"]), block_m, meta["BLOCK_N"],
+                                               x2.device)
                 return triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m)
 
             if split_k is None:

@@ -65,15 +65,25 @@ def bitmask_gemv_kernel(
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)
 
 
-def _configs():
-    return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), [
+def _configs(use_dot: bool):
+    """Tensor-core tiles need BLOCK_N >= 16; the GEMV also tries few rows per program, since its
+    only parallelism is over rows (each row's running offset walks K in order)."""
+    configs = [
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
         triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8),
-    ])
+    ]
+    if not use_dot:
+        configs += [
+            triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4),
+            triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4),
+        ]
+    return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), configs)
 
 
-bitmask_gemv = triton.autotune(_configs(), key=["m_bucket", "N", "K", "BLOCK_M"])(bitmask_gemv_kernel)
+_KEY = ["m_bucket", "N", "K", "BLOCK_M"]
+bitmask_gemv = triton.autotune(_configs(False), key=_KEY)(bitmask_gemv_kernel)  # M = 1
+bitmask_tiles = triton.autotune(_configs(True), key=_KEY)(bitmask_gemv_kernel)  # 2 <= M <= 16
 
 MAX_M = 16
 
@@ -95,7 +105,7 @@ def bitmask_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
     bias_arg, has_bias = bias_or_dummy(bias, y)
     block_m = 1 if m == 1 else 16
     with on_device(x2):
-        bitmask_gemv[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
+        (bitmask_gemv if block_m == 1 else bitmask_tiles)[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](
             x2, values, mask, offsets, bias_arg, y, m, n_out, k, x2.stride(0), x2.stride(1), mask.stride(0),
             y.stride(0), m_bucket(m), HAS_BIAS=has_bias, BLOCK_M=block_m, USE_DOT=block_m > 1,
             UPCAST_DOT=INTERPRET, DOT_PRECISION=dot_precision(x2.dtype))

@@ -6,9 +6,10 @@ GEMV; otherwise a tile of x meets each block on tensor cores when bm, bk >= 16, 
 products for smaller blocks.
 
 NaN/inf: stored blocks are dense tiles, so they propagate as in dense; a pruned block multiplies
-x by zeros that dense F.linear would have turned into NaN. A pre-pass counts, per row of x, the
-bk-wide column chunks holding a NaN or inf; the main loop counts those it met in stored blocks; a
-row whose counts differ gets NaN over the block row, exactly what dense gives.
+x by zeros that dense F.linear would have turned into NaN. A pre-pass flags, per row of x, the
+bk-wide column chunks holding a NaN or inf and counts them; the main loop adds up the flags of the
+chunks its stored blocks met (one small load per block, no pass over the x tile); a row whose
+counts differ gets NaN over the block row, exactly what dense gives.
 """
 
 from __future__ import annotations
@@ -33,25 +34,25 @@ INTERPRET = interpreter_mode()
 
 
 @triton.jit
-def nonfinite_chunks_kernel(x_ptr, out_ptr, K, stride_xm, stride_xk, CHUNK: tl.constexpr,
+def nonfinite_chunks_kernel(x_ptr, flags_ptr, total_ptr, K, C, stride_xm, stride_xk, CHUNK: tl.constexpr,
                             BLOCK_C: tl.constexpr):
-    """out[m] = number of CHUNK-wide column chunks of x[m] that hold a NaN or inf."""
+    """flags[m, c] = 1 where column chunk c (CHUNK wide) of x[m] holds a NaN or inf; total[m] = their count."""
     m = tl.program_id(0)
-    chunks = tl.cdiv(K, CHUNK)
     count = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    for c0 in range(0, chunks, BLOCK_C):
+    for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = c[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
         x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-        bad = (x != x) | (tl.abs(x) == float("inf"))
-        count += tl.max(bad.to(tl.int32), axis=1)
-    tl.store(out_ptr + m, tl.sum(count, axis=0))
+        bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
+        tl.store(flags_ptr + m.to(tl.int64) * C + c, bad.to(tl.int8), mask=c < C)
+        count += bad
+    tl.store(total_ptr + m, tl.sum(count, axis=0))
 
 
 @triton.jit
 def bsr_matmul_kernel(
-    x_ptr, v_ptr, col_ptr, rowptr_ptr, nf_ptr, bias_ptr, y_ptr,
-    M, N, K, stride_xm, stride_xk, stride_ym, m_bucket,
+    x_ptr, v_ptr, col_ptr, rowptr_ptr, flags_ptr, total_ptr, bias_ptr, y_ptr,
+    M, N, K, C, stride_xm, stride_xk, stride_ym, m_bucket,
     BM_W: tl.constexpr, BK_W: tl.constexpr, SUB_N: tl.constexpr, SUB_N_MAX: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -79,18 +80,17 @@ def bsr_matmul_kernel(
                     mask=m_in[:, None] & (offs_k < K)[None, :], other=0.0)
         # Edge blocks are zero-padded in storage, so the whole block is in bounds.
         w = tl.load(v_ptr + b * (BM_W * BK_W) + rows_in_block[:, None] * BK_W + offs_kb[None, :])
-        xf = x.to(tl.float32)
-        seen += tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32), axis=1)
+        seen += tl.load(flags_ptr + offs_m.to(tl.int64) * C + c, mask=m_in, other=0).to(tl.int32)
         if USE_DOT:
             if UPCAST_DOT:  # the interpreter's numpy dot cannot take bf16
-                acc = tl.dot(xf, tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            acc += tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     # NaN/inf of x in a pruned block: dense would give NaN over this block row.
-    total = tl.load(nf_ptr + offs_m, mask=m_in, other=0)
+    total = tl.load(total_ptr + offs_m, mask=m_in, other=0)
     acc = tl.where((total > seen)[:, None], float("nan"), acc)
     n_in = offs_n < N
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)
@@ -130,13 +130,16 @@ bsr_prefill = _tuned("prefill", _KEY[:5])  # M > 16, blocks >= 16x16: BLOCK_M tu
 DECODE_MAX_M = 16
 
 
-def nonfinite_chunks(x2: torch.Tensor, chunk: int) -> torch.Tensor:
-    """int32 [M]: per row of x2, how many chunk-wide column chunks hold a NaN or inf."""
+def nonfinite_chunks(x2: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [M, C] flags of the chunk-wide column chunks of x2 that hold a NaN or inf, int32 [M]
+    their count per row), C = ceil(K / chunk)."""
     m, k = x2.shape
-    out = torch.empty(m, dtype=torch.int32, device=x2.device)
-    block_c = max(1, min(triton.next_power_of_2(triton.cdiv(k, chunk)), 2048 // chunk))
-    nonfinite_chunks_kernel[(m,)](x2, out, k, x2.stride(0), x2.stride(1), CHUNK=chunk, BLOCK_C=block_c)
-    return out
+    c = triton.cdiv(k, chunk)
+    flags = torch.empty(m, c, dtype=torch.int8, device=x2.device)
+    total = torch.empty(m, dtype=torch.int32, device=x2.device)
+    block_c = max(1, min(triton.next_power_of_2(c), 2048 // chunk))
+    nonfinite_chunks_kernel[(m,)](x2, flags, total, k, c, x2.stride(0), x2.stride(1), CHUNK=chunk, BLOCK_C=block_c)
+    return flags, total
 
 
 def bsr_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
@@ -159,9 +162,9 @@ def bsr_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
         return block_rows * (bm // meta["SUB_N"]), triton.cdiv(m, meta["BLOCK_M"])
 
     with on_device(x2):
-        nf = nonfinite_chunks(x2, bk)
-        args = (x2, values, col, row_ptr, nf, bias_arg, y, m, n_out, k, x2.stride(0), x2.stride(1),
-                y.stride(0), m_bucket(m))
+        flags, total = nonfinite_chunks(x2, bk)
+        args = (x2, values, col, row_ptr, flags, total, bias_arg, y, m, n_out, k, flags.shape[1], x2.stride(0),
+                x2.stride(1), y.stride(0), m_bucket(m))
         big_blocks = bm >= 16 and bk >= 16
         if m == 1:
             bsr_decode[grid](*args, BLOCK_M=1, USE_DOT=False, **common)

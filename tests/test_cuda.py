@@ -148,6 +148,8 @@ def triton_variants():
             idx_ptr="*u8",
             bias_ptr=p,
             y_ptr=p,
+            ws_ptr="*fp32",
+            cnt_ptr="*i32",
             M="i32",
             N="i32",
             K="i32",
@@ -157,21 +159,23 @@ def triton_variants():
             stride_vn="i32",
             stride_in="i32",
             stride_ym="i32",
+            split_k="i32",
             m_bucket="i32",
         )
         for n, m in ((2, 4), (4, 8), (8, 16)):
-            pattern = dict(common, NN=n, MM=m, BITS=2 if m == 4 else 4)
-            for block_m in (1, 16):
-                for c in nm._decode_configs():
-                    yield (
-                        "nm",
-                        nm.nm_matmul_kernel,
-                        sig,
-                        dict(pattern, BLOCK_M=block_m, GROUP_M=1, USE_DOT=block_m > 1, **c.kwargs),
-                        c,
-                    )
-            for c in nm._prefill_configs():
-                yield "nm", nm.nm_matmul_kernel, sig, dict(pattern, GROUP_M=8, USE_DOT=True, **c.kwargs), c
+            for even_k in (True, False):
+                pattern = dict(common, NN=n, MM=m, BITS=2 if m == 4 else 4, EVEN_K=even_k)
+                for block_m in (1, 16):
+                    for c in nm._decode_configs():
+                        yield (
+                            "nm",
+                            nm.nm_matmul_kernel,
+                            sig,
+                            dict(pattern, BLOCK_M=block_m, GROUP_M=1, USE_DOT=block_m > 1, **c.kwargs),
+                            c,
+                        )
+                for c in nm._prefill_configs():
+                    yield "nm", nm.nm_matmul_kernel, sig, dict(pattern, GROUP_M=8, USE_DOT=True, **c.kwargs), c
 
         sig = dict(
             x_ptr=p,
@@ -190,7 +194,7 @@ def triton_variants():
             m_bucket="i32",
         )
         for block_m in (1, 16):
-            for c in bitmask._configs():
+            for c in bitmask._configs(use_dot=block_m > 1):
                 yield (
                     "bitmask",
                     bitmask.bitmask_gemv_kernel,
@@ -204,12 +208,14 @@ def triton_variants():
             v_ptr=p,
             col_ptr="*i32",
             rowptr_ptr="*i64",
-            nf_ptr="*i32",
+            flags_ptr="*i8",
+            total_ptr="*i32",
             bias_ptr=p,
             y_ptr=p,
             M="i32",
             N="i32",
             K="i32",
+            C="i32",
             stride_xm="i32",
             stride_xk="i32",
             stride_ym="i32",
@@ -231,7 +237,7 @@ def triton_variants():
                     if block_m is not None:
                         const["BLOCK_M"] = block_m
                     yield "bsr", bsr.bsr_matmul_kernel, sig, const, c
-        sig = dict(x_ptr=p, out_ptr="*i32", K="i32", stride_xm="i32", stride_xk="i32")
+        sig = dict(x_ptr=p, flags_ptr="*i8", total_ptr="*i32", K="i32", C="i32", stride_xm="i32", stride_xk="i32")
         for chunk in (1, 16, 128):
             yield (
                 "nonfinite_chunks",
@@ -470,7 +476,7 @@ def test_triton_act_sparse_split_k(split_k, m):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("row", [r for r in GPU_ROWS if r.name in ("cuda", "triton") and
-                                 (r.op == "act_sparse_linear" or r.name == "cuda")], ids=lambda r: r.key)
+                                 (r.op == "act_sparse_linear" or r.format == "nm")], ids=lambda r: r.key)
 def test_split_k_workspace_left_zeroed(row):
     """The split-K kernels keep one workspace per stream and must leave it zeroed after each call
     (no memset per call): repeated calls of different shapes give the reference each time."""

@@ -3,8 +3,9 @@
 //
 // Grid: (column tiles of 256, K slices, row tiles of x). A block first compacts the active inputs
 // of its K slice into shared memory (ballot + prefix counts, so the threshold test is the only
-// pass over x), then its 8 warps stride over that list: each lane reads 8 consecutive columns of an
-// active weight row with one 16-byte load. Inactive rows are never read, so bytes shrink with the
+// pass over x), then its 8 warps take that list in batches of 8 rows: each lane reads 8 consecutive
+// columns of an active weight row with one 16-byte load, issuing a whole batch (and the next one)
+// before it waits on any. Inactive rows are never read, so bytes shrink with the
 // activation density. The warps' sums meet in shared memory; with several K slices they go to an
 // fp32 workspace by atomics and the last block of the column tile writes the output.
 #include "cuda/common.cuh"
@@ -20,7 +21,7 @@ constexpr int kColsPerLane = 8;
 constexpr int kTileN = 32 * kColsPerLane;  // columns per block
 constexpr int64_t kMinChunk = 128;         // rows of K per block
 constexpr int64_t kMaxChunk = 2048;        // bounds the shared-memory list
-constexpr int kBlocksPerSm = 4;
+constexpr int kBatch = 8;  // active rows a warp loads before it multiplies any
 
 int m_tile_for(int64_t M) { return M == 1 ? 1 : M == 2 ? 2 : 4; }
 
@@ -77,7 +78,10 @@ act_sparse_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ld
     __syncthreads();  // warp_count is rewritten by the next pass; the list is complete after the last
   }
 
-  // 2. Warps stride over the active rows; a lane owns columns [col, col + 8).
+  // 2. Warps take the active rows in batches of kBatch: a lane issues the batch's loads (columns
+  //    [col, col + 8) of each row) before it uses any, and the next batch's before it multiplies
+  //    this one, so each lane keeps 8-16 loads in flight. Rows past the list re-read its last
+  //    row and are not added.
   float acc[MT][kColsPerLane];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -85,21 +89,35 @@ act_sparse_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ld
     for (int j = 0; j < kColsPerLane; ++j) acc[m][j] = 0.f;
   const int64_t col = n0 + lane * kColsPerLane;
   const bool full = VEC && col + kColsPerLane <= N;
-#pragma unroll 4
-  for (int a = warp; a < count; a += kWarps) {
-    const T* row = w + (k_lo + list_k[a]) * ldw + col;
-    float wv[kColsPerLane];
-    if (full) {
-      load8(row, wv);
-    } else {
+  const int cols = col >= N ? 0 : N - col < kColsPerLane ? int(N - col) : kColsPerLane;
+  auto load_batch = [&](int base, Raw8<T> (&raw)[kBatch]) {
 #pragma unroll
-      for (int j = 0; j < kColsPerLane; ++j) wv[j] = col + j < N ? to_f32(row[j]) : 0.f;
+    for (int i = 0; i < kBatch; ++i) {
+      const int a = base + i < count ? base + i : count - 1;
+      const T* row = w + (k_lo + list_k[a]) * ldw + col;
+      raw[i] = full ? load_raw8(row) : load_raw8_partial(row, cols);
     }
+  };
+  if (warp * kBatch < count) {
+    Raw8<T> cur[kBatch], next[kBatch];
+    load_batch(warp * kBatch, cur);
+    for (int base = warp * kBatch; base < count; base += kWarps * kBatch) {
+      const int following = base + kWarps * kBatch;
+      if (following < count) load_batch(following, next);
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const float xm = list_x[a * MT + m];
+      for (int i = 0; i < kBatch; ++i) {
+        if (base + i >= count) break;  // warp-uniform
+        float wv[kColsPerLane];
+        unpack8(cur[i], wv);
 #pragma unroll
-      for (int j = 0; j < kColsPerLane; ++j) acc[m][j] = fmaf(xm, wv[j], acc[m][j]);
+        for (int m = 0; m < MT; ++m) {
+          const float xm = list_x[(base + i) * MT + m];
+#pragma unroll
+          for (int j = 0; j < kColsPerLane; ++j) acc[m][j] = fmaf(xm, wv[j], acc[m][j]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) cur[i] = next[i];
     }
   }
 
@@ -145,27 +163,45 @@ act_sparse_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ld
 }
 
 struct Plan {
-  int m_tile;
   int64_t n_tiles, m_tiles, chunk, splits;
   size_t smem;
 };
 
-Plan plan_for(int64_t M, int64_t N, int64_t K) {
+// K is split so that the grid is about one wave of the blocks that fit on the GPU at once: fewer
+// blocks leave SMs idle, more add a second round of each block's serial steps.
+Plan plan_for(int64_t M, int64_t N, int64_t K, int m_tile, int blocks_per_sm) {
   Plan p{};
-  p.m_tile = m_tile_for(M);
   p.n_tiles = ceil_div(N, kTileN);
-  p.m_tiles = ceil_div(M, p.m_tile);
-  const int64_t want = std::max<int64_t>(1, int64_t(kBlocksPerSm) * sm_count() / (p.n_tiles * p.m_tiles));
+  p.m_tiles = ceil_div(M, m_tile);
+  const int64_t want = std::max<int64_t>(1, int64_t(blocks_per_sm) * sm_count() / (p.n_tiles * p.m_tiles));
   p.chunk = std::clamp<int64_t>(ceil_div(ceil_div(K, want), 32) * 32, kMinChunk, kMaxChunk);
   p.splits = ceil_div(K, p.chunk);
-  const size_t list = size_t(p.chunk) * (4 + 4 * p.m_tile);
-  const size_t sums = size_t(kWarps) * p.m_tile * kTileN * 4;
+  const size_t list = size_t(p.chunk) * (4 + 4 * m_tile);
+  const size_t sums = size_t(kWarps) * m_tile * kTileN * 4;
   p.smem = std::max(list, sums);
   return p;
 }
 
+// Blocks of this kernel one SM holds at once (registers bound it), asked of the runtime once.
 template <class T, int MT, bool VEC>
-void launch(const ActSparseArgs& a, const Plan& p) {
+int resident_blocks_per_sm() {
+  static const int blocks = [] {
+    int b = 0;
+    const size_t smem = std::max(size_t(kMaxChunk) * (4 + 4 * MT), size_t(kWarps) * MT * kTileN * 4);
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, act_sparse_gemv_kernel<T, MT, VEC>, kThreads, smem) !=
+            cudaSuccess || b < 1) {
+      (void)cudaGetLastError();
+      b = 2;
+    }
+    return b;
+  }();
+  return blocks;
+}
+
+template <class T, int MT, bool VEC>
+void launch(const ActSparseArgs& a) {
+  const Plan p = plan_for(a.M, a.N, a.K, MT, resident_blocks_per_sm<T, MT, VEC>());
+  require(p.splits <= 65535 && p.m_tiles <= 65535 && p.n_tiles <= 0x7fffffff, "act_sparse_gemv: shape too large");
   const dim3 grid(unsigned(p.n_tiles), unsigned(p.splits), unsigned(p.m_tiles));
   float* ws = static_cast<float*>(a.workspace);
   int* counters = reinterpret_cast<int*>(ws + a.M * a.N);
@@ -175,14 +211,14 @@ void launch(const ActSparseArgs& a, const Plan& p) {
 }
 
 template <class T>
-void dispatch(const ActSparseArgs& a, const Plan& p, bool vec) {
-  switch (p.m_tile * 2 + (vec ? 1 : 0)) {
-    case 2: return launch<T, 1, false>(a, p);
-    case 3: return launch<T, 1, true>(a, p);
-    case 4: return launch<T, 2, false>(a, p);
-    case 5: return launch<T, 2, true>(a, p);
-    case 8: return launch<T, 4, false>(a, p);
-    default: return launch<T, 4, true>(a, p);
+void dispatch(const ActSparseArgs& a, bool vec) {
+  switch (m_tile_for(a.M) * 2 + (vec ? 1 : 0)) {
+    case 2: return launch<T, 1, false>(a);
+    case 3: return launch<T, 1, true>(a);
+    case 4: return launch<T, 2, false>(a);
+    case 5: return launch<T, 2, true>(a);
+    case 8: return launch<T, 4, false>(a);
+    default: return launch<T, 4, true>(a);
   }
 }
 
@@ -204,13 +240,11 @@ void act_sparse_gemv(const ActSparseArgs& a) {
   require(a.threshold >= 0.f, "act_sparse_gemv: threshold must be >= 0");
   require(a.workspace && a.workspace_bytes >= act_sparse_gemv_workspace_bytes(a.M, a.N, a.K),
           "act_sparse_gemv: workspace too small");
-  const Plan p = plan_for(a.M, a.N, a.K);
-  require(p.splits <= 65535 && p.m_tiles <= 65535 && p.n_tiles <= 0x7fffffff, "act_sparse_gemv: shape too large");
   const bool vec = aligned16(a.w_t) && (a.ldw * int64_t(dtype_size(a.dtype))) % 16 == 0;
   switch (a.dtype) {
-    case kFloat32: dispatch<float>(a, p, vec); break;
-    case kBFloat16: dispatch<__nv_bfloat16>(a, p, vec); break;
-    default: dispatch<__half>(a, p, vec); break;
+    case kFloat32: dispatch<float>(a, vec); break;
+    case kBFloat16: dispatch<__nv_bfloat16>(a, vec); break;
+    default: dispatch<__half>(a, vec); break;
   }
   check_launch("act_sparse_gemv");
 }

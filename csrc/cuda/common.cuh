@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/launch.h"
 
@@ -32,32 +33,55 @@ __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Eight consecutive elements as floats: one 16-byte load for fp16/bf16, two for fp32. `p` must be
-// 16-byte aligned.
-__device__ __forceinline__ void load8(const float* p, float (&out)[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __half* p, float (&out)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+// Eight consecutive elements kept as raw bits (4 words for fp16/bf16, 8 for fp32), so a kernel can
+// issue many loads before it converts any: unpack8 turns them into floats where they are used.
+template <class T>
+struct Raw8 {
+  uint32_t w[sizeof(T) * 2];
+};
+
+// One or two 16-byte loads; `p` must be 16-byte aligned.
+template <class T>
+__device__ __forceinline__ Raw8<T> load_raw8(const T* p) {
+  Raw8<T> r;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
+  for (int i = 0; i < int(sizeof(T)) / 2; ++i) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    r.w[4 * i] = q.x; r.w[4 * i + 1] = q.y; r.w[4 * i + 2] = q.z; r.w[4 * i + 3] = q.w;
   }
+  return r;
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&out)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+
+// Elements i < count loaded one by one (the unaligned or partial case), zeros after them.
+template <class T>
+__device__ __forceinline__ Raw8<T> load_raw8_partial(const T* p, int count) {
+  Raw8<T> r;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
+  for (int i = 0; i < int(sizeof(T)) * 2; ++i) r.w[i] = 0u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i < count) {
+      if constexpr (sizeof(T) == 4) {
+        r.w[i] = __float_as_uint(__ldg(reinterpret_cast<const float*>(p) + i));
+      } else {
+        r.w[i / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(p) + i)) << (16 * (i & 1));
+      }
+    }
+  }
+  return r;
+}
+
+template <class T>
+__device__ __forceinline__ void unpack8(const Raw8<T>& r, float (&out)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      out[i] = __uint_as_float(r.w[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      out[i] = __uint_as_float(i & 1 ? r.w[i / 2] & 0xffff0000u : r.w[i / 2] << 16);
+    } else {
+      out[i] = __half2float(__ushort_as_half((unsigned short)(r.w[i / 2] >> (16 * (i & 1)))));
+    }
   }
 }
 
