@@ -219,6 +219,8 @@ def plan(shapes, ms, dtypes) -> list[tuple[str, str, int, int, int, str]]:
                 if decode:
                     cases += [("2:4", "cuda", n, k, m, dtype)]
                 cases += [("2:4", "torch 2:4", n, k, m, dtype)]
+                if not decode:  # torch's other 2:4 backend, for comparison (the table row takes cuSPARSELt)
+                    cases += [("2:4", "torch 2:4 cutlass", n, k, m, dtype)]
                 cases += [("bsr64", "triton", n, k, m, dtype), ("bsr64", "torch bsr", n, k, m, dtype)]
                 if decode:
                     cases += [("bitmask", "triton", n, k, m, dtype)]
@@ -423,6 +425,12 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
         calls = [lambda s=s: F.linear(x, s) for s in semi]
         backend = type(semi[0]).__name__.replace("SparseSemiStructuredTensor", "")
         note = f"{backend}; torch's kernel alone (the table row adds an eager NaN/inf check of x)"
+    elif kernel == "torch 2:4 cutlass":
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+        semi = [SparseSemiStructuredTensorCUTLASS.from_dense(f.to_dense()) for f in fmts]
+        calls = [lambda s=s: F.linear(x, s) for s in semi]
+        note = "not what the table row runs (it takes cuSPARSELt where torch has it)"
     elif kernel == "torch bsr":
         calls, note = torch_bsr_fns(torch, F, w_dense, x, len(fmts))
     else:

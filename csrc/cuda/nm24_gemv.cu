@@ -1,11 +1,11 @@
 // 2:4 GEMV for decode (M <= 16): y = x @ W^T (+ bias) with W in sf.NM 2:4 layout (values [N, G*2],
 // 2-bit positions packed 4 per byte, low bits first; G = ceil(K / 4)).
 //
-// Grid: (row tiles of 32, K chunks of 1024 columns, row tiles of x). Each warp takes 4 weight
-// rows; a lane handles "units" of 4 groups = 16 columns, read as 8 values in one 16-byte load plus
-// 16 bits of positions. A lane issues all 8 of its units' loads first, then the block stages its x
-// chunk in shared memory as fp32 (padded by one float per 16 so the lanes' gathers hit different
-// banks) while they are in flight, and each lane gathers the two x values each group keeps. With several K chunks the rows' sums go to an fp32 workspace by atomics and the last
+// Grid: (row tiles of 32, K chunks of 1024 columns, row tiles of x). A block stages its x chunk in
+// shared memory as fp32 (padded by one float per 16 so the lanes' gathers hit different banks),
+// then each warp takes 4 weight rows; a lane handles "units" of 4 groups = 16 columns, read as 8
+// values in one 16-byte load plus 16 bits of positions, and gathers the two x values each group
+// keeps. With several K chunks the rows' sums go to an fp32 workspace by atomics and the last
 // block of the row tile writes the output.
 //
 // NaN/inf: dense F.linear turns x * 0 at pruned weights into NaN. A block whose x chunk holds any
@@ -42,35 +42,7 @@ nm24_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, con
   const int64_t g0 = k0 / 4;
   const int64_t m0 = int64_t(blockIdx.z) * MT;
 
-  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
-
-  // 1. Issue every weight load of the warp (its rows x the lane's units) before anything waits on
-  //    memory, so their DRAM latency overlaps staging x: one round trip per block, not one per row.
-  //    Rows past N read row N - 1 (their sums are dropped), so no load sits behind a branch.
-  Raw8<T> raw[kRowsPerWarp][kUnitsPerLane];
-  unsigned bits[kRowsPerWarp][kUnitsPerLane];  // group q's two positions at bits 4q and 4q + 2
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t n = row0 + r < N ? row0 + r : N - 1;
-    const T* vrow = values + n * ldv;
-    const uint8_t* irow = index + n * ldi;
-#pragma unroll
-    for (int uu = 0; uu < kUnitsPerLane; ++uu) {
-      const int64_t gs = g0 + int64_t(lane + 32 * uu) * 4;  // first group of the unit
-      if (VEC && gs + 4 <= G) {
-        raw[r][uu] = load_raw8(vrow + gs * 2);
-        bits[r][uu] = __ldg(reinterpret_cast<const unsigned short*>(irow + gs / 2));
-      } else {  // the last, partial unit of a row (or unaligned rows): zeros past G
-        const int groups = gs < G ? int(G - gs < 4 ? G - gs : 4) : 0;
-        raw[r][uu] = load_raw8_partial(vrow + gs * 2, 2 * groups);
-        unsigned b = 0;
-        for (int q = 0; q < groups; ++q) b |= ((unsigned(irow[(gs + q) / 2]) >> (((gs + q) & 1) * 4)) & 0xFu) << (4 * q);
-        bits[r][uu] = b;
-      }
-    }
-  }
-
-  // 2. Stage x[m0:m0+MT, k0:k0+kChunk] (zeros past K and past M).
+  // 1. Stage x[m0:m0+MT, k0:k0+kChunk] (zeros past K and past M).
   bool nonfinite = false;
   for (int i = tid; i < MT * kChunk; i += kThreads) {
     const int m = i / kChunk, c = i % kChunk;
@@ -82,23 +54,45 @@ nm24_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx, con
   }
   const bool exact = __syncthreads_or(nonfinite);
 
-  // 3. Multiply: each kept value with the x its position selects.
+  // 2. Rows of this warp; lane's units u = lane + 32 * uu.
   float acc[kRowsPerWarp][MT];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t n = row0 + r;
+    if (n >= N) break;  // warp-uniform
+    const T* vrow = values + n * ldv;
+    const uint8_t* irow = index + n * ldi;
 #pragma unroll
     for (int uu = 0; uu < kUnitsPerLane; ++uu) {
       const int u = lane + 32 * uu;
+      const int64_t gs = g0 + int64_t(u) * 4;  // first group of the unit
+      if (gs >= G) continue;
       float v[8];
-      unpack8(raw[r][uu], v);
+      unsigned bits = 0;  // group q's two positions at bits 4q (first) and 4q + 2 (second)
+      if (VEC && gs + 4 <= G) {
+        unpack8(load_raw8(vrow + gs * 2), v);
+        bits = __ldg(reinterpret_cast<const unsigned short*>(irow + gs / 2));
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t g = gs + q;
+          v[2 * q] = v[2 * q + 1] = 0.f;
+          if (g < G) {
+            v[2 * q] = to_f32(vrow[2 * g]);
+            v[2 * q + 1] = to_f32(vrow[2 * g + 1]);
+            bits |= ((unsigned(irow[g / 2]) >> ((g & 1) * 4)) & 0xFu) << (4 * q);
+          }
+        }
+      }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int c = u * kUnitCols + 4 * q;  // chunk column of the group's first element
-        const int p0 = (bits[r][uu] >> (4 * q)) & 3, p1 = (bits[r][uu] >> (4 * q + 2)) & 3;
+        const int p0 = (bits >> (4 * q)) & 3, p1 = (bits >> (4 * q + 2)) & 3;
         const float v0 = v[2 * q], v1 = v[2 * q + 1];
         if (!exact) {
 #pragma unroll
