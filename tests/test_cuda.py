@@ -629,7 +629,7 @@ def test_gpu_suite_dry_run(tmp_path):
 
     data = json.loads((tmp_path / "gpu_suite.json").read_text())
     cases = suite.plan(suite.DEFAULT_SHAPES, suite.DEFAULT_MS, suite.DEFAULT_DTYPES)
-    assert len(data["results"]) == len(cases) == 84
+    assert len(data["results"]) == len(cases) == 90
     assert {(r["family"], r["kernel"]) for r in data["results"]} >= {
         ("act_sparse", "triton"),
         ("act_sparse", "cuda"),
