@@ -55,7 +55,6 @@ BITMASK_DENSITY = 0.5
 TARGETS = [
     # (name, family, m, kernels whose best counts, kind, threshold)
     ("act-sparse 50% GEMV >= 1.7x dense (M=1)", "act_sparse", 1, ("triton", "cuda"), "speedup", 1.7),
-    ("act-sparse, grid of two waves (tuning, M=1)", "act_sparse", 1, ("cuda 2 waves",), "speedup", 1.7),
     ("2:4 decode GEMV >= 1.4x dense (M=1)", "2:4", 1, ("triton", "cuda"), "speedup", 1.4),
     ("BSR 64x64 at 90% faster than torch BSR (M=1)", "bsr64", 1, ("triton",), "vs_torch_bsr", 1.0),
     ("BSR 64x64 at 90% faster than torch BSR (M=2048)", "bsr64", 2048, ("triton",), "vs_torch_bsr", 1.0),
@@ -215,13 +214,11 @@ def plan(shapes, ms, dtypes) -> list[tuple[str, str, int, int, int, str]]:
                 decode = m <= 16
                 cases += [("act_sparse", "triton", n, k, m, dtype)]
                 if decode:
-                    cases += [("act_sparse", "cuda", n, k, m, dtype), ("act_sparse", "cuda 2 waves", n, k, m, dtype)]
+                    cases += [("act_sparse", "cuda", n, k, m, dtype)]
                 cases += [("2:4", "triton", n, k, m, dtype)]
                 if decode:
                     cases += [("2:4", "cuda", n, k, m, dtype)]
                 cases += [("2:4", "torch 2:4", n, k, m, dtype)]
-                if not decode:  # torch's other 2:4 backend, for comparison (the table row takes cuSPARSELt)
-                    cases += [("2:4", "torch 2:4 cutlass", n, k, m, dtype)]
                 cases += [("bsr64", "triton", n, k, m, dtype), ("bsr64", "torch bsr", n, k, m, dtype)]
                 if decode:
                     cases += [("bitmask", "triton", n, k, m, dtype)]
@@ -399,7 +396,7 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
     from sparseflow.ops.reference import act_sparse_mask
 
     note = ""
-    if kernel.startswith("cuda") and not gpu.cuda_ext_ready():
+    if kernel == "cuda" and not gpu.cuda_ext_ready():
         raise Skip("CUDA C++ kernels not built into _C (SPARSEFLOW_CUDA=ON plus the binding hook)")
     if kernel == "triton" and not gpu.triton_ready():
         raise Skip("Triton not installed")
@@ -412,8 +409,6 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
         w_ts = [w_t] + [w_t.clone() for _ in range(copies(w_t.numel() * w_t.element_size()) - 1)]
         fn = gpu.triton_act_sparse_dense if kernel == "triton" else gpu.cuda_act_sparse_dense
         calls = [lambda wt=wt: fn(x, wt, threshold, None) for wt in w_ts]
-        if kernel == "cuda 2 waves":  # the grid sized for two waves of resident blocks (read at launch)
-            calls = [lambda c=c: with_env("SPARSEFLOW_CUDA_ACT_WAVES", "2", c) for c in calls]
         ref = torch.where(active, x, torch.zeros((), dtype=x.dtype, device=x.device)).float() @ w_t.float()
         read = active.any(0).float().mean().item() * w_t.numel() * w_t.element_size()
         note = f"active inputs {active.float().mean().item():.0%}, weight rows read {read / w_t.nbytes:.0%}"
@@ -428,12 +423,6 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
         calls = [lambda s=s: F.linear(x, s) for s in semi]
         backend = type(semi[0]).__name__.replace("SparseSemiStructuredTensor", "")
         note = f"{backend}; torch's kernel alone (the table row adds an eager NaN/inf check of x)"
-    elif kernel == "torch 2:4 cutlass":
-        from torch.sparse import SparseSemiStructuredTensorCUTLASS
-
-        semi = [SparseSemiStructuredTensorCUTLASS.from_dense(f.to_dense()) for f in fmts]
-        calls = [lambda s=s: F.linear(x, s) for s in semi]
-        note = "not what the table row runs (it takes cuSPARSELt where torch has it)"
     elif kernel == "torch bsr":
         calls, note = torch_bsr_fns(torch, F, w_dense, x, len(fmts))
     else:
@@ -445,19 +434,6 @@ def build_case(family: str, kernel: str, x, w: dict, copies):
         }[(family, kernel)]
         calls = [lambda f=f: fn(x, f, None) for f in fmts]
     return calls, w_dense, x.float() @ w_dense.float().t(), read, note
-
-
-def with_env(name: str, value: str, call):
-    """call() with the environment variable set (graph capture records the launch it chose)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return call()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def run_case(bench: Bench, res: Result, x, w: dict, copy_gbps: float | None) -> None:

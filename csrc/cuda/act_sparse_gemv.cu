@@ -11,7 +11,6 @@
 #include "cuda/common.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 
 namespace sparseflow::cuda {
 namespace {
@@ -199,17 +198,9 @@ int resident_blocks_per_sm() {
   return blocks;
 }
 
-// Waves of resident blocks the grid is sized for (1 unless SPARSEFLOW_CUDA_ACT_WAVES says 2-4: a
-// tuning knob, read at each launch so a benchmark can compare in one process).
-int waves() {
-  const char* v = std::getenv("SPARSEFLOW_CUDA_ACT_WAVES");
-  const int w = v ? std::atoi(v) : 1;
-  return w >= 1 && w <= 4 ? w : 1;
-}
-
 template <class T, int MT, bool VEC>
 void launch(const ActSparseArgs& a) {
-  const Plan p = plan_for(a.M, a.N, a.K, MT, waves() * resident_blocks_per_sm<T, MT, VEC>());
+  const Plan p = plan_for(a.M, a.N, a.K, MT, resident_blocks_per_sm<T, MT, VEC>());
   require(p.splits <= 65535 && p.m_tiles <= 65535 && p.n_tiles <= 0x7fffffff, "act_sparse_gemv: shape too large");
   const dim3 grid(unsigned(p.n_tiles), unsigned(p.splits), unsigned(p.m_tiles));
   float* ws = static_cast<float*>(a.workspace);

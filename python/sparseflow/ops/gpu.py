@@ -43,8 +43,12 @@ def cuda_ext_ready() -> bool:
 
 
 def semi_structured_ready() -> bool:
-    """torch's 2:4 sparse matmul needs sm_80 or newer."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    """torch's 2:4 sparse matmul: cuSPARSELt on sm_80 and newer; without it, CUTLASS, which torch
+    2.11 runs on sm_8x only ("Supported only on GPUs with compute capability 8.x" on an H200)."""
+    if not torch.cuda.is_available():
+        return False
+    capability = torch.cuda.get_device_capability()
+    return capability >= (8, 0) and (torch.backends.cusparselt.is_available() or capability < (9, 0))
 
 
 # ---- helpers ------------------------------------------------------------------------------------
