@@ -26,15 +26,15 @@ MODULES = (sparse_linear, act_sparse_linear)
 
 @contextlib.contextmanager
 def fast_path(on: bool):
-    saved = [m.fits_bound_kernel for m in MODULES]
+    saved = [m.fast_kernel for m in MODULES]
     if not on:
         for m in MODULES:
-            m.fits_bound_kernel = lambda *args: False
+            m.fast_kernel = lambda *args: None
     try:
         yield
     finally:
         for m, f in zip(MODULES, saved, strict=True):
-            m.fits_bound_kernel = f
+            m.fast_kernel = f
 
 
 def models(vocab: int):

@@ -160,15 +160,16 @@ def test_ops_linear_binds_each_format_object_once(fmt):
     x = torch.randn(3, 70)
     with torch.no_grad():
         y = sf.ops.linear(x, w, bias)
-        assert w.__dict__.get("_bound_linear") is None  # the non-contiguous bias took the op
+        kernel = w.__dict__["_bound_linear"][0]
+        assert kernel._bias is None  # the non-contiguous bias was refused: the op took the call
         y2 = sf.ops.linear(x, w, bias.contiguous())
-        fn = w.__dict__["_bound_linear"]._fn
-        assert fn is not None and torch.equal(y, y2)
+        fn = kernel._fn
+        assert fn is not None and torch.equal(y, y2) and kernel._bias is not None
         sf.ops.linear(x, w, bias.contiguous())
-        assert w.__dict__["_bound_linear"]._fn is fn  # bound once
+        assert kernel._fn is fn  # bound once
         ref = sf.ops.linear(x, w, bias, backend="reference")
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    assert copy.deepcopy(w).__dict__["_bound_linear"]._fn is None
+    assert copy.deepcopy(w).__dict__["_bound_linear"][0]._fn is None
 
 
 @pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr", "nm"])
@@ -207,11 +208,37 @@ def test_ops_act_sparse_linear_takes_the_bound_kernel(weight, monkeypatch):
         y = sf.ops.act_sparse_linear(x, w_t, 0.4, bias.contiguous())
         assert len(op_calls) == 1  # the bound kernel, not the custom op
         if weight == "bitmask":
-            fn = w_t.__dict__["_bound_act_sparse_linear"]._fn
+            fn = w_t.__dict__["_bound_act_sparse_linear"][0]._fn
             sf.ops.act_sparse_linear(x, w_t, 0.4, bias.contiguous())
-            assert fn is not None and w_t.__dict__["_bound_act_sparse_linear"]._fn is fn  # bound once
+            assert fn is not None and w_t.__dict__["_bound_act_sparse_linear"][0]._fn is fn  # bound once
         ref = sf.ops.act_sparse_linear(x, w_t, 0.4, bias, backend="reference")
     torch.testing.assert_close(y, y_op, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "act/dense"])
+def test_fast_path_takes_any_leading_dims(fmt, op_calls):
+    """x [B, T, K] goes to the kernel as B*T rows without a reshape; a NaN row is still recomputed."""
+    m = modules(fmt)
+    x = torch.randn(2, 3, 70)
+    x[1, 2, 5] = float("nan")
+    with torch.no_grad():
+        fast = m(x)
+        flat = m(x.reshape(6, 70))
+    assert not op_calls and fast.shape == (2, 3, 45)
+    assert torch.equal(fast.reshape(6, 45).isnan(), flat.isnan()) and fast[1, 2].isnan().all()
+    assert torch.equal(fast.reshape(6, 45)[:5], flat[:5])
+
+
+def test_a_bias_accepted_once_is_still_checked_for_grad(op_calls):
+    """The fast path remembers a bias that fits, but autograd on it must still take the op."""
+    m = modules("csr")
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        m(x)
+    assert not op_calls
+    m.bias.requires_grad_(True)
+    y = m(x)
+    assert op_calls and y.requires_grad

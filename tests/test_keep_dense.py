@@ -71,7 +71,9 @@ def test_the_copy_is_not_saved_and_is_rebuilt_on_load(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-def test_act_sparse_dense_copy_keeps_the_thresholded_product():
+def test_act_sparse_dense_copy_runs_the_dense_layer_at_prefill():
+    """Without a copy, prefill rows get the thresholded product; with one (prefill="dense"), the
+    layer's dense product, as TEAL does; decode rows are thresholded either way."""
     lin = pruned()
     x = torch.randn(32, 72)
     x[3, 5] = float("nan")
@@ -79,16 +81,23 @@ def test_act_sparse_dense_copy_keeps_the_thresholded_product():
         act = sf.ActSparseLinear.from_linear(lin, 0.5, weight_format=weight_format)
         ref64 = act_sparse_linear_reference(x.double(), lin.weight.detach().t().double(), 0.5, lin.bias.double())
         ref = act_sparse_linear_reference(x, lin.weight.detach().t(), 0.5, lin.bias)
+        dense64 = F.linear(x.double(), lin.weight.detach().double(), lin.bias.double())
         with torch.no_grad():
             batched = act(x)  # 32 rows > dense_above=16: the batched path
             act._keep_dense(True)
             copy = act(x)
-            compiled = torch.compile(act, fullgraph=True)(x)  # torch.where instead of the C++ pass
-        for y in (batched, copy, compiled):
-            assert torch.equal(y.isnan(), ref64.isnan())
-            keep = ~ref64.isnan().any(1)
-            assert_close_2x(y[keep], ref64[keep], ref[keep])
+            compiled = torch.compile(act, fullgraph=True)(x)
+            decode = act(x[:4])
+        assert torch.equal(batched.isnan(), ref64.isnan())
+        keep = ~ref64.isnan().any(1)
+        assert_close_2x(batched[keep], ref64[keep], ref[keep])
+        for y in (copy, compiled):
+            assert torch.equal(y.isnan(), dense64.isnan())
+            keep = ~dense64.isnan().any(1)
+            assert_close_2x(y[keep], dense64[keep], F.linear(x, lin.weight, lin.bias)[keep])
+        assert not torch.allclose(copy[4:], ref[4:], atol=1e-3)  # the threshold did change the product
         torch.testing.assert_close(copy, compiled, equal_nan=True, rtol=1e-6, atol=1e-6)
+        assert_close_2x(decode[[0, 1, 2]], ref64[[0, 1, 2]], ref[[0, 1, 2]])
 
 
 def test_sparsify_prefill_dense(tmp_path, monkeypatch):

@@ -167,7 +167,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       than dense there. "dense" keeps a dense copy of each sparse layer's weight
       for those rows (from the first measured row count where dense beat the kernel, and above the
       largest one measured): never slower than dense at any row count, for the memory of the copies
-      (rebuilt on load, never saved).
+      (rebuilt on load, never saved). Activation-sparse layers then run their dense product on
+      those rows, without thresholding (activation sparsity at decode only, as in TEAL).
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")

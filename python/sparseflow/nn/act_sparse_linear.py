@@ -13,7 +13,7 @@ from torch import nn
 from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops import table
-from ..ops.bound import BoundKernel, eager_cpu_inference, fits_bound_kernel
+from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import zero_inactive
 from ..ops.linear import act_sparse_from_buffers
 from ..ops.table import rows_of
@@ -29,8 +29,11 @@ class ActSparseLinear(nn.Module):
         """weight: the dense [out, in] weight (zeros allowed); weight_format "dense" | "bitmask".
         Above `dense_above` rows of x (prefill) the same thresholded product runs as dense GEMMs
         (a bitmask weight decompressed in cache-sized chunks of output columns). With `keep_dense`,
-        those GEMMs use a copy of the weight in F.linear's [out, in] layout, which torch's GEMM
-        runs 10-35% faster than the transposed one, for the memory of the copy."""
+        those rows run the layer's dense product instead, F.linear on a copy of the weight in
+        [out, in] layout with no thresholding: activation sparsity then applies to decode rows only,
+        as in TEAL. A batch of rows needs nearly every weight row, so thresholding there saves no
+        bytes and costs ~2% (measured at 128 rows), and torch's GEMM runs the [out, in] layout
+        10-35% faster than the transposed one; the copy costs its memory."""
         super().__init__()
         self.dense_above = dense_above
         if weight_format not in ("dense", "bitmask"):
@@ -101,14 +104,14 @@ class ActSparseLinear(nn.Module):
         if self.shift is not None:
             x = x - self.shift
         above = above_crossover(x, self.dense_above)
-        if above and self.dense_copy is not None:
-            return F.linear(_skip_inactive(x, self.threshold), self.dense_copy, self.bias)
-        weights = self.weight_t if self.weight_format == "dense" else self.weight_t_values
-        if not above and fits_bound_kernel(x, weights, self.bias, self.in_features, self.out_features):
-            fn = self._kernel.get(x, self._buffers.values(), self.w_t)  # the weight's (and shift, copy: harmless)
+        if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
+            return F.linear(x, self.dense_copy, self.bias)
+        if not above:
+            bias = self.bias
+            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,
+                             self._buffers.values(), self.w_t)  # the weight's (and shift, copy: harmless)
             if fn is not None:
-                y = fn(x.reshape(-1, self.in_features), self.threshold, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
+                return fn(x, self.threshold, bias)
         backend = ""
         if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping
             backend = table.batched_backend(x.device.type, rows_of(x))

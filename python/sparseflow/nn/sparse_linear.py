@@ -19,7 +19,7 @@ from torch import nn
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..io.inputs import compress, dense_weight
 from ..ops import linear_from_buffers, table
-from ..ops.bound import BoundKernel, fits_bound_kernel
+from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
 from .crossover import above_crossover
 
@@ -136,10 +136,12 @@ class SparseLinear(nn.Module):
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:
             return F.linear(x, self.dense_copy, self.bias)
-        if not above and fits_bound_kernel(x, self.weight_values, self.bias, self.in_features, self.out_features):
-            fn = self._kernel.get(x, self._buffers.values(), lambda: self.weight)
+        if not above:
+            bias = self.bias
+            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, self._buffers.values(),
+                             lambda: self.weight)
             if fn is not None:
-                return fn(x.reshape(-1, self.in_features), self.bias).view(*x.shape[:-1], self.out_features)
+                return fn(x, bias)
         backend = ""
         if above:  # decompress + dense GEMM: measured faster at this many rows
             backend = table.batched_backend(x.device.type, rows_of(x))

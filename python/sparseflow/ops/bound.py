@@ -35,73 +35,90 @@ def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return plain_eager(x) and x.is_cpu and not needs_grad(x, bias)
 
 
-def fits_bound_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                      out_features: int) -> bool:
-    """Eager CPU inference with x, the weight's buffers (`weight`: one of them) and the bias all
-    matching: the bound kernel takes sizes and dtype from them unchecked, so anything else goes to
-    the custom op, which refuses a mismatch with a message."""
-    return (
-        eager_cpu_inference(x, bias)
-        and x.dim() >= 1 and x.shape[-1] == in_features
-        and weight.is_cpu and x.dtype == weight.dtype
-        and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.shape == (out_features,)
-                              and bias.is_contiguous()))
-    )
-
-
 class BoundKernel:
-    """A module's bound kernel, rebuilt whenever its buffers change (load_state_dict, .to(), a new
-    tensor assigned): the key holds each buffer's address, shape, strides and dtype, so a new buffer
-    that reuses a freed one's address but not its layout is never read with the old bounds. None where
-    the row dispatch picks has no `bind`. Copies and pickles of the module drop it (a closure over
-    raw pointers must not travel)."""
+    """A weight's bound kernel, rebuilt whenever the weight's memory changes: a module's buffers
+    replaced (load_state_dict, .to(), a new tensor assigned), or a format object's tensors moved in
+    place (share_memory_(), which pickling for torch.multiprocessing does, or .data =). The key holds
+    each buffer's address only: the tensors bound are kept alive, so no other buffer can take their
+    addresses while they are bound, and any change of place or size moves them.
+    None where the row dispatch picks has no `bind`. Copies and pickles of the module drop it (a
+    closure over raw pointers must not travel)."""
 
     def __init__(self, op: str, format: str):
         self.op, self.format = op, format
         self._key: tuple | None = None
         self._fn: Callable | None = None
+        self._dtype: torch.dtype | None = None  # x's dtype the fn takes (the weight's)
+        self._bias: torch.Tensor | None = None  # the last bias found to fit (kept alive by this)
+        self._held: list[torch.Tensor] = []  # the buffers bound: alive, so their addresses stay theirs
 
-    def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor], weight: Callable[[], object]) -> Callable | None:
-        key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in buffers if t is not None)
+    def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None],
+            weight: Callable[[], object]) -> Callable | None:
+        key = tuple(t.data_ptr() for t in buffers if t is not None)
         if key != self._key:
-            self._bind(x, weight())
+            self._bind(x, weight(), [t for t in buffers if t is not None])
             self._key = key
         return self._fn
 
-    def once(self, x: torch.Tensor, w) -> Callable | None:
-        """For a format object: its tensors cannot be swapped, but their memory can move in place
-        (share_memory_(), which pickling for torch.multiprocessing does, or .data =), so only the
-        data pointers are checked: far cheaper than get's key with cold caches."""
-        key = tuple(t.data_ptr() for t in w.tensors().values())
-        if key != self._key:
-            self._bind(x, w)
-            self._key = key
-        return self._fn
-
-    def _bind(self, x: torch.Tensor, w) -> None:
+    def _bind(self, x: torch.Tensor, w, buffers: list[torch.Tensor]) -> None:
+        self._fn, self._dtype, self._bias, self._held = None, None, None, buffers
+        if not all(t.is_cpu for t in buffers) or x.dtype != w.dtype:
+            return
         b = table.select(self.op, self.format, x, w, table.rows_of(x))
-        self._fn = None if b.bind is None else b.bind(w)
+        if b.bind is not None:
+            self._fn, self._dtype = b.bind(w), w.dtype
 
     def __getstate__(self) -> dict:
-        return {"op": self.op, "format": self.format, "_key": None, "_fn": None}
+        return {"op": self.op, "format": self.format, "_key": None, "_fn": None, "_dtype": None, "_bias": None,
+                "_held": []}
 
 
-def bound_for_format(x: torch.Tensor, w, op: str = "linear") -> Callable | None:
-    """The bound kernel of a format object for `op`, kept on the object (formats are immutable; the
-    cache is not part of its value, and the cycle it makes with the kernel's closure is collected
+def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                out_features: int, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object]
+                ) -> Callable | None:
+    """The bound kernel of the weight (`buffers`: all its tensors; `weight()` builds it) for this
+    call, or None where the custom op must run: anything but eager CPU inference on a plain tensor
+    of the weight's dtype and K, or a bias that does not fit. Every torch call costs microseconds
+    with cold caches, so the checks that only change with the weight (its device, its dtype) are
+    made when it is bound, and a bias once it is seen."""
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing()
+            or torch._C._len_torch_dispatch_stack() or not x.is_cpu):
+        return None
+    shape = x.shape
+    if not shape or shape[-1] != in_features:
+        return None
+    if (x.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
+        return None
+    fn = kernel.get(x, buffers, weight)
+    if fn is None or x.dtype != kernel._dtype:
+        return None
+    if bias is not None and bias is not kernel._bias:
+        if not (bias.is_cpu and bias.dtype == kernel._dtype and bias.shape == (out_features,)
+                and bias.is_contiguous()):
+            return None
+        kernel._bias = bias
+    return fn
+
+
+def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "linear") -> Callable | None:
+    """fast_kernel for a format object, its BoundKernel kept on the object (formats are immutable;
+    the cache is not part of its value, and the cycle it makes with the kernel's closure is collected
     with it)."""
     attr = f"_bound_{op}"
-    kernel = w.__dict__.get(attr)
-    if kernel is None:
-        kernel = BoundKernel(op, w.format_name)
-        object.__setattr__(w, attr, kernel)
-    return kernel.once(x, w)
+    found = w.__dict__.get(attr)
+    if found is None:
+        found = (BoundKernel(op, w.format_name), tuple(w.tensors().values()))
+        object.__setattr__(w, attr, found)
+    kernel, buffers = found
+    k = w.shape[1] if op == "linear" else w.shape[0]
+    n = w.shape[0] if op == "linear" else w.shape[1]
+    return fast_kernel(kernel, x, bias, k, n, buffers, lambda: w)
 
 
-def bound_act_sparse(x: torch.Tensor, w_t) -> Callable | None:
+def bound_act_sparse(x: torch.Tensor, w_t, bias: torch.Tensor | None) -> Callable | None:
     """The bound act-sparse kernel of a Bitmask w_t (kept on it) or a dense w_t (bound per call:
     a tensor has no place to keep it, and binding a dense one costs a few microseconds)."""
     if not isinstance(w_t, torch.Tensor):
-        return bound_for_format(x, w_t, "act_sparse_linear")
-    b = table.select("act_sparse_linear", "dense", x, w_t, table.rows_of(x))
-    return None if b.bind is None else b.bind(w_t)
+        return bound_for_format(x, w_t, bias, "act_sparse_linear")
+    return fast_kernel(BoundKernel("act_sparse_linear", "dense"), x, bias, w_t.shape[0], w_t.shape[1], (w_t,),
+                       lambda: w_t)

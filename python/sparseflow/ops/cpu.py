@@ -19,26 +19,30 @@ from .reference import act_sparse_linear_reference, linear_reference
 POISON_OUTPUTS = False
 
 
-def _io(x2: torch.Tensor, n_out: int, bias: torch.Tensor | None):
-    """Contiguous-row x, the output, and the arguments every kernel takes after its weight's, in the
-    binding's order (dtype, x, M, K, ldx, y, N, ldy, bias, threads): passed by position, because
-    pybind11 matching keywords cost ~10 us per call with cold caches, which is what a layer meets."""
-    if x2.stride(-1) != 1 or x2.stride(0) < x2.shape[1]:
-        x2 = x2.contiguous()
-    m, k = x2.shape
-    y = torch.empty(m, n_out, dtype=x2.dtype)
+def _io(x: torch.Tensor, n_out: int, bias: torch.Tensor | None, code: int):
+    """x as contiguous rows [M, K] (any leading dims: M is their product), the output [..., n_out],
+    and the arguments every kernel takes after its weight's, in the binding's order (dtype, x, M, K,
+    ldx, y, N, ldy, bias, threads). Few torch calls and arguments by position: each costs
+    microseconds with cold caches, which is what a layer meets in a model."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    shape = x.shape
+    k, m = shape[-1], 1
+    for s in shape[:-1]:
+        m *= s
+    y = torch.empty((*shape[:-1], n_out), dtype=x.dtype)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    io = (dtype_code(x2.dtype), ptr(x2), m, k, max(x2.stride(0), k) if m > 1 else k,
-          ptr(y), n_out, n_out, ptr(bias), torch.get_num_threads())
-    return x2, y, io
+    io = (code, x.data_ptr(), m, k, k, y.data_ptr(), n_out, n_out, ptr(bias), torch.get_num_threads())
+    return x, y, io
 
 
-def _fix_nonfinite(rows, x2, y, recompute):
+def _fix_nonfinite(rows, x, y, recompute):
     """Rows of x that held NaN/inf (listed by the kernel) are recomputed by the reference."""
     if rows:
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         idx = torch.tensor(rows, dtype=torch.int64)
-        y[idx] = recompute(x2[idx])
+        y2[idx] = recompute(x2[idx])
     return y
 
 
@@ -63,15 +67,16 @@ def _linear_kernel(w):
 
 
 def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """fn(x2, bias) = F.linear(x2, w.to_dense(), bias) by w's C++ kernel, with the weight's pointers
-    and sizes bound once: a module that keeps fn pays only for x on each call (ops/bound.py)."""
+    """fn(x, bias) = F.linear(x, w.to_dense(), bias) by w's C++ kernel for CPU x [..., K] of w's dtype,
+    with the weight's pointers and sizes bound once: a module that keeps fn pays only for x on each
+    call (ops/bound.py)."""
     kernel, args, keep = _linear_kernel(w)
-    n = w.shape[0]
+    n, code = w.shape[0], dtype_code(w.dtype)
 
-    def run(x2: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        x2, y, io = _io(x2, n, bias)
+    def run(x: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        x, y, io = _io(x, n, bias, code)
         rows = kernel(*args, *io)
-        return _fix_nonfinite(rows, x2, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
+        return _fix_nonfinite(rows, x, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
     return run
 
@@ -82,8 +87,9 @@ def sparse_linear(x2, w, bias):
 
 
 def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor]:
-    """fn(x2, threshold, bias) = act_sparse_linear(x2, w_t, threshold, bias) by the C++ kernel for a
-    dense or Bitmask w_t [K, N], with the weight's pointers and sizes bound once."""
+    """fn(x, threshold, bias) = act_sparse_linear(x, w_t, threshold, bias) by the C++ kernel for a
+    dense or Bitmask w_t [K, N] and CPU x [..., K] of its dtype, with the weight's pointers and
+    sizes bound once."""
     k, n = w_t.shape
     dense = not isinstance(w_t, Bitmask)
     if not dense:
@@ -93,12 +99,14 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
         keep = (w := w_t if w_t.stride(1) == 1 else w_t.contiguous(),)
         kernel, args = _C.act_sparse_dense, (ptr(w), k, n, w.stride(0))
 
-    def run(x2: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        x2, y, io = _io(x2, n, bias)
+    code = dtype_code(w_t.dtype)
+
+    def run(x: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        x, y, io = _io(x, n, bias, code)
         rows = kernel(*args, float(threshold), *io)
         if dense:
             return y  # a dense w_t propagates NaN/inf by itself
-        return _fix_nonfinite(rows, x2, y,
+        return _fix_nonfinite(rows, x, y,
                               lambda xr: act_sparse_linear_reference(xr, w_t.to_dense(), threshold, bias))
 
     return run

@@ -9,7 +9,7 @@ import torch
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
-from .bound import bound_act_sparse, bound_for_format, fits_bound_kernel, needs_grad, plain_eager
+from .bound import bound_act_sparse, bound_for_format, needs_grad, plain_eager
 
 LIB = "sparseflow"
 
@@ -118,11 +118,10 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
     `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a sparseflow format (Bitmask, CSR, BSR, NM), got {type(w).__name__}")
-    n, k = w.shape
-    if backend in ("", "cpp") and fits_bound_kernel(x, w.values, bias, k, n):
-        fn = bound_for_format(x, w)
+    if backend in ("", "cpp"):
+        fn = bound_for_format(x, w, bias)
         if fn is not None:
-            return fn(x.reshape(-1, k), bias).view(*x.shape[:-1], n)
+            return fn(x, bias)
     return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), w.shape, bias, backend)
 
 
@@ -186,20 +185,17 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
     threshold = float(threshold) + 0.0  # -0.0 -> +0.0: the kernels compare magnitude bits with its bits
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if isinstance(w_t, Bitmask):
-        values = w_t.values
-    elif isinstance(w_t, torch.Tensor):
+    if isinstance(w_t, torch.Tensor):
         if w_t.dim() != 2:
             raise ValueError(f"w_t must be 2-D [in_features, out_features], got {tuple(w_t.shape)}")
-        values = w_t
-    else:
+    elif not isinstance(w_t, Bitmask):
         raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
     k, n = w_t.shape
     _check(x, k, n, w_t.dtype, w_t.device, bias)
-    if backend in ("", "cpp") and fits_bound_kernel(x, values, bias, k, n):
-        fn = bound_act_sparse(x, w_t)
+    if backend in ("", "cpp"):
+        fn = bound_act_sparse(x, w_t, bias)
         if fn is not None:
-            return fn(x.reshape(-1, k), threshold, bias).view(*x.shape[:-1], n)
+            return fn(x, threshold, bias)
     bias = None if bias is None else bias.contiguous()
     if isinstance(w_t, Bitmask):
         return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold, bias, backend)
