@@ -242,3 +242,13 @@ def test_a_bias_accepted_once_is_still_checked_for_grad(op_calls):
     m.bias.requires_grad_(True)
     y = m(x)
     assert op_calls and y.requires_grad
+
+
+def test_a_refused_first_call_does_not_disable_the_fast_path(op_calls):
+    m = modules("bitmask")
+    with torch.no_grad():
+        with pytest.raises(TypeError):
+            m(torch.randn(2, 70, dtype=torch.float64))
+        calls = len(op_calls)
+        m(torch.randn(2, 70))
+    assert len(op_calls) == calls and m._kernel._fn is not None

@@ -39,8 +39,9 @@ class BoundKernel:
     """A weight's bound kernel, rebuilt whenever the weight's memory changes: a module's buffers
     replaced (load_state_dict, .to(), a new tensor assigned), or a format object's tensors moved in
     place (share_memory_(), which pickling for torch.multiprocessing does, or .data =). The key holds
-    each buffer's address only: the tensors bound are kept alive, so no other buffer can take their
-    addresses while they are bound, and any change of place or size moves them.
+    each buffer's address only: the bound fn keeps the (contiguous) tensors it reads alive, so no
+    other buffer can take their addresses while it is bound, and any change of place or size of a
+    buffer moves it.
     None where the row dispatch picks has no `bind`. Copies and pickles of the module drop it (a
     closure over raw pointers must not travel)."""
 
@@ -50,27 +51,27 @@ class BoundKernel:
         self._fn: Callable | None = None
         self._dtype: torch.dtype | None = None  # x's dtype the fn takes (the weight's)
         self._bias: torch.Tensor | None = None  # the last bias found to fit (kept alive by this)
-        self._held: list[torch.Tensor] = []  # the buffers bound: alive, so their addresses stay theirs
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None],
             weight: Callable[[], object]) -> Callable | None:
         key = tuple(t.data_ptr() for t in buffers if t is not None)
         if key != self._key:
-            self._bind(x, weight(), [t for t in buffers if t is not None])
+            w = weight()
+            if x.dtype != w.dtype:  # left unbound: the op refuses this x; one of w's dtype binds
+                return None
+            self._bind(x, w, [t for t in buffers if t is not None])
             self._key = key
         return self._fn
 
     def _bind(self, x: torch.Tensor, w, buffers: list[torch.Tensor]) -> None:
-        self._fn, self._dtype, self._bias, self._held = None, None, None, buffers
-        if not all(t.is_cpu for t in buffers) or x.dtype != w.dtype:
-            return
-        b = table.select(self.op, self.format, x, w, table.rows_of(x))
-        if b.bind is not None:
-            self._fn, self._dtype = b.bind(w), w.dtype
+        self._fn, self._dtype, self._bias = None, None, None
+        if all(t.is_cpu for t in buffers):
+            b = table.select(self.op, self.format, x, w, table.rows_of(x))
+            if b.bind is not None:
+                self._fn, self._dtype = b.bind(w), w.dtype
 
     def __getstate__(self) -> dict:
-        return {"op": self.op, "format": self.format, "_key": None, "_fn": None, "_dtype": None, "_bias": None,
-                "_held": []}
+        return {"op": self.op, "format": self.format, "_key": None, "_fn": None, "_dtype": None, "_bias": None}
 
 
 def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None, in_features: int,
