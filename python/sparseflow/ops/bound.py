@@ -1,9 +1,10 @@
 """The eager CPU fast path of sf.ops.linear and the sparse modules: a weight (a module's buffers, or
 a format object) is bound to the kernel of the backend row dispatch picks (a row's `bind`,
 ops/table.py) once, and each call passes only x, skipping torch's dispatcher, the format object and
-the table lookup. On the 2-core Zen 4 with a small layer it saves about 25 us per call with cold
-caches, which is what a layer meets in a model (the other layers' weights evict its Python state),
-and 9-18 us warm: 0-7% of a Llama decode step (benchmarks/RESULTS.md).
+the table lookup. Each torch call costs microseconds with cold caches, which is what a layer meets
+in a model (the other layers' weights evict its Python state), so the path makes as few as it can:
+on the 2-core Zen 4 a cold call of a small layer costs about 85 us beyond its kernel's streaming
+time, of which the custom op would add another 40-60 (benchmarks/RESULTS.md).
 
 Anything else takes the custom op: torch.compile, export and tracing modes, autograd, devices other
 than the CPU, rows above the layer's crossover, and inputs the op must reject with a message."""
