@@ -252,3 +252,52 @@ def test_a_refused_first_call_does_not_disable_the_fast_path(op_calls):
         calls = len(op_calls)
         m(torch.randn(2, 70))
     assert len(op_calls) == calls and m._kernel._fn is not None
+
+
+def test_a_bias_swapped_with_data_is_checked_again(op_calls):
+    """The fast path remembers a bias that fits by identity and address: one swapped in with .data =
+    (another size or dtype) must be refused with the op's message, never read by the kernel."""
+    m = modules("csr")
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        m(x)
+        m.bias.data = torch.tensor([1000.0])
+        with pytest.raises(ValueError, match="bias must have shape"):
+            m(x)
+        m.bias.data = torch.randn(45).bfloat16()
+        with pytest.raises(TypeError, match="bias is torch.bfloat16"):
+            m(x)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "bitmask", "nm"])
+def test_placeholder_modules_refuse_to_run(fmt):
+    w = torch.randn(32, 64) * (torch.rand(32, 64) < 0.3)
+    source = {"csr": lambda: sf.CSR.from_dense(w), "bsr": lambda: sf.BSR.from_dense(w, (4, 4)),
+              "bitmask": lambda: sf.Bitmask.from_dense(w), "nm": lambda: sf.NM.from_dense(w, 2, 4, prune=True)}[fmt]()
+    m = sf.SparseLinear.empty(fmt, source.params(), (32, 64), bias=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="placeholder"):
+        m(torch.randn(2, 64))
+    m.load_state_dict(sf.SparseLinear(source, None).state_dict())
+    with torch.no_grad():
+        assert m(torch.randn(2, 64)).shape == (2, 32)
+
+
+def test_a_partial_load_that_breaks_the_weight_is_refused():
+    m = sf.SparseLinear.from_linear(pruned_linear(), "csr")
+    other = sf.SparseLinear.from_linear(pruned_linear(density=0.2, seed=1), "csr")
+    with pytest.raises(ValueError, match="csr"):
+        m.load_state_dict({"weight_values": other.weight_values}, strict=False)
+
+
+def test_loaded_buffers_are_contiguous_and_edits_are_read():
+    """load_state_dict of a transposed (non-contiguous) weight stores a contiguous copy, so the bound
+    kernel reads the module's buffer itself and sees in-place edits."""
+    lin = pruned_linear()
+    m = sf.ActSparseLinear.from_linear(lin, 0.0)
+    m.load_state_dict({"weight_t": lin.weight.detach().t(), "bias": lin.bias.detach()}, strict=False)
+    assert m.weight_t.is_contiguous()
+    x = torch.randn(1, 70)
+    with torch.no_grad():
+        y0 = m(x)
+        m.weight_t.mul_(2.0)
+        torch.testing.assert_close(m(x), 2 * y0 - lin.bias.detach(), rtol=1e-5, atol=1e-5)

@@ -56,6 +56,7 @@ class ActSparseLinear(nn.Module):
         self.register_buffer("shift", shift)
         self.bias = None if effective is None else nn.Parameter(effective, requires_grad=False)
         self._kernel = BoundKernel("act_sparse_linear", weight_format)
+        self._unloaded = False
         self._keep_dense(keep_dense)
 
     @classmethod
@@ -74,6 +75,7 @@ class ActSparseLinear(nn.Module):
         mod.register_buffer("shift", torch.empty(0) if shift else None)
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
         mod._kernel = BoundKernel("act_sparse_linear", weight_format)
+        mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense else None, persistent=False)
         return mod
 
@@ -101,6 +103,9 @@ class ActSparseLinear(nn.Module):
                 "keep_dense": self.dense_copy is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unloaded:
+            raise RuntimeError("ActSparseLinear holds placeholder buffers (ActSparseLinear.empty): load a state_dict "
+                               "first")
         if self.shift is not None:
             x = x - self.shift
         above = above_crossover(x, self.dense_above)
@@ -108,8 +113,8 @@ class ActSparseLinear(nn.Module):
             return F.linear(x, self.dense_copy, self.bias)
         if not above:
             bias = self.bias
-            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,
-                             self._buffers.values(), self.w_t)  # the weight's (and shift, copy: harmless)
+            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,  # the weight's buffers
+                             self._buffers.values(), self.w_t, (self.in_features, self.out_features))  # (and more)
             if fn is not None:
                 return fn(x, self.threshold, bias)
         backend = ""
@@ -123,19 +128,30 @@ class ActSparseLinear(nn.Module):
         return act_sparse_from_buffers(x, self.weight_format, tensors, self.out_features, self.threshold, self.bias,
                                        backend)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel.reset()  # .to() and friends replace the buffers: drop the old binding now
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._kernel.reset()
         for n in [n for n in self._buffers if n not in self._non_persistent_buffers_set]:
             if prefix + n in state_dict:
-                setattr(self, n, state_dict[prefix + n].detach().clone())
+                setattr(self, n, state_dict[prefix + n].detach().clone(memory_format=torch.contiguous_format))
             elif strict and getattr(self, n) is not None:
                 missing_keys.append(prefix + n)
         names = [prefix + f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" \
             else [prefix + "weight_t"]
         loaded = all(n in state_dict for n in names)
         any_loaded = any(n in state_dict for n in names)
-        if self.weight_format == "bitmask" and loaded:
-            self.w_t()._validate()
+        if self.weight_format == "bitmask" and any_loaded:
+            self.w_t()._validate()  # incoming over the current buffers: a kernel trusts their sizes
+        if self.weight_format == "dense" and any_loaded and tuple(self.weight_t.shape) != (self.in_features,
+                                                                                       self.out_features):
+            raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
+                             f"got {tuple(self.weight_t.shape)}")
+        if loaded:
+            self._unloaded = False
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().clone(), requires_grad=False)
         if self.dense_copy is not None and any_loaded:

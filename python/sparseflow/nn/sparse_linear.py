@@ -57,6 +57,7 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.dense_above = dense_above
         self._kernel = BoundKernel("linear", self.format_name)
+        self._unloaded = False
         self._keep_dense(keep_dense and self.format_name != "dense")
 
     # ---- construction ----
@@ -92,6 +93,7 @@ class SparseLinear(nn.Module):
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
         mod.dense_above = dense_above
         mod._kernel = BoundKernel("linear", format_name)
+        mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense and format_name != "dense" else None,
                             persistent=False)
         return mod
@@ -131,6 +133,8 @@ class SparseLinear(nn.Module):
 
     # ---- compute ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unloaded:
+            raise RuntimeError("SparseLinear holds placeholder buffers (SparseLinear.empty): load a state_dict first")
         if self.format_name == "dense":
             return F.linear(x, self.weight_dense, self.bias)
         above = above_crossover(x, self.dense_above)
@@ -148,17 +152,26 @@ class SparseLinear(nn.Module):
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel.reset()  # .to() and friends replace the buffers: drop the old binding now
+        return super()._apply(fn, *args, **kwargs)
+
     # ---- state dict: buffer sizes depend on the data, so loading replaces them (validated) ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._kernel.reset()
         names = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
-        if self.format_name != "dense" and len(incoming) == len(names):
-            tensors = {n.removeprefix("weight_"): t for n, t in incoming.items()}
+        if self.format_name != "dense" and incoming:
+            # The weight these buffers make once loaded (incoming over the current ones) must be valid:
+            # a kernel trusts its sizes and indices.
+            tensors = {n.removeprefix("weight_"): incoming.get(n, getattr(self, n)) for n in names}
             FORMATS[self.format_name].from_tensors((self.out_features, self.in_features), tensors, validate=True,
                                                    **self.format_params)
+        if len(incoming) == len(names):
+            self._unloaded = False
         for n, t in incoming.items():
-            setattr(self, n, t.detach().clone().to(getattr(self, n).device))
+            setattr(self, n, t.detach().to(getattr(self, n).device).clone(memory_format=torch.contiguous_format))
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
             self.bias = nn.Parameter(state_dict[bias_key].detach().clone(), requires_grad=False)

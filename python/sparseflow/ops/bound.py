@@ -40,49 +40,82 @@ class BoundKernel:
     """A weight's bound kernel, rebuilt whenever the weight's memory changes: a module's buffers
     replaced (load_state_dict, .to(), a new tensor assigned), or a format object's tensors moved in
     place (share_memory_(), which pickling for torch.multiprocessing does, or .data =). The key holds
-    each buffer's address only: the bound fn keeps the (contiguous) tensors it reads alive, so no
-    other buffer can take their addresses while it is bound, and any change of place or size of a
-    buffer moves it.
-    None where the row dispatch picks has no `bind`. Copies and pickles of the module drop it (a
-    closure over raw pointers must not travel)."""
+    each buffer's address only: the storages bound are held, so no other tensor can take their
+    addresses while they are bound, and any change of place or size of a buffer moves it. Only
+    valid weights with contiguous CPU buffers are bound (a copy made here would go stale; a
+    placeholder must never reach a kernel). None where the row dispatch picks has no `bind`. Copies
+    and pickles of the module drop it (a closure over raw pointers must not travel)."""
 
     def __init__(self, op: str, format: str):
         self.op, self.format = op, format
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the binding (and the memory it holds): modules call this when they replace their
+        buffers."""
         self._key: tuple | None = None
         self._fn: Callable | None = None
         self._dtype: torch.dtype | None = None  # x's dtype the fn takes (the weight's)
-        self._bias: torch.Tensor | None = None  # the last bias found to fit (kept alive by this)
+        self._held: list = []  # the bound buffers' storages
+        self._bias: tuple | None = None  # (bias, its address, its storage) last found to fit
 
-    def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None],
-            weight: Callable[[], object]) -> Callable | None:
+    def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
+            shape: tuple[int, int]) -> Callable | None:
         key = tuple(t.data_ptr() for t in buffers if t is not None)
         if key != self._key:
             w = weight()
             if x.dtype != w.dtype:  # left unbound: the op refuses this x; one of w's dtype binds
                 return None
-            self._bind(x, w, [t for t in buffers if t is not None])
+            self._bind(x, w, [t for t in buffers if t is not None], shape)
             self._key = key
         return self._fn
 
-    def _bind(self, x: torch.Tensor, w, buffers: list[torch.Tensor]) -> None:
-        self._fn, self._dtype, self._bias = None, None, None
-        if all(t.is_cpu for t in buffers):
-            b = table.select(self.op, self.format, x, w, table.rows_of(x))
-            if b.bind is not None:
-                self._fn, self._dtype = b.bind(w), w.dtype
+    def _bind(self, x: torch.Tensor, w, buffers: list[torch.Tensor], shape: tuple[int, int]) -> None:
+        self.reset()
+        if not all(t.is_cpu and t.is_contiguous() for t in buffers):
+            return
+        try:
+            if isinstance(w, torch.Tensor):
+                if tuple(w.shape) != tuple(shape):
+                    return
+            else:
+                w._validate()
+        except Exception:  # noqa: BLE001 - the op path reports it
+            return
+        b = table.select(self.op, self.format, x, w, table.rows_of(x))
+        if b.bind is not None:
+            self._fn, self._dtype = b.bind(w), w.dtype
+            self._held = [t.untyped_storage() for t in buffers]
+
+    def fits(self, bias: torch.Tensor, out_features: int) -> bool:
+        """Whether the bias fits the kernel: checked once per bias and address (its storage is held
+        meanwhile, so a bias swapped in with .data = always shows a new address)."""
+        address = bias.data_ptr()
+        if self._bias is not None and self._bias[0] is bias and self._bias[1] == address:
+            return True
+        if not (bias.is_cpu and bias.dtype == self._dtype and bias.shape == (out_features,)
+                and bias.is_contiguous()):
+            return False
+        self._bias = (bias, address, bias.untyped_storage())
+        return True
 
     def __getstate__(self) -> dict:
-        return {"op": self.op, "format": self.format, "_key": None, "_fn": None, "_dtype": None, "_bias": None}
+        return {"op": self.op, "format": self.format}
+
+    def __setstate__(self, state: dict) -> None:
+        self.op, self.format = state["op"], state["format"]
+        self.reset()
 
 
 def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                out_features: int, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object]
-                ) -> Callable | None:
-    """The bound kernel of the weight (`buffers`: all its tensors; `weight()` builds it) for this
-    call, or None where the custom op must run: anything but eager CPU inference on a plain tensor
-    of the weight's dtype and K, or a bias that does not fit. Every torch call costs microseconds
-    with cold caches, so the checks that only change with the weight (its device, its dtype) are
-    made when it is bound, and a bias once it is seen."""
+                out_features: int, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
+                weight_shape: tuple[int, int] | None = None) -> Callable | None:
+    """The bound kernel of the weight (`buffers`: all its tensors; `weight()` builds it, of
+    `weight_shape`, default (out_features, in_features)) for this call, or None where the custom op
+    must run: anything but eager CPU inference on a plain tensor of the weight's dtype and K, or a
+    bias that does not fit. Every torch call costs microseconds with cold caches, so the checks
+    that only change with the weight (its device, dtype, validity) are made when it is bound, and
+    those of a bias once per bias."""
     if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing()
             or torch._C._len_torch_dispatch_stack() or not x.is_cpu):
         return None
@@ -91,14 +124,9 @@ def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None,
         return None
     if (x.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
         return None
-    fn = kernel.get(x, buffers, weight)
-    if fn is None or x.dtype != kernel._dtype:
+    fn = kernel.get(x, buffers, weight, weight_shape or (out_features, in_features))
+    if fn is None or x.dtype != kernel._dtype or (bias is not None and not kernel.fits(bias, out_features)):
         return None
-    if bias is not None and bias is not kernel._bias:
-        if not (bias.is_cpu and bias.dtype == kernel._dtype and bias.shape == (out_features,)
-                and bias.is_contiguous()):
-            return None
-        kernel._bias = bias
     return fn
 
 
@@ -114,7 +142,7 @@ def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "l
     kernel, buffers = found
     k = w.shape[1] if op == "linear" else w.shape[0]
     n = w.shape[0] if op == "linear" else w.shape[1]
-    return fast_kernel(kernel, x, bias, k, n, buffers, lambda: w)
+    return fast_kernel(kernel, x, bias, k, n, buffers, lambda: w, tuple(w.shape))
 
 
 def bound_act_sparse(x: torch.Tensor, w_t, bias: torch.Tensor | None) -> Callable | None:
@@ -122,5 +150,5 @@ def bound_act_sparse(x: torch.Tensor, w_t, bias: torch.Tensor | None) -> Callabl
     a tensor has no place to keep it, and binding a dense one costs a few microseconds)."""
     if not isinstance(w_t, torch.Tensor):
         return bound_for_format(x, w_t, bias, "act_sparse_linear")
-    return fast_kernel(BoundKernel("act_sparse_linear", "dense"), x, bias, w_t.shape[0], w_t.shape[1], (w_t,),
-                       lambda: w_t)
+    k, n = w_t.shape
+    return fast_kernel(BoundKernel("act_sparse_linear", "dense"), x, bias, k, n, (w_t,), lambda: w_t, (k, n))
