@@ -301,3 +301,13 @@ def test_loaded_buffers_are_contiguous_and_edits_are_read():
         y0 = m(x)
         m.weight_t.mul_(2.0)
         torch.testing.assert_close(m(x), 2 * y0 - lin.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_output_stays_on_the_cpu_under_another_default_device():
+    m = modules("bitmask")
+    x = torch.randn(2, 70)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.device("meta"):
+            y = m(x)
+    assert y.device.type == "cpu" and torch.equal(y, ref)

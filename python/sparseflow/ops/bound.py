@@ -14,16 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.autograd import forward_ad
 
 from . import table
 
 
 def plain_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, no tracing mode, no tensor subclass. (torch.jit.is_tracing
-    and _get_current_dispatch_mode, called through their C functions: each Python frame costs
-    microseconds with cold caches. Under torch.compile the check stops at is_compiling.)"""
+    """Plain eager execution: no compiler, no tracing mode, no forward-mode AD, no tensor subclass.
+    (torch.jit.is_tracing and _get_current_dispatch_mode, called through their C functions: each
+    Python frame costs microseconds with cold caches. Under torch.compile the check stops at
+    is_compiling.)"""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0)
+            and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0)
 
 
 def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -117,7 +119,7 @@ def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None,
     that only change with the weight (its device, dtype, validity) are made when it is bound, and
     those of a bias once per bias."""
     if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing()
-            or torch._C._len_torch_dispatch_stack() or not x.is_cpu):
+            or torch._C._len_torch_dispatch_stack() or forward_ad._current_level >= 0 or not x.is_cpu):
         return None
     shape = x.shape
     if not shape or shape[-1] != in_features:
