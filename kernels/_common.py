@@ -39,6 +39,30 @@ def split_k_for(m: int, n: int, chunks: int, block_m: int, block_n: int, device:
     return -(-chunks // per_slice)
 
 
+def split_k_heuristic(args: dict) -> int:
+    """split_k as a triton.heuristics value of a split-K launcher (M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+    x_ptr among its arguments)."""
+    return split_k_for(args["M"], args["N"], -(-args["K"] // args["BLOCK_K"]), args["BLOCK_M"], args["BLOCK_N"],
+                       args["x_ptr"].device)
+
+
+MIN_BLOCK_N = 16  # smallest BLOCK_N of any split-K config: sizes the ticket counters
+
+
+def split_k_buffers(device: torch.device, m: int, n: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partial sums [m * n], int32 tickets, one per output tile) of a split-K launch: views of
+    the stream's zeroed workspace (see zeroed_workspace)."""
+    counters = -(-n // MIN_BLOCK_N) * -(-m // block_m)
+    buf = zeroed_workspace(device, 4 * (m * n + counters))
+    return buf[: m * n].view(torch.float32), buf[m * n: m * n + counters]
+
+
+def unsplit_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins for a launch that does not split K: never touched, but typed fp32 / int32 so that
+    the (dead) atomic branch never compiles a bf16 atomic."""
+    return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
+
+
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown workspaces stay alive: a captured CUDA graph may use them
 _MIN_WORKSPACE_WORDS = 1 << 16

@@ -26,8 +26,10 @@ from ._common import (
     m_bucket,
     on_device,
     output,
+    split_k_buffers,
     split_k_for,
-    zeroed_workspace,
+    split_k_heuristic,
+    unsplit_buffers,
 )
 from ._tile import store_split_k
 
@@ -80,11 +82,6 @@ def act_sparse_dense_kernel(
                   offs_n, m_in, n_in, N, stride_ym, HAS_BIAS)
 
 
-def _split_k(args) -> int:
-    return split_k_for(args["M"], args["N"], triton.cdiv(args["K"], args["BLOCK_K"]), args["BLOCK_M"],
-                       args["BLOCK_N"], args["x_ptr"].device)
-
-
 def _decode_configs():
     return choose_configs(INTERPRET, triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1), [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4),
@@ -105,11 +102,10 @@ _KEY = ["m_bucket", "N", "K", "BLOCK_M", "USE_DOT"]
 
 # Decode: split-K; the autotuner zeroes the workspace and tickets around each trial run.
 act_sparse_decode = triton.autotune(_decode_configs(), key=_KEY, reset_to_zero=["ws_ptr", "cnt_ptr"])(
-    triton.heuristics({"split_k": _split_k})(act_sparse_dense_kernel))
+    triton.heuristics({"split_k": split_k_heuristic})(act_sparse_dense_kernel))
 act_sparse_prefill = triton.autotune(_prefill_configs(), key=["m_bucket", "N", "K"])(act_sparse_dense_kernel)
 
 DECODE_MAX_M = 16
-_MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the ticket counters
 
 
 def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias: torch.Tensor | None = None,
@@ -134,9 +130,7 @@ def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias
         if m <= DECODE_MAX_M:
             block_m = 1 if m == 1 else 16
             use_dot = block_m >= 16
-            counters = triton.cdiv(n, _MIN_BLOCK_N) * triton.cdiv(m, block_m)
-            buf = zeroed_workspace(x2.device, 4 * (m * n + counters))
-            ws, cnt = buf[: m * n].view(torch.float32), buf[m * n: m * n + counters]
+            ws, cnt = split_k_buffers(x2.device, m, n, block_m)
             args = (x2, w_t, bias_arg, y, ws, cnt, m, n, k, *strides, thr)
 
             def grid(meta):  # the grid sees only constexprs as plain values, so split_k is recomputed
@@ -155,10 +149,7 @@ def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias
         else:
             if split_k not in (None, 1):
                 raise ValueError("prefill (M > 16) does not split K")
-            # No split: the workspace and tickets are never touched, but typed fp32 / int32 so that
-            # the (dead) atomic branch never compiles a bf16 atomic.
-            ws = torch.empty(1, dtype=torch.float32, device=x2.device)
-            cnt = torch.empty(1, dtype=torch.int32, device=x2.device)
+            ws, cnt = unsplit_buffers(x2.device)
             args = (x2, w_t, bias_arg, y, ws, cnt, m, n, k, *strides, thr, 1)
 
             def grid(meta):

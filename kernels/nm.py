@@ -29,8 +29,10 @@ from ._common import (
     m_bucket,
     on_device,
     output,
+    split_k_buffers,
     split_k_for,
-    zeroed_workspace,
+    split_k_heuristic,
+    unsplit_buffers,
 )
 from ._tile import store_split_k
 
@@ -157,20 +159,14 @@ def _even_k(args) -> bool:
     return args["K"] % args["BLOCK_K"] == 0
 
 
-def _split_k(args) -> int:
-    return split_k_for(args["M"], args["N"], triton.cdiv(args["K"], args["BLOCK_K"]), args["BLOCK_M"],
-                       args["BLOCK_N"], args["x_ptr"].device)
-
-
 _KEY = ["m_bucket", "N", "K", "NN", "MM", "BLOCK_M"]
 # Decode: split-K; the autotuner zeroes the workspace and tickets around each trial run.
 nm_decode = triton.autotune(_decode_configs(), key=_KEY, reset_to_zero=["ws_ptr", "cnt_ptr"])(
-    triton.heuristics({"split_k": _split_k, "EVEN_K": _even_k})(nm_matmul_kernel))
+    triton.heuristics({"split_k": split_k_heuristic, "EVEN_K": _even_k})(nm_matmul_kernel))
 nm_prefill = triton.autotune(_prefill_configs(), key=_KEY[:-1])(
     triton.heuristics({"EVEN_K": _even_k})(nm_matmul_kernel))
 
 DECODE_MAX_M = 16
-_MIN_BLOCK_N = 16  # smallest BLOCK_N of any decode config: sizes the ticket counters
 
 
 def nm_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
@@ -196,9 +192,7 @@ def nm_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
     with on_device(x2):
         if m <= DECODE_MAX_M:
             block_m = 1 if m == 1 else 16
-            counters = triton.cdiv(n_out, _MIN_BLOCK_N) * triton.cdiv(m, block_m)
-            buf = zeroed_workspace(x2.device, 4 * (m * n_out + counters))
-            ws, cnt = buf[: m * n_out].view(torch.float32), buf[m * n_out: m * n_out + counters]
+            ws, cnt = split_k_buffers(x2.device, m, n_out, block_m)
 
             def grid(meta):  # the grid sees only constexprs as plain values, so split_k is recomputed
                 split = split_k_for(m, n_out, triton.cdiv(k, meta["BLOCK_K"]), block_m, meta["BLOCK_N"], x2.device)
@@ -207,10 +201,7 @@ def nm_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None,
             nm_decode[grid](x2, values, index, bias_arg, y, ws, cnt, m, n_out, k, groups, *strides,
                             m_bucket=m_bucket(m), BLOCK_M=block_m, GROUP_M=1, USE_DOT=block_m > 1, **common)
         else:
-            # No split: the workspace and tickets are never touched, but typed fp32 / int32 so that
-            # the (dead) atomic branch never compiles a bf16 atomic.
-            ws = torch.empty(1, dtype=torch.float32, device=x2.device)
-            cnt = torch.empty(1, dtype=torch.int32, device=x2.device)
+            ws, cnt = unsplit_buffers(x2.device)
 
             def grid(meta):
                 return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]), 1

@@ -162,6 +162,11 @@ act_sparse_gemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t ld
   if (tid == 0) counters[tile] = 0;
 }
 
+// Dynamic shared memory of a block: the active-row list, reused afterwards for the warps' sums.
+size_t smem_bytes(int64_t chunk, int m_tile) {
+  return std::max(size_t(chunk) * (4 + 4 * m_tile), size_t(kWarps) * m_tile * kTileN * 4);
+}
+
 struct Plan {
   int64_t n_tiles, m_tiles, chunk, splits;
   size_t smem;
@@ -176,9 +181,7 @@ Plan plan_for(int64_t M, int64_t N, int64_t K, int m_tile, int blocks_per_sm) {
   const int64_t want = std::max<int64_t>(1, int64_t(blocks_per_sm) * sm_count() / (p.n_tiles * p.m_tiles));
   p.chunk = std::clamp<int64_t>(ceil_div(ceil_div(K, want), 32) * 32, kMinChunk, kMaxChunk);
   p.splits = ceil_div(K, p.chunk);
-  const size_t list = size_t(p.chunk) * (4 + 4 * m_tile);
-  const size_t sums = size_t(kWarps) * m_tile * kTileN * 4;
-  p.smem = std::max(list, sums);
+  p.smem = smem_bytes(p.chunk, m_tile);
   return p;
 }
 
@@ -187,8 +190,8 @@ template <class T, int MT, bool VEC>
 int resident_blocks_per_sm() {
   static const int blocks = [] {
     int b = 0;
-    const size_t smem = std::max(size_t(kMaxChunk) * (4 + 4 * MT), size_t(kWarps) * MT * kTileN * 4);
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, act_sparse_gemv_kernel<T, MT, VEC>, kThreads, smem) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, act_sparse_gemv_kernel<T, MT, VEC>, kThreads,
+                                                      smem_bytes(kMaxChunk, MT)) !=
             cudaSuccess || b < 1) {
       (void)cudaGetLastError();
       b = 2;

@@ -118,8 +118,7 @@ def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None,
     bias that does not fit. Every torch call costs microseconds with cold caches, so the checks
     that only change with the weight (its device, dtype, validity) are made when it is bound, and
     those of a bias once per bias."""
-    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_tracing()
-            or torch._C._len_torch_dispatch_stack() or forward_ad._current_level >= 0 or not x.is_cpu):
+    if not (plain_eager(x) and x.is_cpu):
         return None
     shape = x.shape
     if not shape or shape[-1] != in_features:
