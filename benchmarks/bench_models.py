@@ -41,11 +41,11 @@ def variants(base, calibration, prefill="batched"):
     sf.sparsify(m, format="bitmask", m_range=M_RANGE, prefill=prefill)
     out["unstructured 50%"] = m
     m = copy.deepcopy(base)
-    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, prefill=prefill)
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, m_range=M_RANGE, prefill=prefill)
     out["activation 50%"] = m
     m = copy.deepcopy(base)
     prune_linears(m, "unstructured")
-    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, prefill=prefill)
+    sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, m_range=M_RANGE, prefill=prefill)
     out["weight 50% + activation 50%"] = m
     return out
 
@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--prefill-path", choices=["batched", "dense"], default="batched",
+    p.add_argument("--prefill-path", choices=["batched", "auto", "dense"], default="batched",
                    help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
     p.add_argument("--json", default="benchmarks/results/models.json")
     args = p.parse_args(argv)

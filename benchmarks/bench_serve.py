@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=24)
-    p.add_argument("--prefill-path", choices=["batched", "dense"], default="batched",
+    p.add_argument("--prefill-path", choices=["batched", "auto", "dense"], default="batched",
                    help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
     p.add_argument("--json", default="benchmarks/results/serve.json")
     args = p.parse_args(argv)

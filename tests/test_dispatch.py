@@ -165,3 +165,29 @@ def test_a_speedup_above_the_bytes_limit_is_timed_again_and_never_cached(cache_d
     assert dispatch.measure(w, cands, (1,)) == {"bitmask": {1: pytest.approx(1.25)}}
     assert len(fake.calls) == 2
     assert len(json.loads((cache_dir / "dispatch.json").read_text())["entries"]) == 1
+
+
+def test_measure_act_times_both_paths_and_caches_per_skipped_fraction(cache_dir, monkeypatch):
+    w, _ = case(density=1.0)
+    fake = FakeCompare(lambda name, call: 100 if name == "dense" else 40)
+    monkeypatch.setattr(dispatch, "compare", fake)
+    first = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 16))
+    assert first == {"kernel": {1: 2.5, 16: 2.5}, "batched": {16: 2.5}}
+    assert fake.calls == [["dense", "kernel"], ["batched", "dense", "kernel"]]
+    fake.calls.clear()
+    assert dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 16)) == first  # hits
+    assert fake.calls == []
+    dispatch.measure_act(w, w.t().contiguous(), "dense", 0.7, (1,))  # another fraction: another case
+    assert fake.calls == [["dense", "kernel"]]
+    bitmask = sf.Bitmask.from_dense(case(density=0.3)[0].t().contiguous())
+    fake.time_of = lambda name, call: 100 if name == "dense" else 1  # 100x: beyond any bytes limit
+    out = dispatch.measure_act(w, bitmask, "bitmask", 0.5, (1,))
+    assert 1.0 < out["kernel"][1] < 100  # the bytes limit, not the impossible ratio, and not cached
+    assert not any("act-bitmask" in k for k in json.loads((cache_dir / "dispatch.json").read_text())["entries"])
+
+
+def test_measure_act_times_the_real_op(cache_dir):
+    w = torch.randn(256, 512)
+    out = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 4), reps=3)
+    assert set(out["kernel"]) == {1, 4} and set(out["batched"]) == {4}
+    assert all(0 < s < 10 for path in out.values() for s in path.values())

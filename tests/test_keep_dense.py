@@ -131,3 +131,67 @@ def test_float64_above_the_crossover_is_refused_clearly():
     act._keep_dense(True)
     with torch.no_grad(), pytest.raises((TypeError, RuntimeError), match="dtype|Double|Float|type"):
         act(torch.randn(32, 72, dtype=torch.float64))
+
+
+def test_plan_rows_keeps_a_copy_only_where_asked_or_where_auto_measured_slower():
+    from sparseflow.sparsify import plan_rows
+
+    m_range = (1, 16, 128)
+    kernel, batched = {1: 2.0, 16: 1.2, 128: 0.8}, {16: 1.0, 128: 0.95}
+    plan = plan_rows(kernel, batched, m_range, "batched")
+    assert (plan.dense_above, plan.keep_dense, plan.backend) == (16, False, "cpp+batched")
+    assert plan.speedup == {1: 2.0, 16: 1.2, 128: 0.95}
+    plan = plan_rows(kernel, batched, m_range, "auto")  # 0.95x at 128 rows: a copy
+    assert (plan.dense_above, plan.keep_dense, plan.backend) == (16, True, "cpp+dense")
+    assert plan.speedup == {1: 2.0, 16: 1.2, 128: 1.0} and "m128: 0.95x" in plan.note
+    assert plan_rows(kernel, batched, m_range, "dense").keep_dense
+    plan = plan_rows(kernel, {16: 1.0, 128: 0.99}, m_range, "auto")  # within the timing noise: no copy
+    assert (plan.dense_above, plan.keep_dense) == (16, False)
+    assert plan_rows(kernel, {16: 1.0, 128: 0.99}, m_range, "auto", slower=1.0).keep_dense  # act-sparse layers
+    plan = plan_rows({1: 2.0, 16: 0.9, 128: 0.8}, {16: 0.95, 128: 1.02}, m_range, "auto")
+    assert (plan.dense_above, plan.keep_dense) == (1, True)  # dense from the first row count it beat the kernel
+    plan = plan_rows({1: 2.0, 16: 1.5}, {16: 1.2}, (1, 16), "dense")  # the kernel always won: dense above 16
+    assert (plan.dense_above, plan.keep_dense, plan.speedup) == (16, True, {1: 2.0, 16: 1.5})
+    assert plan_rows({1: 2.0, 16: 1.5}, {16: 1.2}, (1, 16), "auto") == plan_rows({1: 2.0, 16: 1.5}, {16: 1.2},
+                                                                              (1, 16), "batched")
+
+
+@pytest.mark.parametrize("prefill", ["batched", "auto"])
+def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
+    """Each act-sparse layer is timed for its target fraction of skipped inputs: one that loses to
+    dense at m_range[0] stays dense; the others switch paths at their measured crossover, and with
+    prefill="auto" keep a dense copy only where their batch path measured slower than dense."""
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    from sparseflow import dispatch
+
+    asked = []
+
+    def fake_measure_act(dense_w, w_t, weight_format, sparsity, rows, **_kw):
+        asked.append((tuple(dense_w.shape), tuple(w_t.shape), weight_format, sparsity, rows))
+        if dense_w.shape[0] == 24:  # the small last layer: slower than dense at decode
+            return {"kernel": {1: 0.8, 16: 0.7, 128: 0.6}, "batched": {16: 0.9, 128: 0.95}}
+        return {"kernel": {1: 2.0, 16: 1.3, 128: 0.9}, "batched": {16: 1.0, 128: 0.93}}
+
+    monkeypatch.setattr(dispatch, "measure_act", fake_measure_act)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(72, 40), nn.ReLU(), pruned(40, 24, seed=1)).eval()
+    calib = [torch.randn(8, 72) for _ in range(2)]
+    report = sf.sparsify(model, activation_sparsity=0.5, calibration=calib, prefill=prefill)
+    assert asked == [((40, 72), (72, 40), "dense", 0.5, (1, 16, 128)), ((24, 40), (40, 24), "bitmask", 0.5,
+                                                                         (1, 16, 128))]
+    act, dense_layer = model[0], model[2]
+    assert isinstance(act, sf.ActSparseLinear) and isinstance(dense_layer, nn.Linear)
+    assert report.layers[1].choice == "dense" and "act-sparse measured slower (0.80x)" in report.layers[1].note
+    assert act.dense_above == 16  # the batched path (0.93x) beat the kernel (0.9x) at 128 rows
+    first = report.layers[0]
+    if prefill == "batched":
+        assert act.dense_copy is None and first.backend == "cpp+batched"
+        assert first.speedup == {1: 2.0, 16: 1.3, 128: 0.93} and first.bytes_after == first.bytes_before == 72 * 40 * 4
+    else:
+        assert torch.equal(act.dense_copy, act.weight_t.t()) and first.backend == "cpp+dense"
+        assert first.speedup == {1: 2.0, 16: 1.3, 128: 1.0} and first.bytes_after == 2 * first.bytes_before
+    x = torch.randn(130, 72)
+    with torch.no_grad():
+        y = model(x)
+        sf.save(model, tmp_path / "saved")
+        assert torch.equal(sf.load(tmp_path / "saved")(x), y)  # the plan survives a save and load

@@ -3,9 +3,10 @@ for the row counts a model will see, and remember the result on disk.
 
 Each format is timed two ways: its sparse kernel (the table's default backend) and, for more than
 one row of x, the batched path a SparseLinear runs above its crossover (ops.table.batched_backend:
-chunked C++ decompression + dense GEMM on the CPU). The cache key holds everything a timing depends
+chunked C++ decompression + dense GEMM on the CPU). Activation-sparse layers are timed the same
+two ways, for a given fraction of skipped inputs (measure_act). The cache key holds everything a timing depends
 on (CPU model, ISA level, threads, torch and sparseflow versions, dtype, shape, format, density,
-rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. The file is
+skipped inputs, rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. The file is
 JSON, $SPARSEFLOW_CACHE_DIR/dispatch.json (default ~/.cache/sparseflow): {"schema": SCHEMA,
 "entries": {key: speedup}}; a file of another schema counts as empty and is replaced."""
 
@@ -26,7 +27,7 @@ from ._version import __version__
 from .bench.timing import compare
 from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
-from .ops import linear, table
+from .ops import act_sparse_linear, linear, table
 
 # Bump when what a timing means changes, so older entries are never reused. 2: the batched path
 # above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
@@ -85,6 +86,21 @@ def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> s
     return f"{machine_key()}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
 
 
+def _against_dense(dense_w: torch.Tensor, x: torch.Tensor, cases: dict, reps: int) -> dict:
+    """{case: speedup over F.linear(x, dense_w)} for cases {case: (fn(x), bytes limit)}, timed
+    interleaved with dense. A speedup above PLAUSIBLE x its bytes limit means dense was disturbed
+    (another process took a core): it is timed again, and None if it stays impossible."""
+    fns = {"dense": lambda: F.linear(x, dense_w)}
+    fns.update({case: (lambda fn=fn: fn(x)) for case, (fn, _) in cases.items()})
+    for _ in range(RETRIES + 1):
+        stats = compare(fns, warmup=2, reps=reps, max_seconds=2.0)
+        ratios = {case: stats["dense"].median / stats[case].median for case in cases}
+        implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
+        if not implausible:
+            break
+    return {case: None if case in implausible else r for case, r in ratios.items()}
+
+
 def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
                   reps: int = 15, use_cache: bool = True, remeasure: bool = False, paths: tuple[str, ...] = PATHS
                   ) -> dict[str, dict[str, dict[int, float]]]:
@@ -114,23 +130,15 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
         if not todo:
             continue
         x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
-        fns = {"dense": lambda x=x: F.linear(x, dense_w)}
-        for (label, path), (_, w, backend) in todo.items():
-            fns[f"{label}|{path}"] = lambda w=w, x=x, backend=backend: linear(x, w, backend=backend)
         dense_bytes = dense_w.numel() * dense_w.element_size()
-        for _ in range(RETRIES + 1):
-            stats = compare(fns, warmup=2, reps=reps, max_seconds=2.0)
-            ratios = {lp: stats["dense"].median / stats[f"{lp[0]}|{lp[1]}"].median for lp in todo}
-            # Above the bytes limit, dense was disturbed (another process took a core): time again,
-            # and never cache a ratio that is still impossible.
-            implausible = {lp for lp, r in ratios.items() if r > PLAUSIBLE * dense_bytes / todo[lp][1].nbytes}
-            if not implausible:
-                break
-        for lp, (key, w, _) in todo.items():
-            if lp in implausible:
-                out[lp[1]][lp[0]][m] = dense_bytes / w.nbytes  # the limit itself, not cached
-            else:
-                out[lp[1]][lp[0]][m] = fresh[key] = ratios[lp]
+        cases = {f"{label}|{path}": (lambda x, w=w, backend=backend: linear(x, w, backend=backend),
+                                     dense_bytes / w.nbytes) for (label, path), (_, w, backend) in todo.items()}
+        ratios = _against_dense(dense_w, x, cases, reps)
+        for (label, path), (key, _, _) in todo.items():
+            ratio, limit = ratios[f"{label}|{path}"], cases[f"{label}|{path}"][1]
+            out[path][label][m] = limit if ratio is None else ratio  # the limit itself is not cached
+            if ratio is not None:
+                fresh[key] = ratio
     if fresh and use_cache:
         _store(fresh)
     return out
@@ -140,3 +148,44 @@ def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tu
             reps: int = 15, use_cache: bool = True, remeasure: bool = False) -> dict[str, dict[int, float]]:
     """Speedup over dense of each candidate's sparse kernel at each row count ({label: {rows: x}})."""
     return measure_paths(dense_w, candidates, rows, reps, use_cache, remeasure, paths=("kernel",))["kernel"]
+
+
+def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float, rows: tuple[int, ...],
+                reps: int = 15, use_cache: bool = True, remeasure: bool = False) -> dict[str, dict[int, float]]:
+    """Speedup over dense F.linear of the activation-sparse op with `sparsity` of x's inputs skipped,
+    its weight `w_t` ([K, N]: a tensor, or a Bitmask for weight_format "bitmask"): {path: {rows:
+    speedup}} for path "kernel" (the op's default backend, every row count) and "batched" (what an
+    ActSparseLinear runs above its crossover, row counts above 1). Cached like measure_paths."""
+    k, n = w_t.shape
+    density = w_t.density if weight_format == "bitmask" else 1.0
+    cache = _load() if use_cache and not remeasure else {}
+    out: dict[str, dict[int, float]] = {path: {} for path in PATHS}
+    fresh: dict[str, float] = {}
+    w_bytes = w_t.nbytes if weight_format == "bitmask" else w_t.numel() * w_t.element_size()
+    limit = dense_w.numel() * dense_w.element_size() / max(w_bytes * (1.0 - sparsity), 1.0)
+    for m in rows:
+        backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
+        todo = {}
+        for path, backend in backends.items():
+            if backend is None:
+                continue
+            key = f"{machine_key()}|{w_t.dtype}|{n}x{k}|act-{weight_format}|d{density:.2f}|a{sparsity:.2f}|m{m}|{path}"
+            if key in cache:
+                out[path][m] = float(cache[key])
+            else:
+                todo[path] = (key, backend)
+        if not todo:
+            continue
+        x = torch.randn(m, k, dtype=dense_w.dtype, device=dense_w.device)
+        threshold = float(x.float().abs().flatten().kthvalue(max(1, round(sparsity * x.numel()))).values) \
+            if sparsity > 0 else 0.0  # `sparsity` of the inputs at or below it
+        cases = {path: (lambda x, backend=backend, t=threshold: act_sparse_linear(x, w_t, t, backend=backend),
+                        limit) for path, (_, backend) in todo.items()}
+        ratios = _against_dense(dense_w, x, cases, reps)
+        for path, (key, _) in todo.items():
+            out[path][m] = limit if ratios[path] is None else ratios[path]
+            if ratios[path] is not None:
+                fresh[key] = ratios[path]
+    if fresh and use_cache:
+        _store(fresh)
+    return out

@@ -145,8 +145,45 @@ def crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
     return None
 
 
+# prefill="auto" keeps a dense copy where a layer's path measured below this fraction of dense's
+# speed: closer ratios are within this machine's timing noise (+-3% between runs of the same case).
+# An activation-sparse batch does dense's arithmetic and more (the threshold, and repacking the
+# transposed weight), so for those layers any ratio below 1 counts.
+SLOWER, SLOWER_ACT = 0.97, 1.0
+
+
+@dataclass
+class Plan:
+    """What a sparse layer runs by rows of x: its kernel up to `dense_above` rows, then the
+    batched path, or F.linear on a dense copy with `keep_dense`."""
+
+    dense_above: int | None
+    keep_dense: bool
+    speedup: dict[int, float]
+    note: str
+
+    @property
+    def backend(self) -> str:
+        return "cpp" if self.dense_above is None else ("cpp+dense" if self.keep_dense else "cpp+batched")
+
+
+def plan_rows(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...], prefill: str,
+              slower: float = SLOWER) -> Plan:
+    """The Plan for a layer whose kernel and batched path measured these speedups over dense."""
+    dense_above = crossover(kernel, batched, m_range)
+    speed = {m: s if dense_above is None or m <= dense_above else batched.get(m, s) for m, s in kernel.items()}
+    slow = {m: s for m, s in speed.items() if s < slower}
+    if prefill == "batched" or (prefill == "auto" and not slow):
+        return Plan(dense_above, False, speed, f"batched above {dense_above} rows" if dense_above is not None else "")
+    above = crossover(kernel, {m: 1.0 for m in m_range}, m_range)  # dense itself is the other path
+    above = max(m_range) if above is None else above  # and it takes every row count not measured
+    why = "" if prefill == "dense" else " (else " + ", ".join(f"m{m}: {s:.2f}x" for m, s in sorted(slow.items())) + ")"
+    return Plan(above, True, {m: s if m <= above else 1.0 for m, s in kernel.items()},
+                f"dense copy above {above} rows{why}")
+
+
 def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
-             calibration=None, m_range: tuple[int, ...] = (1, 16), mode_centering: bool = False,
+             calibration=None, m_range: tuple[int, ...] = (1, 16, 128), mode_centering: bool = False,
              measure: bool = True, use_cache: bool = True, remeasure: bool = False,
              prefill: str = "batched") -> SparsifyReport:
     """Replaces nn.Linear layers in place.
@@ -156,6 +193,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       ("bitmask", "2:4", ...) is applied as asked. Either way the sparse kernel is also timed against
       the batched path (decompression in cache-sized chunks + dense GEMM): from the first row count
       where the batched path is faster, the layer runs it (`dense_above`).
+    m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
     activation_sparsity: a fraction (per-layer TEAL thresholds calibrated for that target) or a dict
@@ -163,19 +201,24 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
     prefill: what runs where the sparse kernel loses (many rows of x). "batched" (default) keeps only
       the compressed weight: above the crossover it decompresses it in chunks for torch's dense GEMM
-      (where that measured faster than the kernel's own batch GEMM): the smallest model, 0-5% slower
-      than dense there. "dense" keeps a dense copy of each sparse layer's weight
-      for those rows (from the first measured row count where dense beat the kernel, and above the
-      largest one measured): never slower than dense at any row count, for the memory of the copies
-      (rebuilt on load, never saved). Activation-sparse layers then run their dense product on
-      those rows, without thresholding (activation sparsity at decode only, as in TEAL).
+      (or runs the kernel's own batch GEMM, where that measured faster): the smallest model, up to
+      10% slower than dense there. "dense" keeps a dense copy of each sparse layer's weight for those
+      rows (from the first measured row count where dense beat the kernel, and above the largest one
+      measured): never slower than dense at any row count, for the memory of the copies (rebuilt on
+      load, never saved). "auto" keeps a copy only for the layers that need one: "batched" unless
+      that measured more than 3% slower than dense at a row count of `m_range` (activation-sparse
+      layers: slower at all, as their batches do dense's arithmetic and more), then "dense"
+      (without measurements: "batched"): never slower where measured, with the fewest copies.
+      Activation-sparse layers with a copy run their dense product on those rows, without
+      thresholding (activation sparsity at decode only, as in TEAL).
+    Activation-sparse layers are measured too (for their target fraction of skipped inputs): one
+    that loses to dense at m_range[0] is left dense.
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
     m_range = tuple(int(m) for m in m_range)
-    if prefill not in ("batched", "dense"):
-        raise ValueError(f"prefill must be 'batched' or 'dense', got {prefill!r}")
-    keep_dense = prefill == "dense"
+    if prefill not in ("auto", "batched", "dense"):
+        raise ValueError(f"prefill must be 'auto', 'batched' or 'dense', got {prefill!r}")
     layers = target_linears(model, include, exclude)
     tied = _tied(model)
     acts = None
@@ -201,10 +244,25 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             shift = input_modes(x).to(w.dtype) if mode_centering else None
             thr = threshold_for(x, float(target), shift)
             wf = "bitmask" if pattern.density <= 0.7 else "dense"
-            new = ActSparseLinear(w, lin.bias, thr, shift, wf, keep_dense=keep_dense)
+            new = ActSparseLinear(w, lin.bias, thr, shift, wf)
+            if measure:
+                timed = dispatch.measure_act(w, new.w_t(), wf, float(target), m_range, use_cache=use_cache,
+                                             remeasure=remeasure)
+                first = timed["kernel"].get(m_range[0])
+                if first is not None and first < 1.0:
+                    reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
+                                               speedup={m: 1.0 for m in m_range},
+                                               note=f"act-sparse measured slower ({first:.2f}x)"))
+                    continue
+                plan = plan_rows(timed["kernel"], timed["batched"], m_range, prefill, SLOWER_ACT)
+            else:  # the module's default crossover
+                plan = Plan(new.dense_above, prefill == "dense", {}, "")
+            new.dense_above = plan.dense_above
+            new._keep_dense(plan.keep_dense)
             after = sum(b.numel() * b.element_size() for b in new.buffers())
-            reports.append(LayerReport(**base, choice=f"act-sparse({wf})", backend="cpp", bytes_after=after,
-                                       note=f"threshold {thr:.4g}{', mode-centred' if shift is not None else ''}"))
+            note = f"threshold {thr:.4g}{', mode-centred' if shift is not None else ''}"
+            reports.append(LayerReport(**base, choice=f"act-sparse({wf})", backend=plan.backend, bytes_after=after,
+                                       speedup=plan.speedup, note=f"{note}; {plan.note}" if plan.note else note))
             _set_module(model, name, new)
             continue
         cands = candidates_for(w, format)
@@ -223,19 +281,10 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        if keep_dense:  # dense itself (1.0) is the other path, and it takes every row count not measured
-            dense_above = crossover(speed[label], {m: 1.0 for m in m_range}, m_range)
-            dense_above = max(m_range) if dense_above is None else dense_above
-            other, how = {m: 1.0 for m in m_range}, "dense copy"
-        else:
-            dense_above = crossover(speed[label], timed["batched"][label], m_range)
-            other, how = timed["batched"][label], "batched (decompress + dense GEMM)"
-        new = SparseLinear(cands[label], lin.bias, dense_above=dense_above, keep_dense=keep_dense)
-        above = dense_above is not None
-        reports.append(LayerReport(
-            **base, choice=label, backend="cpp" if not above else ("cpp+dense" if keep_dense else "cpp+batched"),
-            bytes_after=cands[label].nbytes + (before if keep_dense else 0),
-            speedup={m: (s if not above or m <= dense_above else other.get(m, s)) for m, s in speed[label].items()},
-            note=f"{how} above {dense_above} rows" if above else ""))
+        plan = plan_rows(speed[label], timed["batched"][label], m_range, prefill)
+        new = SparseLinear(cands[label], lin.bias, dense_above=plan.dense_above, keep_dense=plan.keep_dense)
+        reports.append(LayerReport(**base, choice=label, backend=plan.backend,
+                                   bytes_after=cands[label].nbytes + (before if plan.keep_dense else 0),
+                                   speedup=plan.speedup, note=plan.note))
         _set_module(model, name, new)
     return SparsifyReport(reports)
