@@ -19,13 +19,16 @@ from torch.autograd import forward_ad
 from . import table
 
 
-def plain_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, no tracing mode, no forward-mode AD, no tensor subclass.
+def plain_eager(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Plain eager execution: no compiler, no tracing mode, no forward-mode AD, no tensor subclass,
+    no torch.func transform (vmap, grad: their tensors have no data pointer).
     (torch.jit.is_tracing and _get_current_dispatch_mode, called through their C functions: each
     Python frame costs microseconds with cold caches. Under torch.compile the check stops at
     is_compiling.)"""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0)
+            and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and (bias is None or not torch._C._functorch.is_functorch_wrapped_tensor(bias)))
 
 
 def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -35,7 +38,7 @@ def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """A plain CPU tensor in eager mode with no gradient to record."""
-    return plain_eager(x) and x.is_cpu and not needs_grad(x, bias)
+    return plain_eager(x, bias) and x.is_cpu and not needs_grad(x, bias)
 
 
 class BoundKernel:
@@ -63,7 +66,10 @@ class BoundKernel:
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
             shape: tuple[int, int]) -> Callable | None:
-        key = tuple(t.data_ptr() for t in buffers if t is not None)
+        try:
+            key = tuple(t.data_ptr() for t in buffers if t is not None)
+        except RuntimeError:  # a tensor with no storage (batched by vmap): the op path handles it
+            return None
         if key != self._key:
             w = weight()
             if x.dtype != w.dtype:  # left unbound: the op refuses this x; one of w's dtype binds
@@ -92,7 +98,10 @@ class BoundKernel:
     def fits(self, bias: torch.Tensor, out_features: int) -> bool:
         """Whether the bias fits the kernel: checked once per bias and address (its storage is held
         meanwhile, so a bias swapped in with .data = always shows a new address)."""
-        address = bias.data_ptr()
+        try:
+            address = bias.data_ptr()
+        except RuntimeError:  # no storage (batched by vmap): the op path handles it
+            return False
         if self._bias is not None and self._bias[0] is bias and self._bias[1] == address:
             return True
         if not (bias.is_cpu and bias.dtype == self._dtype and bias.shape == (out_features,)

@@ -139,7 +139,7 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     if bias is not None:
         bias = bias.contiguous()
     t = tensors
-    if plain_eager(x) and not needs_grad(x, bias):  # skip the dispatcher (~15 us); tracing and autograd see the op
+    if plain_eager(x, bias) and not needs_grad(x, bias):  # skip the dispatcher (~15 us)
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
     if format_name == "bitmask":
@@ -167,7 +167,7 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
     values = tensors["t"] if weight_format == "dense" else tensors["values"]
     _check(x, w_rows.shape[0], out_features, values.dtype, values.device, bias)
     t = tensors
-    if plain_eager(x) and not needs_grad(x, bias):
+    if plain_eager(x, bias) and not needs_grad(x, bias):
         w_t = t["t"] if weight_format == "dense" else Bitmask.from_tensors((x.shape[-1], out_features), t,
                                                                             validate=False)
         return _run_act_sparse(weight_format, x, w_t, out_features, threshold, bias, backend)
@@ -280,3 +280,22 @@ def _act_bitmask_backward(ctx, grad):
 
 act_sparse_linear_dense.register_autograd(_act_dense_backward, setup_context=_act_dense_setup)
 act_sparse_linear_bitmask.register_autograd(_act_bitmask_backward, setup_context=_act_bitmask_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap: every op takes x of shape [..., K], so a batch dimension of x is one more leading dim.
+# The weight (and bias) are fixed buffers: batching them has no kernel, and says so.
+def _register_vmap(op) -> None:
+    def rule(info, in_dims, x, *rest):
+        batched = [i for i, d in enumerate(in_dims[1:], start=1) if d is not None]
+        if batched:
+            names = [a.name for a in op._opoverload._schema.arguments]
+            raise NotImplementedError(f"{LIB}::{op._name} under vmap: only x may be batched, not "
+                                      f"{', '.join(names[i] for i in batched)} (the weight and bias are fixed buffers)")
+        return op(x.movedim(in_dims[0], 0), *rest), 0
+
+    op.register_vmap(rule)
+
+
+for _op in (linear_bitmask, linear_csr, linear_bsr, linear_nm, act_sparse_linear_dense, act_sparse_linear_bitmask):
+    _register_vmap(_op)

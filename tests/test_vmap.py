@@ -1,0 +1,80 @@
+"""torch.func.vmap over the sparse ops and modules: a batch dimension of x is one more leading
+dimension of rows (every op takes x of shape [..., K]); batching a weight or a bias has no
+kernel, and the error names the argument."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_2x
+from torch import nn
+
+import sparseflow as sf
+from sparseflow.ops import act_sparse_linear_reference
+
+
+def pruned_weight(n=40, k=72, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+
+
+def nm_weight(n=40, k=72):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    keep = w.reshape(n, -1, 4).abs().topk(2, dim=-1).indices
+    return torch.zeros_like(w).reshape(n, -1, 4).scatter(-1, keep, w.reshape(n, -1, 4).gather(-1, keep)).reshape(n, k)
+
+
+FORMATS = {
+    "bitmask": lambda: sf.Bitmask.from_dense(pruned_weight()),
+    "csr": lambda: sf.CSR.from_dense(pruned_weight(density=0.1)),
+    "bsr": lambda: sf.BSR.from_dense(pruned_weight(32, 64).reshape(2, 16, 4, 16).mul(
+        torch.rand(2, 1, 4, 1, generator=torch.Generator().manual_seed(2)) < 0.5).reshape(32, 64), (16, 16)),
+    "2:4": lambda: sf.NM.from_dense(nm_weight(), 2, 4),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_vmap_of_linear_matches_the_reference(fmt, in_dim):
+    w = FORMATS[fmt]()
+    n, k = w.shape
+    bias = torch.randn(n)
+    xs = torch.randn(5, 3, k)
+    batched = xs.movedim(0, in_dim)
+    y = torch.func.vmap(lambda x: sf.ops.linear(x, w, bias), in_dims=in_dim)(batched)
+    dense = w.to_dense()
+    ref64 = F.linear(xs.double(), dense.double(), bias.double())
+    assert_close_2x(y, ref64, F.linear(xs, dense, bias))
+
+
+@pytest.mark.parametrize("weight_format", ["dense", "bitmask"])
+def test_vmap_of_act_sparse_linear_matches_the_reference(weight_format):
+    w_t = pruned_weight().t().contiguous()
+    arg = w_t if weight_format == "dense" else sf.Bitmask.from_dense(w_t)
+    bias = torch.randn(40)
+    xs = torch.randn(4, 2, 72)
+    y = torch.func.vmap(lambda x: sf.ops.act_sparse_linear(x, arg, 0.5, bias))(xs)
+    ref64 = act_sparse_linear_reference(xs.double(), w_t.double(), 0.5, bias.double())
+    assert_close_2x(y, ref64, act_sparse_linear_reference(xs, w_t, 0.5, bias))
+
+
+def test_vmap_of_sparse_modules():
+    torch.manual_seed(0)
+    lin = nn.Linear(72, 40)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(40, 72) < 0.5)
+    xs = torch.randn(6, 3, 72)
+    for module in (sf.SparseLinear.from_linear(lin, format="bitmask"), sf.ActSparseLinear.from_linear(lin, 0.0)):
+        with torch.no_grad():
+            y = torch.func.vmap(module)(xs)
+            assert torch.allclose(y, module(xs), atol=1e-6)  # the same rows, batched by vmap or not
+        assert torch.allclose(y, lin(xs), atol=1e-4)
+
+
+def test_vmap_over_a_bias_or_weight_is_refused_by_name():
+    w = FORMATS["bitmask"]()
+    x = torch.randn(3, 72)
+    with pytest.raises(NotImplementedError, match="only x may be batched, not bias"):
+        torch.func.vmap(lambda b: sf.ops.linear(x, w, b))(torch.randn(4, 40))
+    w_t = pruned_weight().t().contiguous()
+    with pytest.raises(NotImplementedError, match="only x may be batched, not w_t"):
+        torch.func.vmap(lambda wt: sf.ops.act_sparse_linear(x, wt, 0.5))(torch.stack([w_t, w_t]))
