@@ -170,7 +170,7 @@ def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
         asked.append((tuple(dense_w.shape), tuple(w_t.shape), weight_format, sparsity, rows))
         if dense_w.shape[0] == 24:  # the small last layer: slower than dense at decode
             return {"kernel": {1: 0.8, 16: 0.7, 128: 0.6}, "batched": {16: 0.9, 128: 0.95}}
-        return {"kernel": {1: 2.0, 16: 1.3, 128: 0.9}, "batched": {16: 1.0, 128: 0.93}}
+        return {"kernel": {1: 2.0, 16: 0.95, 128: 0.9}, "batched": {16: 1.0, 128: 0.93}}
 
     monkeypatch.setattr(dispatch, "measure_act", fake_measure_act)
     torch.manual_seed(0)
@@ -182,16 +182,37 @@ def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
     act, dense_layer = model[0], model[2]
     assert isinstance(act, sf.ActSparseLinear) and isinstance(dense_layer, nn.Linear)
     assert report.layers[1].choice == "dense" and "act-sparse measured slower (0.80x)" in report.layers[1].note
-    assert act.dense_above == 16  # the batched path (0.93x) beat the kernel (0.9x) at 128 rows
+    assert act.dense_above == 1  # from 16 rows the batch path (1.0x) beats the kernel (0.95x); so does dense
     first = report.layers[0]
     if prefill == "batched":
         assert act.dense_copy is None and first.backend == "cpp+batched"
-        assert first.speedup == {1: 2.0, 16: 1.3, 128: 0.93} and first.bytes_after == first.bytes_before == 72 * 40 * 4
+        assert first.speedup == {1: 2.0, 16: 1.0, 128: 0.93} and first.bytes_after == first.bytes_before == 72 * 40 * 4
     else:
         assert torch.equal(act.dense_copy, act.weight_t.t()) and first.backend == "cpp+dense"
-        assert first.speedup == {1: 2.0, 16: 1.3, 128: 1.0} and first.bytes_after == 2 * first.bytes_before
+        assert first.speedup == {1: 2.0, 16: 1.0, 128: 1.0} and first.bytes_after == 2 * first.bytes_before
     x = torch.randn(130, 72)
     with torch.no_grad():
         y = model(x)
         sf.save(model, tmp_path / "saved")
-        assert torch.equal(sf.load(tmp_path / "saved")(x), y)  # the plan survives a save and load
+        loaded = sf.load(tmp_path / "saved")
+        assert torch.equal(loaded(x), y)  # the plan survives a save and load
+    assert loaded[0].dense_above == 1 and (loaded[0].dense_copy is None) == (prefill == "batched")
+
+
+def test_sparsify_sends_unmeasured_batches_of_act_layers_to_the_batch_path(tmp_path, monkeypatch):
+    """Where the kernel won at every measured row count, rows past the largest one take the batch
+    path (the row kernel would read the weight once per row); with decode alone measured, the
+    module's default crossover holds."""
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+    from sparseflow import dispatch
+
+    def kernel_always_wins(dense_w, w_t, weight_format, sparsity, rows, **_kw):
+        return {"kernel": {m: 2.0 for m in rows}, "batched": {m: 1.0 for m in rows if m > 1}}
+
+    monkeypatch.setattr(dispatch, "measure_act", kernel_always_wins)
+    calib = [torch.randn(8, 72)]
+    for m_range, above in (((1, 16, 128), 128), ((1,), 16)):
+        model = nn.Sequential(nn.Linear(72, 40)).eval()
+        report = sf.sparsify(model, activation_sparsity=0.5, calibration=calib, m_range=m_range)
+        assert model[0].dense_above == above and report.layers[0].backend == "cpp+batched"
+        assert f"batched above {above} rows (not measured there)" in report.layers[0].note

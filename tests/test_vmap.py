@@ -78,3 +78,18 @@ def test_vmap_over_a_bias_or_weight_is_refused_by_name():
     w_t = pruned_weight().t().contiguous()
     with pytest.raises(NotImplementedError, match="only x may be batched, not w_t"):
         torch.func.vmap(lambda wt: sf.ops.act_sparse_linear(x, wt, 0.5))(torch.stack([w_t, w_t]))
+
+
+@pytest.mark.parametrize("make", [lambda lin: sf.SparseLinear.from_linear(lin, format="bitmask"),
+                                  lambda lin: sf.ActSparseLinear.from_linear(lin, 0.1)])
+def test_vmap_over_stacked_module_weights_is_refused_by_name(make):
+    """Model ensembling (stack_module_state + functional_call) batches the weights, not x."""
+    lin = nn.Linear(72, 40, bias=False)
+    mods = [make(lin), make(lin)]
+    params, buffers = torch.func.stack_module_state(mods)
+
+    def call(p, b, x):
+        return torch.func.functional_call(mods[0], (p, b), (x,))
+
+    with pytest.raises(NotImplementedError, match="only x may be batched, not (values|w_t)"):
+        torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, torch.randn(3, 72))

@@ -28,6 +28,7 @@ from .bench.timing import compare
 from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
 from .ops import act_sparse_linear, linear, table
+from .ops.bound import BoundKernel, fast_kernel
 
 # Bump when what a timing means changes, so older entries are never reused. 2: the batched path
 # above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
@@ -81,9 +82,14 @@ def machine_key() -> str:
 PLAUSIBLE, RETRIES = 1.5, 2
 
 
+def device_key(device: torch.device) -> str:
+    """The device a timing ran on: "cpu", or the GPU's name (a CPU and a GPU timing of one case differ)."""
+    return "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+
+
 def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> str:
     n, k = w.shape
-    return f"{machine_key()}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
+    return f"{machine_key()}|{device_key(w.device)}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
 
 
 def _against_dense(dense_w: torch.Tensor, x: torch.Tensor, cases: dict, reps: int) -> dict:
@@ -163,13 +169,24 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
     fresh: dict[str, float] = {}
     w_bytes = w_t.nbytes if weight_format == "bitmask" else w_t.numel() * w_t.element_size()
     limit = dense_w.numel() * dense_w.element_size() / max(w_bytes * (1.0 - sparsity), 1.0)
+    bound = BoundKernel("act_sparse_linear", weight_format)  # kept, as an ActSparseLinear keeps it
+    buffers = tuple(w_t.tensors().values()) if weight_format == "bitmask" else (w_t,)
+
+    def run(x: torch.Tensor, threshold: float, backend: str) -> torch.Tensor:
+        if backend == "":  # the kernel, called as the module calls it (the op would bind a dense w_t each time)
+            fn = fast_kernel(bound, x, None, k, n, buffers, lambda: w_t, (k, n))
+            if fn is not None:
+                return fn(x, threshold, None)
+        return act_sparse_linear(x, w_t, threshold, backend=backend)
+
     for m in rows:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
         todo = {}
         for path, backend in backends.items():
             if backend is None:
                 continue
-            key = f"{machine_key()}|{w_t.dtype}|{n}x{k}|act-{weight_format}|d{density:.2f}|a{sparsity:.2f}|m{m}|{path}"
+            key = (f"{machine_key()}|{device_key(w_t.device)}|{w_t.dtype}|{n}x{k}|act-{weight_format}|d{density:.2f}"
+                   f"|a{sparsity:.2f}|m{m}|{path}")
             if key in cache:
                 out[path][m] = float(cache[key])
             else:
@@ -179,8 +196,8 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
         x = torch.randn(m, k, dtype=dense_w.dtype, device=dense_w.device)
         threshold = float(x.float().abs().flatten().kthvalue(max(1, round(sparsity * x.numel()))).values) \
             if sparsity > 0 else 0.0  # `sparsity` of the inputs at or below it
-        cases = {path: (lambda x, backend=backend, t=threshold: act_sparse_linear(x, w_t, t, backend=backend),
-                        limit) for path, (_, backend) in todo.items()}
+        cases = {path: (lambda x, backend=backend, t=threshold: run(x, t, backend), limit)
+                 for path, (_, backend) in todo.items()}
         ratios = _against_dense(dense_w, x, cases, reps)
         for path, (key, _) in todo.items():
             out[path][m] = limit if ratios[path] is None else ratios[path]

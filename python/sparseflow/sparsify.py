@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -255,6 +255,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                                note=f"act-sparse measured slower ({first:.2f}x)"))
                     continue
                 plan = plan_rows(timed["kernel"], timed["batched"], m_range, prefill, SLOWER_ACT)
+                if plan.dense_above is None:  # the row kernel is for decode: unmeasured batches take the batch path
+                    above = max(m_range) if max(m_range) > 1 else new.dense_above
+                    plan = replace(plan, dense_above=above, note=f"batched above {above} rows (not measured there)")
             else:  # the module's default crossover
                 plan = Plan(new.dense_above, prefill == "dense", {}, "")
             new.dense_above = plan.dense_above

@@ -19,16 +19,17 @@ from torch.autograd import forward_ad
 from . import table
 
 
-def plain_eager(x: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+def plain_eager(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Plain eager execution: no compiler, no tracing mode, no forward-mode AD, no tensor subclass,
-    no torch.func transform (vmap, grad: their tensors have no data pointer).
+    and neither x nor any of `others` (bias, weight buffers) wrapped by a torch.func transform
+    (vmap, grad: their tensors have no data pointer).
     (torch.jit.is_tracing and _get_current_dispatch_mode, called through their C functions: each
     Python frame costs microseconds with cold caches. Under torch.compile the check stops at
     is_compiling.)"""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and (bias is None or not torch._C._functorch.is_functorch_wrapped_tensor(bias)))
+            and not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in others))
 
 
 def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -139,7 +139,7 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     if bias is not None:
         bias = bias.contiguous()
     t = tensors
-    if plain_eager(x, bias) and not needs_grad(x, bias):  # skip the dispatcher (~15 us)
+    if plain_eager(x, bias, *t.values()) and not needs_grad(x, bias):  # skip the dispatcher (~15 us)
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
     if format_name == "bitmask":
@@ -167,7 +167,7 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
     values = tensors["t"] if weight_format == "dense" else tensors["values"]
     _check(x, w_rows.shape[0], out_features, values.dtype, values.device, bias)
     t = tensors
-    if plain_eager(x, bias) and not needs_grad(x, bias):
+    if plain_eager(x, bias, *t.values()) and not needs_grad(x, bias):
         w_t = t["t"] if weight_format == "dense" else Bitmask.from_tensors((x.shape[-1], out_features), t,
                                                                             validate=False)
         return _run_act_sparse(weight_format, x, w_t, out_features, threshold, bias, backend)
