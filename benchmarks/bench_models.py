@@ -78,7 +78,7 @@ def main(argv=None):
                 m(prompt)
         return run
 
-    pre = median_interleaved({k: prefill(m) for k, m in models.items()}, max(3, args.rounds // 3))
+    pre = median_interleaved({k: prefill(m) for k, m in models.items()}, args.rounds)
     info = sf.info()
     mb = {k: sum(t.numel() * t.element_size() for t in [*m.buffers(), *m.parameters()]) / 2**20
           for k, m in models.items()}  # resident weights, dense copies included

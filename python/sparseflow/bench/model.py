@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .timing import compare
 
 
 def decode_step_fn(model: nn.Module, context_ids: torch.Tensor) -> Callable[[], None]:
@@ -43,18 +44,17 @@ def encode_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 
 
 def median_interleaved(fns: dict[str, Callable[[], None]], rounds: int, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each callable, called round-robin (`inner` calls per turn) so all
-    see the same machine state."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
+    """Median seconds per call of each callable, one turn (`inner` calls) of each per round, in a
+    fresh order each round (a fixed order gives each callable its own position in the machine's
+    rhythm), after one untimed round (bench.timing.compare)."""
+    def turn(fn):
+        def run():
             for _ in range(inner):
                 fn()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        return run
+
+    stats = compare({k: turn(fn) for k, fn in fns.items()}, warmup=1, reps=rounds)
+    return {k: s.median / inner for k, s in stats.items()}
 
 
 def densified(model: nn.Module) -> nn.Module:
