@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,6 +108,33 @@ def _against_dense(dense_w: torch.Tensor, x: torch.Tensor, cases: dict, reps: in
     return {case: None if case in implausible else r for case, r in ratios.items()}
 
 
+def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callable, reps: int, use_cache: bool,
+                  remeasure: bool) -> dict[str, dict[int, float]]:
+    """{case: {rows: speedup}} at each row count of `rows`, for the cases cases_at(m) lists at m rows:
+    {case: (cache key, bytes limit, make)}, make(x) giving the callable fn(x) to time on x [m, K]. A
+    cached case costs no timing (nor an x); a ratio above the limit is reported as the limit and
+    not cached."""
+    cache = _load() if use_cache and not remeasure else {}
+    out: dict[str, dict[int, float]] = {}
+    fresh: dict[str, float] = {}
+    for m in rows:
+        cases = cases_at(m)
+        todo = {case: entry for case, entry in cases.items() if entry[0] not in cache}
+        for case in cases.keys() - todo.keys():
+            out.setdefault(case, {})[m] = float(cache[cases[case][0]])
+        if not todo:
+            continue
+        x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
+        ratios = _against_dense(dense_w, x, {case: (make(x), limit) for case, (_, limit, make) in todo.items()}, reps)
+        for case, ratio in ratios.items():
+            out.setdefault(case, {})[m] = todo[case][1] if ratio is None else ratio
+            if ratio is not None:
+                fresh[todo[case][0]] = ratio
+    if fresh and use_cache:
+        _store(fresh)
+    return out
+
+
 def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
                   reps: int = 15, use_cache: bool = True, remeasure: bool = False, paths: tuple[str, ...] = PATHS
                   ) -> dict[str, dict[str, dict[int, float]]]:
@@ -116,38 +144,16 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"unknown paths {sorted(unknown)}; expected some of {PATHS}")
-    cache = _load() if use_cache and not remeasure else {}
-    out: dict[str, dict[str, dict[int, float]]] = {p: {label: {} for label in candidates} for p in paths}
-    fresh: dict[str, float] = {}
-    device = dense_w.device.type
-    for m in rows:
-        backends = {"kernel": "", "batched": table.batched_backend(device, m) if m > 1 else None}
-        todo = {}
-        for label, w in candidates.items():
-            for path in paths:
-                backend = backends[path]
-                if backend is None:
-                    continue
-                key = case_key(w, label, m, path)
-                if key in cache:
-                    out[path][label][m] = float(cache[key])
-                else:
-                    todo[(label, path)] = (key, w, backend)
-        if not todo:
-            continue
-        x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
-        dense_bytes = dense_w.numel() * dense_w.element_size()
-        cases = {f"{label}|{path}": (lambda x, w=w, backend=backend: linear(x, w, backend=backend),
-                                     dense_bytes / w.nbytes) for (label, path), (_, w, backend) in todo.items()}
-        ratios = _against_dense(dense_w, x, cases, reps)
-        for (label, path), (key, _, _) in todo.items():
-            ratio, limit = ratios[f"{label}|{path}"], cases[f"{label}|{path}"][1]
-            out[path][label][m] = limit if ratio is None else ratio  # the limit itself is not cached
-            if ratio is not None:
-                fresh[key] = ratio
-    if fresh and use_cache:
-        _store(fresh)
-    return out
+    dense_bytes = dense_w.numel() * dense_w.element_size()
+
+    def cases_at(m: int) -> dict:
+        backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
+        return {f"{label}|{path}": (case_key(w, label, m, path), dense_bytes / w.nbytes,
+                                    lambda _x, w=w, backend=backends[path]: lambda x: linear(x, w, backend=backend))
+                for label, w in candidates.items() for path in paths if backends[path] is not None}
+
+    timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    return {path: {label: timed.get(f"{label}|{path}", {}) for label in candidates} for path in paths}
 
 
 def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
@@ -164,9 +170,6 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
     ActSparseLinear runs above its crossover, row counts above 1). Cached like measure_paths."""
     k, n = w_t.shape
     density = w_t.density if weight_format == "bitmask" else 1.0
-    cache = _load() if use_cache and not remeasure else {}
-    out: dict[str, dict[int, float]] = {path: {} for path in PATHS}
-    fresh: dict[str, float] = {}
     w_bytes = w_t.nbytes if weight_format == "bitmask" else w_t.numel() * w_t.element_size()
     limit = dense_w.numel() * dense_w.element_size() / max(w_bytes * (1.0 - sparsity), 1.0)
     bound = BoundKernel("act_sparse_linear", weight_format)  # kept, as an ActSparseLinear keeps it
@@ -179,30 +182,18 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
                 return fn(x, threshold, None)
         return act_sparse_linear(x, w_t, threshold, backend=backend)
 
-    for m in rows:
+    def make(backend: str) -> Callable:
+        def on(x: torch.Tensor) -> Callable:
+            threshold = float(x.float().abs().flatten().kthvalue(max(1, round(sparsity * x.numel()))).values) \
+                if sparsity > 0 else 0.0  # `sparsity` of the inputs at or below it
+            return lambda x: run(x, threshold, backend)
+        return on
+
+    def cases_at(m: int) -> dict:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
-        todo = {}
-        for path, backend in backends.items():
-            if backend is None:
-                continue
-            key = (f"{machine_key()}|{device_key(w_t.device)}|{w_t.dtype}|{n}x{k}|act-{weight_format}|d{density:.2f}"
-                   f"|a{sparsity:.2f}|m{m}|{path}")
-            if key in cache:
-                out[path][m] = float(cache[key])
-            else:
-                todo[path] = (key, backend)
-        if not todo:
-            continue
-        x = torch.randn(m, k, dtype=dense_w.dtype, device=dense_w.device)
-        threshold = float(x.float().abs().flatten().kthvalue(max(1, round(sparsity * x.numel()))).values) \
-            if sparsity > 0 else 0.0  # `sparsity` of the inputs at or below it
-        cases = {path: (lambda x, backend=backend, t=threshold: run(x, t, backend), limit)
-                 for path, (_, backend) in todo.items()}
-        ratios = _against_dense(dense_w, x, cases, reps)
-        for path, (key, _) in todo.items():
-            out[path][m] = limit if ratios[path] is None else ratios[path]
-            if ratios[path] is not None:
-                fresh[key] = ratios[path]
-    if fresh and use_cache:
-        _store(fresh)
-    return out
+        return {path: (f"{machine_key()}|{device_key(w_t.device)}|{w_t.dtype}|{n}x{k}|act-{weight_format}"
+                       f"|d{density:.2f}|a{sparsity:.2f}|m{m}|{path}", limit, make(backend))
+                for path, backend in backends.items() if backend is not None}
+
+    timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    return {path: timed.get(path, {}) for path in PATHS}
