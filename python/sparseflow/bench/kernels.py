@@ -42,7 +42,7 @@ from ..formats.nm import check_nm
 from ..info import info
 from . import bandwidth as bw
 from .load import OtherLoad
-from .timing import FLUSH_MODES, Stats, cache_flusher, compare, paired_ratio
+from .timing import FLUSH_MODES, Stats, cache_flusher, cold_bytes, compare, paired_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -218,7 +218,7 @@ class Options:
     reps: int = 30
     warmup: int = 2
     max_seconds: float = 1.0  # per case: stop after this much timing (at least 5 rounds)
-    flush: str = "torch"
+    flush: str = "layers"
     stat: str = "median"  # what the speedup is: "median" (of paired per-round ratios) or "min"
     clock: str = "wall"  # "wall" (perf_counter) or "thread" (CPU time of the calling thread; 1 thread only)
     torch_csr: str = "first"  # shapes compared with torch's CSR matmul: "first" | "all" | "none"
@@ -547,6 +547,7 @@ def _base_result(
 
 
 NOISY_SPREAD = 1.5
+MAX_LAYER_COPIES = 256  # "layers" mode: weights under cold_bytes() / 256 (256 KiB) stay partly warm
 CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
@@ -562,10 +563,25 @@ class Context:
     def speedup(self, base: Stats, s: Stats) -> float:
         return base.min / s.min if self.options.stat == "min" else paired_ratio(base, s).median
 
-    def compare(self, fns: dict[str, Callable[[], object]], warmup: int | None = None):
+    def copies(self, w, nbytes: int) -> list:
+        """The weights a timed sample goes through: w alone, or in "layers" mode w and enough
+        copies that cold_bytes() of other copies are read between two calls on one of them. Each
+        call then finds its weight in no cache, as a model's next layer does, while the code and x
+        stay as warm as they are between a model's layers (a full flush evicts those too, which
+        costs a short call 100-150 us of Python and torch code fetched from memory)."""
+        if self.options.flush != "layers":
+            return [w]
+        n = min(MAX_LAYER_COPIES, 1 + math.ceil(cold_bytes() / max(nbytes, 1)))
+        return [w] + [clone_weight(w) for _ in range(n - 1)]
+
+    def compare(self, fns: dict[str, Callable[[], object] | list[Callable[[], object]]],
+                warmup: int | None = None) -> dict[str, Stats]:
+        """Times the callables interleaved (timing.compare); a list of callables is one block,
+        called in order within a sample, and its times are per call (the block's time / its length)."""
         o = self.options
-        return compare(
-            fns,
+        blocks = {name: f if isinstance(f, list) else [f] for name, f in fns.items()}
+        stats = compare(
+            {name: _block(calls) for name, calls in blocks.items()},
             warmup=o.warmup if warmup is None else min(warmup, o.warmup),
             reps=o.reps,
             before=self.flush,
@@ -573,6 +589,18 @@ class Context:
             max_seconds=o.max_seconds,
             clock=CLOCKS[o.clock],
         )
+        return {name: Stats(tuple(t // len(blocks[name]) for t in st.samples_ns)) for name, st in stats.items()}
+
+
+def _block(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    if len(calls) == 1:
+        return calls[0]
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
 
 
 def reference_output(spec: KernelSpec, x: torch.Tensor, w_dense: torch.Tensor, threshold: float = 0.0):
@@ -612,13 +640,15 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
     y_ref = reference_output(spec, x, w_dense, threshold)
     y_table_ref = op_call(spec, x, w, "reference", threshold)() if ctx.options.check_table_reference else None
     y_dense = F.linear(x, w_dense)
-    dense_fn = lambda: F.linear(x, w_dense)
     b_dense = dense_bytes(w_dense, x)
     b_sparse = sparse_bytes(spec, w, x, threshold)
-    # The direct call gets its own copy of the weight only when no flush separates the calls (it
-    # would find the weight in the caches); a copy sits elsewhere in memory, which alone moves
-    # the time by a few percent, so with a flush both use the same buffers.
-    w_copy = clone_weight(w) if m == 1 and ctx.flush is None else w
+    # The direct call gets its own copy of the weight only when nothing keeps the weights cold
+    # (it would find the weight in the caches); a copy sits elsewhere in memory, which alone moves
+    # the time by a few percent, so with a flush both use the same buffers. In "layers" mode both
+    # rotate through the same copies: each was read 2x the LLC ago either way.
+    w_copy = clone_weight(w) if m == 1 and ctx.options.flush == "none" else w
+    dense_ws, sparse_ws = ctx.copies(w_dense, w_dense.nbytes), ctx.copies(w, w.nbytes)
+    kernel_ws = sparse_ws if len(sparse_ws) > 1 else [w_copy]
     results = []
     for b in backends:
         r = _base_result(spec, n, k, m, dtype, b.key, density, "ok")
@@ -636,9 +666,10 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
             r.status = "wrong" if r.status == "ok" else r.status
             results.append(r)
             continue
-        fns = {"dense": dense_fn, "sparse": op_call(spec, x, w, b.name, threshold)}
+        fns = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws],
+               "sparse": [op_call(spec, x, ws, b.name, threshold) for ws in sparse_ws]}
         if m == 1:  # the op layer's cost per call only matters where a call is short
-            fns["kernel"] = kernel_call(spec, b, x, w_copy, threshold)
+            fns["kernel"] = [kernel_call(spec, b, x, ws, threshold) for ws in kernel_ws]
         stats = ctx.compare(fns, warmup=None if m == 1 else 1)
         d, s = stats["dense"], stats["sparse"]
         paired = paired_ratio(d, s)
@@ -729,9 +760,9 @@ def measure_torch_csr(
         if not ok:
             continue  # the main table reports it
         fns = {
-            "torch_csr": torch_fn,
-            "sparse": op_call(spec, x, w, b.name),
-            "dense": lambda: F.linear(x, w_dense),
+            "torch_csr": torch_fn,  # 10-100x slower: its weight is read cold anyway
+            "sparse": [op_call(spec, x, ws, b.name) for ws in ctx.copies(w, w.nbytes)],
+            "dense": [lambda wd=wd: F.linear(x, wd) for wd in ctx.copies(w_dense, w_dense.nbytes)],
         }
         stats = ctx.compare(fns, warmup=1)  # torch's CSR takes 10-100x longer than our kernels
         speed = ctx.speedup(stats["torch_csr"], stats["sparse"])
@@ -979,8 +1010,11 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
     p.add_argument(
         "--flush",
         choices=FLUSH_MODES,
-        default="torch",
-        help="cache eviction before every timed call (default torch; see timing.cache_flusher)",
+        default="layers",
+        help="how each timed call finds the caches. 'layers' (default): each round calls every function "
+        "on a block of copies of its weight (2x the LLC in all), so weights are read cold while code and x "
+        "stay warm, as between a model's layers. 'torch' / 'numpy': a full cache flush before every call, "
+        "code included (timing.cache_flusher); 'none': warm",
     )
     p.add_argument(
         "--stat",

@@ -74,12 +74,19 @@ def header_lines(report: dict) -> list[str]:
         f"CPU {meta['cpu']}, {meta['threads']} threads, ISA {meta['isa']}, torch {meta['torch']}, "
         f"sparseflow {meta['sparseflow']}, {meta['date']}",
         f"copy bandwidth {band['copy_gbps']:.1f} GB/s (read+write), read {band['read_gbps']:.1f} GB/s; "
-        f"cache flush '{meta['flush']}' before every call; median of <= {meta['reps']} interleaved rounds "
+        f"{_cold(meta['flush'])}; median of <= {meta['reps']} interleaved rounds "
         f"(<= {meta['max_seconds_per_case']} s per case){load}; {meta['elapsed_s']:.0f} s in all",
         f"{stat}; times shown are {'medians' if meta.get('stat') != 'min' else 'best of the rounds'}{clock}",
         f"command: {meta['command']}",
     ]
     return lines + ([busy] if busy else [])
+
+
+def _cold(flush: str) -> str:
+    if flush == "layers":
+        return ("weights kept cold as a model's layers are: each timed round calls a block of copies of the "
+                "weight (2x the LLC or more in all), code and x left warm; times are per call")
+    return f"cache flush '{flush}' before every call"
 
 
 MAIN_COLUMNS = (

@@ -15,7 +15,7 @@ import torch
 
 from .bandwidth import llc_bytes
 
-FLUSH_MODES = ("torch", "numpy", "none")
+FLUSH_MODES = ("torch", "numpy", "none", "layers")
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -157,6 +157,12 @@ def compare(
     return {name: Stats(tuple(s)) for name, s in samples.items()}
 
 
+def cold_bytes() -> int:
+    """Bytes that, read in between, leave nothing of earlier data in any cache: 2x the last-level
+    cache, at least 64 MiB."""
+    return max(64 << 20, 2 * llc_bytes())
+
+
 def cache_flusher(mode: str = "torch", nbytes: int | None = None) -> Callable[[], object] | None:
     """A callable that evicts the caches by reading a buffer of 2x the last-level cache (at least
     64 MiB), or None for mode "none".
@@ -165,12 +171,13 @@ def cache_flusher(mode: str = "torch", nbytes: int | None = None) -> Callable[[]
     swept too; it also leaves torch's OpenMP workers as a real model leaves them before a linear
     layer (busy-waiting for a while), which a kernel with its own thread pool competes with.
     "numpy" reads on the calling thread only (numpy reductions are single-threaded); it takes long
-    enough that every pool has gone to sleep, so each timed call starts idle."""
-    if mode == "none":
+    enough that every pool has gone to sleep, so each timed call starts idle.
+    "none" and "layers" give None ("layers": no flush, see bench/kernels.py)."""
+    if mode in ("none", "layers"):  # "layers" keeps the weights cold by rotating copies instead (bench/kernels.py)
         return None
     if mode not in FLUSH_MODES:
         raise ValueError(f"flush mode must be one of {FLUSH_MODES}, got {mode!r}")
-    size = nbytes or max(64 << 20, 2 * llc_bytes())
+    size = nbytes or cold_bytes()
     buf = torch.ones(size // 8, dtype=torch.int64)
     if mode == "numpy":
         arr = buf.numpy()

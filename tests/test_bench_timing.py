@@ -1,0 +1,56 @@
+"""The kernel benchmark's "layers" mode (bench/kernels.py): each timed sample rotates through copies
+of the weight so that every call reads it cold, and its times are per call."""
+
+import torch
+
+from sparseflow.bench import kernels as K
+from sparseflow.bench.timing import cold_bytes
+from sparseflow.formats import CSR
+
+
+def context(flush: str) -> K.Context:
+    return K.Context(K.Options(flush=flush), bandwidth=None, flush=None)
+
+
+def test_layers_mode_rotates_enough_separate_copies():
+    w = torch.randn(1024, 1024)  # 4 MiB
+    copies = context("layers").copies(w, w.nbytes)
+    assert copies[0] is w
+    # between two calls on one copy, the others are read: at least cold_bytes() of them
+    assert (len(copies) - 1) * w.nbytes >= cold_bytes()
+    assert len({c.data_ptr() for c in copies}) == len(copies)
+    assert all(torch.equal(c, w) for c in copies)
+
+
+def test_layers_mode_copies_formats_and_caps_small_weights():
+    dense = torch.randn(64, 64)
+    dense[torch.rand(64, 64) < 0.9] = 0
+    w = CSR.from_dense(dense)
+    copies = context("layers").copies(w, w.nbytes)
+    assert len(copies) == K.MAX_LAYER_COPIES  # a small weight: capped
+    assert copies[1].values.data_ptr() != w.values.data_ptr()
+    assert torch.equal(copies[-1].to_dense(), dense)
+
+
+def test_flush_modes_time_the_weight_itself():
+    w = torch.randn(8, 8)
+    for flush in ("torch", "numpy", "none"):
+        assert context(flush).copies(w, w.nbytes) == [w]
+
+
+def test_a_block_is_timed_as_one_sample_and_reported_per_call(monkeypatch):
+    now = [0]
+    calls = {"a": 0, "b": 0}
+
+    def step(name: str, ns: int):
+        def call():
+            calls[name] += 1
+            now[0] += ns
+        return call
+
+    monkeypatch.setitem(K.CLOCKS, "wall", lambda: now[0])
+    ctx = K.Context(K.Options(flush="layers", reps=7, warmup=1, max_seconds=None), bandwidth=None, flush=None)
+    stats = ctx.compare({"a": [step("a", 1000), step("a", 3000), step("a", 2000)], "b": step("b", 500)})
+    assert calls == {"a": 3 * 8, "b": 8}  # every call of the block in every round, warm-up included
+    assert stats["a"].samples_ns == (2000,) * 7  # (1000 + 3000 + 2000) / 3
+    assert stats["b"].samples_ns == (500,) * 7
