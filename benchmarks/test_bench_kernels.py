@@ -1,7 +1,8 @@
 """pytest-benchmark suite: each kernel of the issue's table (sparseflow.bench.kernels.DEFAULT_SPECS)
 with every backend the table has for it, at 4096x4096, M=1, bf16, plus the dense F.linear
-baseline, all in one group so pytest-benchmark lines them up. Each call is preceded by the same
-cache flush as bench_kernels.py; each kernel is checked against the reference before timing.
+baseline, all in one group so pytest-benchmark lines them up. Each call is preceded by a full
+cache flush (bench_kernels.py --flush torch: the stricter harness, code evicted too); each kernel is
+checked against the reference before timing.
 
     pytest benchmarks --benchmark-only                      # collected only with --benchmark-only
     pytest benchmarks --benchmark-only --benchmark-json out.json
