@@ -4,7 +4,7 @@ of the weight so that every call reads it cold, and its times are per call."""
 import torch
 
 from sparseflow.bench import kernels as K
-from sparseflow.bench.timing import cold_bytes
+from sparseflow.bench.timing import MAX_COLD_COPIES, cold_bytes
 from sparseflow.formats import CSR
 
 
@@ -27,7 +27,7 @@ def test_layers_mode_copies_formats_and_caps_small_weights():
     dense[torch.rand(64, 64) < 0.9] = 0
     w = CSR.from_dense(dense)
     copies = context("layers").copies(w, w.nbytes)
-    assert len(copies) == K.MAX_LAYER_COPIES  # a small weight: capped
+    assert len(copies) == MAX_COLD_COPIES  # a small weight: capped
     assert copies[1].values.data_ptr() != w.values.data_ptr()
     assert torch.equal(copies[-1].to_dense(), dense)
 

@@ -42,7 +42,7 @@ def case(density=0.5, n=64, k=48):
 def test_cache_hit_costs_no_timing_and_remeasure_times_again(cache_dir, monkeypatch):
     w, cands = case()
     fake = FakeCompare()
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     first = dispatch.measure_paths(w, cands, (1, 16))
     assert first == {"kernel": {"bitmask": {1: 2.0, 16: 2.0}}, "batched": {"bitmask": {16: 2.0}}}
     assert fake.calls == [["bitmask|kernel", "dense"], ["bitmask|batched", "bitmask|kernel", "dense"]]
@@ -65,7 +65,7 @@ def test_cache_hit_costs_no_timing_and_remeasure_times_again(cache_dir, monkeypa
 
 def test_use_cache_false_neither_reads_nor_writes(cache_dir, monkeypatch):
     w, cands = case()
-    monkeypatch.setattr(dispatch, "compare", FakeCompare())
+    monkeypatch.setattr(dispatch, "compare_blocks", FakeCompare())
     dispatch.measure_paths(w, cands, (1,), use_cache=False)
     assert not (cache_dir / "dispatch.json").exists()
 
@@ -76,7 +76,7 @@ def test_entries_of_an_older_schema_are_not_reused(cache_dir, monkeypatch):
     # the first cache format: a flat {key: speedup}, timings of the old prefill path
     (cache_dir / "dispatch.json").write_text(json.dumps({k: 9.0 for k in keys}))
     fake = FakeCompare()
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
     assert len(fake.calls) == 1
     data = json.loads((cache_dir / "dispatch.json").read_text())
@@ -90,7 +90,7 @@ def test_entries_of_an_older_schema_are_not_reused(cache_dir, monkeypatch):
 def test_measure_keeps_its_kernel_only_result(cache_dir, monkeypatch):
     w, cands = case()
     fake = FakeCompare()
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     assert dispatch.measure(w, cands, (1, 16)) == {"bitmask": {1: 2.0, 16: 2.0}}
     assert all("bitmask|batched" not in c for c in fake.calls)  # only the kernel is timed
     with pytest.raises(ValueError, match="paths"):
@@ -125,7 +125,7 @@ def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, m
         return 50 if call % 3 == 0 else 200
 
     fake = FakeCompare(time_of)
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     m = mlp()
     report = sf.sparsify(m, format="bitmask", m_range=(1, 16, 128))
     for layer, module in zip(report.layers, (m[0], m[2]), strict=True):
@@ -139,7 +139,7 @@ def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, m
 
 def test_sparsify_remeasure_times_again(cache_dir, monkeypatch):
     fake = FakeCompare()
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     sf.sparsify(mlp(), format="bitmask", m_range=(1, 16))
     timed = len(fake.calls)
     assert timed > 0
@@ -153,7 +153,7 @@ def test_a_speedup_above_the_bytes_limit_is_timed_again_and_never_cached(cache_d
     w, cands = case()
     limit = w.numel() * w.element_size() / cands["bitmask"].nbytes
     fake = FakeCompare(lambda name, call: 100 if name == "dense" else 5)  # 20x: dense was disturbed
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     got = dispatch.measure(w, cands, (1,))
     assert len(fake.calls) == dispatch.RETRIES + 1
     assert got == {"bitmask": {1: pytest.approx(limit)}}
@@ -161,7 +161,7 @@ def test_a_speedup_above_the_bytes_limit_is_timed_again_and_never_cached(cache_d
         "entries"]
 
     fake = FakeCompare(lambda name, call: 100 if name == "dense" else (5 if call == 0 else 80))  # then quiet
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     assert dispatch.measure(w, cands, (1,)) == {"bitmask": {1: pytest.approx(1.25)}}
     assert len(fake.calls) == 2
     assert len(json.loads((cache_dir / "dispatch.json").read_text())["entries"]) == 1
@@ -170,7 +170,7 @@ def test_a_speedup_above_the_bytes_limit_is_timed_again_and_never_cached(cache_d
 def test_measure_act_times_both_paths_and_caches_per_skipped_fraction(cache_dir, monkeypatch):
     w, _ = case(density=1.0)
     fake = FakeCompare(lambda name, call: 100 if name == "dense" else 40)
-    monkeypatch.setattr(dispatch, "compare", fake)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
     first = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 16))
     assert first == {"kernel": {1: 2.5, 16: 2.5}, "batched": {16: 2.5}}
     assert fake.calls == [["dense", "kernel"], ["batched", "dense", "kernel"]]
@@ -194,3 +194,56 @@ def test_measure_act_times_the_real_op(cache_dir):
     keys = json.loads((cache_dir / "dispatch.json").read_text())["entries"]
     assert sum("|cpu|torch.float32|256x512|act-dense|d1.00|a0.50|" in key for key in keys) == 3
     assert dispatch.case_key(sf.Bitmask.from_dense(w), "bitmask", 1).split("|")[6] == "cpu"  # the device
+
+
+def test_each_timed_sample_runs_over_cold_copies(cache_dir, monkeypatch):
+    """On the CPU every sample calls each case once per copy of its weight, enough copies to read
+    cold_bytes() between two calls on one, so that no call finds its weight in the caches; from
+    COMPUTE_ROWS rows of x (calls bound by arithmetic) at most BATCH_COPIES."""
+    import math
+
+    from sparseflow.bench.timing import cold_bytes
+
+    w, cands = case(n=256, k=256)
+    lengths, weights = [], set()
+
+    def fake(blocks, **_kw):
+        lengths.append({name: len(calls) for name, calls in blocks.items()})
+        for calls in blocks.values():
+            for call in calls:
+                call()
+        return {name: Stats((100 if name == "dense" else 50,) * 3) for name in blocks}
+
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
+    real_linear = dispatch.linear
+    monkeypatch.setattr(dispatch, "linear", lambda x, w, backend="": weights.add(w.values.data_ptr())
+                        or real_linear(x, w, backend=backend))
+    out = dispatch.measure_paths(w, cands, (1, dispatch.COMPUTE_ROWS))
+    assert out["kernel"]["bitmask"] == {1: 2.0, dispatch.COMPUTE_ROWS: 2.0}
+    expected = lambda nbytes: min(dispatch.MAX_COPIES, 1 + math.ceil(cold_bytes() / nbytes))
+    decode, batch = lengths
+    assert decode["dense"] == expected(w.numel() * w.element_size()) > dispatch.BATCH_COPIES
+    assert decode["bitmask|kernel"] == expected(cands["bitmask"].nbytes) == len(weights)  # each its own memory
+    assert batch == {"dense": dispatch.BATCH_COPIES, "bitmask|kernel": dispatch.BATCH_COPIES,
+                     "bitmask|batched": dispatch.BATCH_COPIES}
+
+
+def test_act_timing_binds_each_copy_once(cache_dir, monkeypatch):
+    w = torch.randn(64, 48)
+    lengths = []
+
+    def fake(blocks, **_kw):
+        lengths.append({name: len(calls) for name, calls in blocks.items()})
+        for calls in blocks.values():
+            for call in calls:
+                call()
+        return {name: Stats((100 if name == "dense" else 50,) * 3) for name in blocks}
+
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
+    binds = []
+    real_fast_kernel = dispatch.fast_kernel
+    monkeypatch.setattr(dispatch, "fast_kernel",
+                        lambda bound, *a: binds.append(id(bound)) or real_fast_kernel(bound, *a))
+    dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 2))
+    assert lengths[0]["kernel"] == dispatch.MAX_COPIES  # a 12 KiB weight: as many copies as allowed
+    assert len(set(binds)) == dispatch.MAX_COPIES  # one BoundKernel per copy, kept across row counts

@@ -69,7 +69,7 @@ def test_sparsify_auto_measures_and_caches(tmp_path, monkeypatch):
             assert "slower" in layer.note
     assert (tmp_path / "dispatch.json").exists()
     calls = []
-    monkeypatch.setattr(sf.dispatch, "compare", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr(sf.dispatch, "compare_blocks", lambda *a, **k: calls.append(1) or {})
     sf.sparsify(pruned_mlp(), m_range=(1, 4))  # a second time: every measurement is a cache hit
     assert not calls
 

@@ -6,7 +6,10 @@ one row of x, the batched path a SparseLinear runs above its crossover (ops.tabl
 chunked C++ decompression + dense GEMM on the CPU). Activation-sparse layers are timed the same
 two ways, for a given fraction of skipped inputs (measure_act). The cache key holds everything a timing depends
 on (CPU model, ISA level, threads, torch and sparseflow versions, dtype, shape, format, density,
-skipped inputs, rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. The file is
+skipped inputs, rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. On the
+CPU each timed sample runs over cold copies of the weight (bench.timing.cold_copies), so that every call
+reads its weight from memory as a model's next layer does, not from the caches a repeated call would
+leave it in (which made dense 33 MB layers look up to 15% faster against the batched paths). The file is
 JSON, $SPARSEFLOW_CACHE_DIR/dispatch.json (default ~/.cache/sparseflow): {"schema": SCHEMA,
 "entries": {key: speedup}}; a file of another schema counts as empty and is replaced."""
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _ext
 from ._version import __version__
-from .bench.timing import compare
+from .bench.timing import cold_copy_count, compare_blocks
 from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
 from .ops import act_sparse_linear, linear, table
@@ -33,7 +37,10 @@ from .ops.bound import BoundKernel, fast_kernel
 
 # Bump when what a timing means changes, so older entries are never reused. 2: the batched path
 # above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
-SCHEMA = 2
+# 3: weights timed cold, over rotated copies (was: the same weight every call, partly cached).
+SCHEMA = 3
+MAX_COPIES = 64  # cold copies of one weight at most (64 copies of a 1 MiB layer: 2x this L3)
+COMPUTE_ROWS, BATCH_COPIES = 64, 4  # from 64 rows of x, 4 copies (see ColdCopies)
 
 PATHS = ("kernel", "batched")
 
@@ -93,14 +100,35 @@ def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> s
     return f"{machine_key()}|{device_key(w.device)}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
 
 
-def _against_dense(dense_w: torch.Tensor, x: torch.Tensor, cases: dict, reps: int) -> dict:
-    """{case: speedup over F.linear(x, dense_w)} for cases {case: (fn(x), bytes limit)}, timed
-    interleaved with dense. A speedup above PLAUSIBLE x its bytes limit means dense was disturbed
-    (another process took a core): it is timed again, and None if it stays impossible."""
-    fns = {"dense": lambda: F.linear(x, dense_w)}
-    fns.update({case: (lambda fn=fn: fn(x)) for case, (fn, _) in cases.items()})
+class ColdCopies:
+    """A weight and the copies a timed sample at m rows goes through, made as first needed. On the
+    CPU: enough that each call reads its weight from memory (bench.timing.cold_copies), but at most
+    BATCH_COPIES from COMPUTE_ROWS rows, where a call is bound by arithmetic, not by its weight's
+    bytes (and 64 copies of a small layer's long calls would take seconds). Elsewhere: the weight."""
+
+    def __init__(self, w, nbytes: int):
+        self.copies = [w]
+        self.want = cold_copy_count(nbytes, MAX_COPIES) if w.device.type == "cpu" else 1
+
+    def __call__(self, m: int) -> list:
+        n = self.want if m < COMPUTE_ROWS else min(self.want, BATCH_COPIES)
+        while len(self.copies) < n:
+            self.copies.append(self.copies[0].clone())
+        return self.copies[:n]
+
+
+def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, reps: int) -> dict:
+    """{case: speedup over F.linear(x, dense_w)} for cases {case: (fns, bytes limit)}, fns one
+    callable fn(x) per copy of the case's weight, timed interleaved with dense (one call per copy
+    per round, dense_ws its copies). A speedup above PLAUSIBLE x its bytes limit means dense was
+    disturbed (another process took a core): it is timed again, and None if it stays impossible."""
+    blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws]}
+    blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] for case, (fns, _) in cases.items()})
+    # about `reps` calls of each in all: a sample of a block already averages several calls
+    shortest = min(len(b) for b in blocks.values())
+    rounds, warmup = max(5, math.ceil(reps / shortest)), 2 if shortest == 1 else 1
     for _ in range(RETRIES + 1):
-        stats = compare(fns, warmup=2, reps=reps, max_seconds=2.0)
+        stats = compare_blocks(blocks, warmup=warmup, reps=rounds, max_seconds=2.0)
         ratios = {case: stats["dense"].median / stats[case].median for case in cases}
         implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
         if not implausible:
@@ -111,12 +139,13 @@ def _against_dense(dense_w: torch.Tensor, x: torch.Tensor, cases: dict, reps: in
 def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callable, reps: int, use_cache: bool,
                   remeasure: bool) -> dict[str, dict[int, float]]:
     """{case: {rows: speedup}} at each row count of `rows`, for the cases cases_at(m) lists at m rows:
-    {case: (cache key, bytes limit, make)}, make(x) giving the callable fn(x) to time on x [m, K]. A
-    cached case costs no timing (nor an x); a ratio above the limit is reported as the limit and
-    not cached."""
+    {case: (cache key, bytes limit, make)}, make(x) giving the callables fn(x) to time on x [m, K],
+    one per copy of the weight. A cached case costs no timing (nor an x, nor copies); a ratio above
+    the limit is reported as the limit and not cached."""
     cache = _load() if use_cache and not remeasure else {}
     out: dict[str, dict[int, float]] = {}
     fresh: dict[str, float] = {}
+    dense_ws = None
     for m in rows:
         cases = cases_at(m)
         todo = {case: entry for case, entry in cases.items() if entry[0] not in cache}
@@ -124,8 +153,11 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
             out.setdefault(case, {})[m] = float(cache[cases[case][0]])
         if not todo:
             continue
+        if dense_ws is None:
+            dense_ws = ColdCopies(dense_w, dense_w.numel() * dense_w.element_size())
         x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
-        ratios = _against_dense(dense_w, x, {case: (make(x), limit) for case, (_, limit, make) in todo.items()}, reps)
+        ratios = _against_dense(dense_ws(m), x, {case: (make(x), limit) for case, (_, limit, make) in todo.items()},
+                                reps)
         for case, ratio in ratios.items():
             out.setdefault(case, {})[m] = todo[case][1] if ratio is None else ratio
             if ratio is not None:
@@ -145,11 +177,16 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
     if unknown:
         raise ValueError(f"unknown paths {sorted(unknown)}; expected some of {PATHS}")
     dense_bytes = dense_w.numel() * dense_w.element_size()
+    copies = {label: ColdCopies(w, w.nbytes) for label, w in candidates.items()}  # none made until timed
+
+    def maker(label: str, backend: str) -> Callable:
+        def make(x: torch.Tensor) -> list[Callable]:
+            return [lambda x, w=w: linear(x, w, backend=backend) for w in copies[label](x.shape[0])]
+        return make
 
     def cases_at(m: int) -> dict:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
-        return {f"{label}|{path}": (case_key(w, label, m, path), dense_bytes / w.nbytes,
-                                    lambda _x, w=w, backend=backends[path]: lambda x: linear(x, w, backend=backend))
+        return {f"{label}|{path}": (case_key(w, label, m, path), dense_bytes / w.nbytes, maker(label, backends[path]))
                 for label, w in candidates.items() for path in paths if backends[path] is not None}
 
     timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
@@ -172,21 +209,29 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
     density = w_t.density if weight_format == "bitmask" else 1.0
     w_bytes = w_t.nbytes if weight_format == "bitmask" else w_t.numel() * w_t.element_size()
     limit = dense_w.numel() * dense_w.element_size() / max(w_bytes * (1.0 - sparsity), 1.0)
-    bound = BoundKernel("act_sparse_linear", weight_format)  # kept, as an ActSparseLinear keeps it
-    buffers = tuple(w_t.tensors().values()) if weight_format == "bitmask" else (w_t,)
+    copies = ColdCopies(w_t, w_bytes)
+    # id(copy) -> (copy, its BoundKernel, its buffers): each bound once and kept, as an ActSparseLinear keeps it
+    bindings: dict[int, tuple] = {}
 
-    def run(x: torch.Tensor, threshold: float, backend: str) -> torch.Tensor:
+    def bound_copies(m: int) -> list[tuple]:
+        for w in copies(m):
+            if id(w) not in bindings:
+                buffers = tuple(w.tensors().values()) if weight_format == "bitmask" else (w,)
+                bindings[id(w)] = (w, BoundKernel("act_sparse_linear", weight_format), buffers)
+        return [bindings[id(w)] for w in copies(m)]
+
+    def run(x: torch.Tensor, threshold: float, backend: str, w, bound: BoundKernel, buffers: tuple) -> torch.Tensor:
         if backend == "":  # the kernel, called as the module calls it (the op would bind a dense w_t each time)
-            fn = fast_kernel(bound, x, None, k, n, buffers, lambda: w_t, (k, n))
+            fn = fast_kernel(bound, x, None, k, n, buffers, lambda: w, (k, n))
             if fn is not None:
                 return fn(x, threshold, None)
-        return act_sparse_linear(x, w_t, threshold, backend=backend)
+        return act_sparse_linear(x, w, threshold, backend=backend)
 
     def make(backend: str) -> Callable:
-        def on(x: torch.Tensor) -> Callable:
+        def on(x: torch.Tensor) -> list[Callable]:
             threshold = float(x.float().abs().flatten().kthvalue(max(1, round(sparsity * x.numel()))).values) \
                 if sparsity > 0 else 0.0  # `sparsity` of the inputs at or below it
-            return lambda x: run(x, threshold, backend)
+            return [lambda x, c=c: run(x, threshold, backend, *c) for c in bound_copies(x.shape[0])]
         return on
 
     def cases_at(m: int) -> dict:

@@ -42,7 +42,7 @@ from ..formats.nm import check_nm
 from ..info import info
 from . import bandwidth as bw
 from .load import OtherLoad
-from .timing import FLUSH_MODES, Stats, cache_flusher, cold_bytes, compare, paired_ratio
+from .timing import FLUSH_MODES, Stats, cache_flusher, cold_copies, compare_blocks, paired_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -336,10 +336,7 @@ class Workload:
 
 def clone_weight(w):
     """A copy in separate memory (so timing it does not find the original's cache lines)."""
-    if isinstance(w, torch.Tensor):
-        return w.clone()
-    tensors = {name: t.clone() for name, t in w.tensors().items()}
-    return type(w).from_tensors(tuple(w.shape), tensors, validate=False, **w.params())
+    return w.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +544,6 @@ def _base_result(
 
 
 NOISY_SPREAD = 1.5
-MAX_LAYER_COPIES = 256  # "layers" mode: weights under cold_bytes() / 256 (256 KiB) stay partly warm
 CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
 
@@ -564,24 +560,17 @@ class Context:
         return base.min / s.min if self.options.stat == "min" else paired_ratio(base, s).median
 
     def copies(self, w, nbytes: int) -> list:
-        """The weights a timed sample goes through: w alone, or in "layers" mode w and enough
-        copies that cold_bytes() of other copies are read between two calls on one of them. Each
-        call then finds its weight in no cache, as a model's next layer does, while the code and x
-        stay as warm as they are between a model's layers (a full flush evicts those too, which
-        costs a short call 100-150 us of Python and torch code fetched from memory)."""
-        if self.options.flush != "layers":
-            return [w]
-        n = min(MAX_LAYER_COPIES, 1 + math.ceil(cold_bytes() / max(nbytes, 1)))
-        return [w] + [clone_weight(w) for _ in range(n - 1)]
+        """The weights a timed sample goes through: w alone, or in "layers" mode w and its cold
+        copies (timing.cold_copies)."""
+        return cold_copies(w, nbytes) if self.options.flush == "layers" else [w]
 
     def compare(self, fns: dict[str, Callable[[], object] | list[Callable[[], object]]],
                 warmup: int | None = None) -> dict[str, Stats]:
-        """Times the callables interleaved (timing.compare); a list of callables is one block,
-        called in order within a sample, and its times are per call (the block's time / its length)."""
+        """Times the callables interleaved; a list of callables is one block, called in order
+        within a sample, and its times are per call (timing.compare_blocks)."""
         o = self.options
-        blocks = {name: f if isinstance(f, list) else [f] for name, f in fns.items()}
-        stats = compare(
-            {name: _block(calls) for name, calls in blocks.items()},
+        return compare_blocks(
+            {name: f if isinstance(f, list) else [f] for name, f in fns.items()},
             warmup=o.warmup if warmup is None else min(warmup, o.warmup),
             reps=o.reps,
             before=self.flush,
@@ -589,18 +578,6 @@ class Context:
             max_seconds=o.max_seconds,
             clock=CLOCKS[o.clock],
         )
-        return {name: Stats(tuple(t // len(blocks[name]) for t in st.samples_ns)) for name, st in stats.items()}
-
-
-def _block(calls: list[Callable[[], object]]) -> Callable[[], object]:
-    if len(calls) == 1:
-        return calls[0]
-
-    def run() -> None:
-        for call in calls:
-            call()
-
-    return run
 
 
 def reference_output(spec: KernelSpec, x: torch.Tensor, w_dense: torch.Tensor, threshold: float = 0.0):

@@ -157,6 +157,40 @@ def compare(
     return {name: Stats(tuple(s)) for name, s in samples.items()}
 
 
+MAX_COLD_COPIES = 256  # weights under cold_bytes() / 256 (256 KiB) stay partly warm
+
+
+def cold_copies(w, nbytes: int, limit: int = MAX_COLD_COPIES) -> list:
+    """w (a tensor or a format) and enough copies of it that cold_bytes() of the others are read
+    between two calls on one, called in turn: each call then reads its weight from memory, as a
+    model's next layer does, while the code and x stay as warm as between a model's layers (a full
+    flush evicts those too, which costs a short call 100-150 us of code fetched from memory)."""
+    return [w] + [w.clone() for _ in range(cold_copy_count(nbytes, limit) - 1)]
+
+
+def cold_copy_count(nbytes: int, limit: int = MAX_COLD_COPIES) -> int:
+    """How many copies of a weight of `nbytes` cold_copies makes (the weight itself included)."""
+    return min(limit, 1 + math.ceil(cold_bytes() / max(nbytes, 1)))
+
+
+def compare_blocks(blocks: dict[str, list[Callable[[], object]]], **kwargs) -> dict[str, Stats]:
+    """compare() where each entry is a block of callables run in order as one sample (e.g. one per
+    cold copy of a weight); the Stats are per call: each sample divided by its block's length."""
+
+    def run_block(calls: list[Callable[[], object]]) -> Callable[[], object]:
+        if len(calls) == 1:
+            return calls[0]
+
+        def run() -> None:
+            for call in calls:
+                call()
+
+        return run
+
+    stats = compare({name: run_block(calls) for name, calls in blocks.items()}, **kwargs)
+    return {name: Stats(tuple(t // len(blocks[name]) for t in s.samples_ns)) for name, s in stats.items()}
+
+
 def cold_bytes() -> int:
     """Bytes that, read in between, leave nothing of earlier data in any cache: 2x the last-level
     cache, at least 64 MiB."""

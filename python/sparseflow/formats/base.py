@@ -104,6 +104,11 @@ class SparseFormat:
         rows, cols = self.shape
         return self.nnz / (rows * cols)
 
+    def clone(self):
+        """The same weight in new memory (every buffer copied)."""
+        tensors = {name: t.clone() for name, t in self.tensors().items()}
+        return type(self).from_tensors(tuple(self.shape), tensors, validate=False, **self.params())
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Moves every buffer to `device`; `dtype` converts the values only (metadata keeps its type).
         Like Tensor.to, a dtype may come first: w.to(torch.bfloat16)."""
