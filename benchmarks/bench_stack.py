@@ -4,10 +4,11 @@ output the next one's input, M = 1) against the same stack of dense nn.Linear la
     python benchmarks/bench_stack.py [--shape 4096x4096] [--dtype bf16] [--rounds 15] [--json PATH]
 
 This is what `bench_kernels.py --flush layers` (its default) stands for: each layer's weight is read
-cold, since the stack holds more than 2x the last-level cache of sparse weights, while the code path
-stays as warm as one layer leaves it for the next. Ratios are dense / sparse per layer, the median
-of interleaved rounds (bench.timing.compare) in one process, same dtype and threads. The output of
-every stack is checked against its dense twin first."""
+cold, since the other layers of the stack read 2x the last-level cache of sparse weights in between
+(and the dense stack runs between two sparse passes), while the code path stays as warm as one
+layer leaves it for the next. Ratios are dense / sparse per layer, from the medians of interleaved
+rounds (bench.timing.compare) in one process, same dtype and threads. The output of every stack is
+checked against its dense twin first."""
 
 from __future__ import annotations
 
@@ -30,15 +31,16 @@ FORMATS = {"bitmask": "bitmask", "nm": "2:4", "bsr": "block(32,32)", "csr": "csr
 
 
 def stacks(spec: KernelSpec, n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[nn.Sequential, nn.Sequential]:
-    """(dense, sparse) stacks of square layers pruned to the spec, enough layers that the sparse
-    weights fill 2x the last-level cache."""
-    layers, sparse, total = [], [], 0
-    while total < cold_bytes() or len(layers) < 2:
+    """(dense, sparse) stacks of square layers pruned to the spec, enough layers that between two
+    calls of one sparse layer the others read cold_bytes() (2x the last-level cache)."""
+    layers, sparse, total, last = [], [], 0, 0
+    while total - last < cold_bytes() or len(layers) < 2:
         w = Workload(n, k, seed + len(layers), "cpu").pruned(spec)
         lin = nn.Linear(k, n, bias=False, dtype=dtype)
         lin.weight.data.copy_(w / math.sqrt(k * (1 - spec.sparsity)))  # activations keep their scale
         s = sf.SparseLinear.from_linear(lin, format=FORMATS[spec.kind])
-        total += sum(b.nbytes for b in s.buffers())
+        last = sum(b.nbytes for b in s.buffers())
+        total += last
         layers.append(lin)
         sparse.append(s)
     return nn.Sequential(*layers), nn.Sequential(*sparse)

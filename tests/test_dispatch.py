@@ -10,6 +10,7 @@ from torch import nn
 
 import sparseflow as sf
 from sparseflow import dispatch
+from sparseflow.bench import timing
 from sparseflow.bench.timing import Stats
 from sparseflow.sparsify import crossover
 
@@ -21,7 +22,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 class FakeCompare:
-    """Stands in for bench.timing.compare: records what it was asked to time and returns fixed
+    """Stands in for bench.timing.compare_blocks: records what it was asked to time and returns fixed
     times, so the speedups are known. time_of(name, call) -> ns; name is "dense" or "label|path"."""
 
     def __init__(self, time_of=None):
@@ -216,10 +217,9 @@ def test_each_timed_sample_runs_over_cold_copies(cache_dir, monkeypatch):
     COMPUTE_ROWS rows of x (calls bound by arithmetic) at most BATCH_COPIES."""
     import math
 
-    from sparseflow.bench.timing import cold_bytes
-
     w, cands = case(n=256, k=256)
     lengths, weights = [], set()
+    monkeypatch.setattr(timing, "cold_bytes", lambda: 1 << 20)  # 1 MiB: fewer copies than the cap
 
     monkeypatch.setattr(dispatch, "compare_blocks", calling_fake(lengths))
     real_linear = dispatch.linear
@@ -227,9 +227,9 @@ def test_each_timed_sample_runs_over_cold_copies(cache_dir, monkeypatch):
                         or real_linear(x, w, backend=backend))
     out = dispatch.measure_paths(w, cands, (1, dispatch.COMPUTE_ROWS))
     assert out["kernel"]["bitmask"] == {1: 2.0, dispatch.COMPUTE_ROWS: 2.0}
-    expected = lambda nbytes: min(dispatch.MAX_COPIES, 1 + math.ceil(cold_bytes() / nbytes))
+    expected = lambda nbytes: 1 + math.ceil((1 << 20) / nbytes)
     decode, batch = lengths
-    assert decode["dense"] == expected(w.numel() * w.element_size()) > dispatch.BATCH_COPIES
+    assert decode["dense"] == expected(w.numel() * w.element_size()) == 5  # 256 KiB: 4 others read in between
     assert decode["bitmask|kernel"] == expected(cands["bitmask"].nbytes) == len(weights)  # each its own memory
     assert batch == {"dense": dispatch.BATCH_COPIES, "bitmask|kernel": dispatch.BATCH_COPIES,
                      "bitmask|batched": dispatch.BATCH_COPIES}
@@ -243,7 +243,35 @@ def test_act_timing_binds_each_copy_once(cache_dir, monkeypatch):
     binds = []
     real_fast_kernel = dispatch.fast_kernel
     monkeypatch.setattr(dispatch, "fast_kernel",
-                        lambda bound, *a: binds.append(id(bound)) or real_fast_kernel(bound, *a))
+                        lambda bound, *a: binds.append(bound) or real_fast_kernel(bound, *a))  # kept alive
     dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 2))
     assert lengths[0]["kernel"] == dispatch.MAX_COPIES  # a 12 KiB weight: as many copies as allowed
-    assert len(set(binds)) == dispatch.MAX_COPIES  # one BoundKernel per copy, kept across row counts
+    assert len({id(b) for b in binds}) == dispatch.MAX_COPIES  # one BoundKernel per copy, kept across row counts
+    assert len(binds) == 2 * dispatch.MAX_COPIES  # (called at 1 and 2 rows)
+
+
+def test_cold_copies_only_on_the_cpu():
+    w = torch.empty(8, 8, device="meta")
+    assert dispatch.ColdCopies(w, 256)(1) == [w]
+
+
+def test_released_copies_are_freed_at_once():
+    """A copy that ran through the fast path keeps its bound kernel, whose closure refers back to
+    it: release() breaks that cycle, so the copies go without waiting for the cycle collector."""
+    import gc
+    import weakref
+
+    w = torch.randn(64, 48)
+    copies = dispatch.ColdCopies(sf.Bitmask.from_dense(w * (torch.rand(64, 48) < 0.5)), 1 << 10)
+    made = copies(1)
+    assert len(made) > 1
+    for c in made:
+        sf.ops.linear(torch.randn(1, 48), c)  # binds a kernel on each
+    refs = [weakref.ref(c) for c in made[1:]]
+    del made, c
+    gc.disable()
+    try:
+        copies.release()
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

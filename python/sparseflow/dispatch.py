@@ -33,7 +33,7 @@ from .bench.timing import cold_copy_count, compare_blocks
 from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
 from .ops import act_sparse_linear, linear, table
-from .ops.bound import BoundKernel, fast_kernel
+from .ops.bound import BoundKernel, fast_kernel, unbind
 
 # Bump when what a timing means changes, so older entries are never reused. 2: the batched path
 # above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
@@ -102,9 +102,13 @@ def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> s
 
 class ColdCopies:
     """A weight and the copies a timed sample at m rows goes through, made as first needed. On the
-    CPU: enough that each call reads its weight from memory (bench.timing.cold_copies), but at most
-    BATCH_COPIES from COMPUTE_ROWS rows, where a call is bound by arithmetic, not by its weight's
-    bytes (and 64 copies of a small layer's long calls would take seconds). Elsewhere: the weight."""
+    CPU, below COMPUTE_ROWS rows: enough that cold_bytes() of the others (2x the LLC) is read
+    between two calls on one (bench.timing.cold_copies), at most MAX_COPIES, so a weight under
+    cold_bytes() / MAX_COPIES stays partly warm. From COMPUTE_ROWS rows, where a call is bound by
+    arithmetic, at most BATCH_COPIES (64 copies of a small layer's long calls take seconds): there
+    a weight under cold_bytes() / BATCH_COPIES (16 MiB here) may still be found in the LLC, a bias
+    towards small (sparse) weights that the arithmetic dwarfs. Elsewhere than the CPU: the weight.
+    The copies of one layer cost about cold_bytes() + its size each, dense and every candidate."""
 
     def __init__(self, w, nbytes: int):
         self.copies = [w]
@@ -115,6 +119,11 @@ class ColdCopies:
         while len(self.copies) < n:
             self.copies.append(self.copies[0].clone())
         return self.copies[:n]
+
+    def release(self) -> None:
+        """Frees the copies now (the kernels bound to them would keep them for the cycle collector)."""
+        unbind(*self.copies[1:])
+        del self.copies[1:]
 
 
 def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, reps: int) -> dict:
@@ -128,7 +137,8 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
     shortest = min(len(b) for b in blocks.values())
     rounds, warmup = max(5, math.ceil(reps / shortest)), 2 if shortest == 1 else 1
     for _ in range(RETRIES + 1):
-        stats = compare_blocks(blocks, warmup=warmup, reps=rounds, max_seconds=2.0)
+        stats = compare_blocks(blocks, warmup=warmup, reps=rounds, max_seconds=2.0,
+                               min_reps=max(2, math.ceil(5 / shortest)))
         ratios = {case: stats["dense"].median / stats[case].median for case in cases}
         implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
         if not implausible:
@@ -189,7 +199,11 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
         return {f"{label}|{path}": (case_key(w, label, m, path), dense_bytes / w.nbytes, maker(label, backends[path]))
                 for label, w in candidates.items() for path in paths if backends[path] is not None}
 
-    timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    try:
+        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    finally:
+        for c in copies.values():
+            c.release()
     return {path: {label: timed.get(f"{label}|{path}", {}) for label in candidates} for path in paths}
 
 
@@ -209,7 +223,7 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
     density = w_t.density if weight_format == "bitmask" else 1.0
     w_bytes = w_t.nbytes if weight_format == "bitmask" else w_t.numel() * w_t.element_size()
     limit = dense_w.numel() * dense_w.element_size() / max(w_bytes * (1.0 - sparsity), 1.0)
-    copies = ColdCopies(w_t, w_bytes)
+    copies = ColdCopies(w_t, max(1, round(w_bytes * (1.0 - sparsity))))  # a call reads the active rows only
     # id(copy) -> (copy, its BoundKernel, its buffers): each bound once and kept, as an ActSparseLinear keeps it
     bindings: dict[int, tuple] = {}
 
@@ -240,5 +254,9 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
                        f"|d{density:.2f}|a{sparsity:.2f}|m{m}|{path}", limit, make(backend))
                 for path, backend in backends.items() if backend is not None}
 
-    timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    try:
+        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+    finally:
+        bindings.clear()
+        copies.release()
     return {path: timed.get(path, {}) for path in PATHS}

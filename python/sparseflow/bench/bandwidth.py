@@ -20,20 +20,32 @@ DEFAULT_BYTES = 256 << 20
 
 
 def llc_bytes() -> int:
-    """Size of the largest CPU cache (Linux sysfs), 32 MiB when it cannot be read."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
+    """Bytes of the last-level caches this process may run on (Linux sysfs): the largest cache
+    level, each instance counted once (several L3s on a CPU with several core complexes); 32 MiB
+    when it cannot be read."""
     try:
-        for entry in os.listdir(base):
-            if not entry.startswith("index"):
-                continue
-            with open(os.path.join(base, entry, "size")) as f:
-                text = f.read().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            best = max(best, int(text.rstrip("KMG")) * scale)
-    except (OSError, ValueError):
-        pass
-    return best or 32 << 20
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = [0]
+    def read(path: str) -> str:
+        with open(path) as f:
+            return f.read().strip()
+
+    sizes: dict[tuple[int, str], int] = {}  # (level, the CPUs sharing it) -> bytes
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/cache"
+        try:
+            for entry in (os.path.join(base, e) for e in os.listdir(base) if e.startswith("index")):
+                text = read(os.path.join(entry, "size")).upper()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+                key = (int(read(os.path.join(entry, "level"))), read(os.path.join(entry, "shared_cpu_list")))
+                sizes[key] = int(text.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    if not sizes:
+        return 32 << 20
+    top = max(level for level, _ in sizes)
+    return sum(size for (level, _), size in sizes.items() if level == top)
 
 
 @dataclass(frozen=True)

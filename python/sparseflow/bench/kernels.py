@@ -40,6 +40,7 @@ from .. import _ext, ops
 from ..formats import BSR, CSR, NM, Bitmask
 from ..formats.nm import check_nm
 from ..info import info
+from ..ops.bound import unbind
 from . import bandwidth as bw
 from .load import OtherLoad
 from .timing import FLUSH_MODES, Stats, cache_flusher, cold_copies, compare_blocks, paired_ratio
@@ -560,9 +561,9 @@ class Context:
         return base.min / s.min if self.options.stat == "min" else paired_ratio(base, s).median
 
     def copies(self, w, nbytes: int) -> list:
-        """The weights a timed sample goes through: w alone, or in "layers" mode w and its cold
-        copies (timing.cold_copies)."""
-        return cold_copies(w, nbytes) if self.options.flush == "layers" else [w]
+        """The weights a timed sample goes through: w alone, or in "layers" mode on the CPU w and
+        its cold copies (timing.cold_copies), `nbytes` being what one call reads of it."""
+        return cold_copies(w, nbytes) if self.options.flush == "layers" and w.device.type == "cpu" else [w]
 
     def compare(self, fns: dict[str, Callable[[], object] | list[Callable[[], object]]],
                 warmup: int | None = None) -> dict[str, Stats]:
@@ -624,7 +625,7 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
     # the time by a few percent, so with a flush both use the same buffers. In "layers" mode both
     # rotate through the same copies: each was read 2x the LLC ago either way.
     w_copy = clone_weight(w) if m == 1 and ctx.options.flush == "none" else w
-    dense_ws, sparse_ws = ctx.copies(w_dense, w_dense.nbytes), ctx.copies(w, w.nbytes)
+    dense_ws, sparse_ws = ctx.copies(w_dense, b_dense), ctx.copies(w, b_sparse)  # by the bytes a call reads
     kernel_ws = sparse_ws if len(sparse_ws) > 1 else [w_copy]
     results = []
     for b in backends:
@@ -670,6 +671,7 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
         r.noisy = max(d.p90 / d.p10, s.p90 / s.p10) > NOISY_SPREAD
         r.reps = s.n
         results.append(r)
+    unbind(*sparse_ws[1:])  # the copies keep their bound kernels: free them now, not at the next collection
     return results
 
 
@@ -730,6 +732,7 @@ def measure_torch_csr(
     x, w, w_dense = wl.x(m, 0.0, dtype), wl.weight(spec, dtype), wl.pruned(spec, dtype)
     torch_fn, torch_dtype = torch_csr_matmul(w_dense, x)
     out = []
+    sparse_ws, dense_ws = ctx.copies(w, sparse_bytes(spec, w, x)), ctx.copies(w_dense, dense_bytes(w_dense, x))
     for b in candidates(spec, x, w, m):
         with poisoned_outputs(b):
             y = op_call(spec, x, w, b.name)()
@@ -738,8 +741,8 @@ def measure_torch_csr(
             continue  # the main table reports it
         fns = {
             "torch_csr": torch_fn,  # 10-100x slower: its weight is read cold anyway
-            "sparse": [op_call(spec, x, ws, b.name) for ws in ctx.copies(w, w.nbytes)],
-            "dense": [lambda wd=wd: F.linear(x, wd) for wd in ctx.copies(w_dense, w_dense.nbytes)],
+            "sparse": [op_call(spec, x, ws, b.name) for ws in sparse_ws],
+            "dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws],
         }
         stats = ctx.compare(fns, warmup=1)  # torch's CSR takes 10-100x longer than our kernels
         speed = ctx.speedup(stats["torch_csr"], stats["sparse"])
@@ -761,6 +764,7 @@ def measure_torch_csr(
                 meets_target=speed >= TORCH_CSR_TARGET,
             )
         )
+    unbind(*sparse_ws[1:])
     return out
 
 

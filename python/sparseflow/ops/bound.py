@@ -141,6 +141,16 @@ def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None,
     return fn
 
 
+def unbind(*weights) -> None:
+    """Drop the bound kernels kept on format objects (bound_for_format): each one's closure refers
+    back to its weight, so a weight left to the cycle collector outlives its last use. For copies
+    made only to be timed."""
+    for w in weights:
+        if not isinstance(w, torch.Tensor):
+            for attr in [a for a in w.__dict__ if a.startswith("_bound_")]:
+                del w.__dict__[attr]  # object.__delattr__ is refused: formats are immutable
+
+
 def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "linear") -> Callable | None:
     """fast_kernel for a format object, its BoundKernel kept on the object (formats are immutable;
     the cache is not part of its value, and the cycle it makes with the kernel's closure is collected
