@@ -55,3 +55,8 @@ def test_a_block_is_timed_as_one_sample_and_reported_per_call(monkeypatch):
     assert calls == {"a": 3 * 8, "b": 8}  # every call of the block in every round, warm-up included
     assert stats["a"].samples_ns == (2000,) * 7  # (1000 + 3000 + 2000) / 3
     assert stats["b"].samples_ns == (500,) * 7
+
+
+def test_layers_mode_copies_cpu_weights_only():
+    w = torch.empty(1024, 1024, device="meta")  # its sizes are not this CPU's caches'
+    assert context("layers").copies(w, 4 << 20) == [w]

@@ -112,7 +112,7 @@ class ColdCopies:
 
     def __init__(self, w, nbytes: int):
         self.copies = [w]
-        self.want = cold_copy_count(nbytes, MAX_COPIES) if w.device.type == "cpu" else 1
+        self.want = cold_copy_count(w, nbytes, MAX_COPIES)
 
     def __call__(self, m: int) -> list:
         n = self.want if m < COMPUTE_ROWS else min(self.want, BATCH_COPIES)
@@ -228,11 +228,12 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
     bindings: dict[int, tuple] = {}
 
     def bound_copies(m: int) -> list[tuple]:
-        for w in copies(m):
+        made = copies(m)
+        for w in made:
             if id(w) not in bindings:
                 buffers = tuple(w.tensors().values()) if weight_format == "bitmask" else (w,)
                 bindings[id(w)] = (w, BoundKernel("act_sparse_linear", weight_format), buffers)
-        return [bindings[id(w)] for w in copies(m)]
+        return [bindings[id(w)] for w in made]
 
     def run(x: torch.Tensor, threshold: float, backend: str, w, bound: BoundKernel, buffers: tuple) -> torch.Tensor:
         if backend == "":  # the kernel, called as the module calls it (the op would bind a dense w_t each time)

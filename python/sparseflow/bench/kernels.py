@@ -335,11 +335,6 @@ class Workload:
         return self._cached(("x", m, act_sparsity, dtype), make)
 
 
-def clone_weight(w):
-    """A copy in separate memory (so timing it does not find the original's cache lines)."""
-    return w.clone()
-
-
 # ---------------------------------------------------------------------------------------------
 # Bytes a memory-bound GEMV has to move
 # ---------------------------------------------------------------------------------------------
@@ -561,9 +556,9 @@ class Context:
         return base.min / s.min if self.options.stat == "min" else paired_ratio(base, s).median
 
     def copies(self, w, nbytes: int) -> list:
-        """The weights a timed sample goes through: w alone, or in "layers" mode on the CPU w and
-        its cold copies (timing.cold_copies), `nbytes` being what one call reads of it."""
-        return cold_copies(w, nbytes) if self.options.flush == "layers" and w.device.type == "cpu" else [w]
+        """The weights a timed sample goes through: w alone, or in "layers" mode w and its cold
+        copies (timing.cold_copies), `nbytes` being what one call reads of it."""
+        return cold_copies(w, nbytes) if self.options.flush == "layers" else [w]
 
     def compare(self, fns: dict[str, Callable[[], object] | list[Callable[[], object]]],
                 warmup: int | None = None) -> dict[str, Stats]:
@@ -624,7 +619,7 @@ def measure_case(spec: KernelSpec, wl: Workload, m: int, dtype: torch.dtype, ctx
     # (it would find the weight in the caches); a copy sits elsewhere in memory, which alone moves
     # the time by a few percent, so with a flush both use the same buffers. In "layers" mode both
     # rotate through the same copies: each was read 2x the LLC ago either way.
-    w_copy = clone_weight(w) if m == 1 and ctx.options.flush == "none" else w
+    w_copy = w.clone() if m == 1 and ctx.options.flush == "none" else w
     dense_ws, sparse_ws = ctx.copies(w_dense, b_dense), ctx.copies(w, b_sparse)  # by the bytes a call reads
     kernel_ws = sparse_ws if len(sparse_ws) > 1 else [w_copy]
     results = []

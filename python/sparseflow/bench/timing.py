@@ -164,12 +164,15 @@ def cold_copies(w, nbytes: int, limit: int = MAX_COLD_COPIES) -> list:
     """w (a tensor or a format) and enough copies of it that cold_bytes() of the others are read
     between two calls on one, called in turn: each call then reads its weight from memory, as a
     model's next layer does, while the code and x stay as warm as between a model's layers (a full
-    flush evicts those too, which costs a short call 100-150 us of code fetched from memory)."""
-    return [w] + [w.clone() for _ in range(cold_copy_count(nbytes, limit) - 1)]
+    flush evicts those too, which costs a short call 100-150 us of code fetched from memory).
+    `nbytes`: what one call reads of w. Only on the CPU (the sizes are its caches'): elsewhere [w]."""
+    return [w] + [w.clone() for _ in range(cold_copy_count(w, nbytes, limit) - 1)]
 
 
-def cold_copy_count(nbytes: int, limit: int = MAX_COLD_COPIES) -> int:
-    """How many copies of a weight of `nbytes` cold_copies makes (the weight itself included)."""
+def cold_copy_count(w, nbytes: int, limit: int = MAX_COLD_COPIES) -> int:
+    """How many copies of w cold_copies makes (w itself included)."""
+    if w.device.type != "cpu":
+        return 1
     return min(limit, 1 + math.ceil(cold_bytes() / max(nbytes, 1)))
 
 

@@ -141,13 +141,16 @@ def fast_kernel(kernel: BoundKernel, x: torch.Tensor, bias: torch.Tensor | None,
     return fn
 
 
+BOUND_ATTR = "_bound_"  # + op: where bound_for_format keeps a format object's BoundKernel
+
+
 def unbind(*weights) -> None:
     """Drop the bound kernels kept on format objects (bound_for_format): each one's closure refers
     back to its weight, so a weight left to the cycle collector outlives its last use. For copies
     made only to be timed."""
     for w in weights:
         if not isinstance(w, torch.Tensor):
-            for attr in [a for a in w.__dict__ if a.startswith("_bound_")]:
+            for attr in [a for a in w.__dict__ if a.startswith(BOUND_ATTR)]:
                 del w.__dict__[attr]  # object.__delattr__ is refused: formats are immutable
 
 
@@ -155,7 +158,7 @@ def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "l
     """fast_kernel for a format object, its BoundKernel kept on the object (formats are immutable;
     the cache is not part of its value, and the cycle it makes with the kernel's closure is collected
     with it)."""
-    attr = f"_bound_{op}"
+    attr = BOUND_ATTR + op
     found = w.__dict__.get(attr)
     if found is None:
         found = (BoundKernel(op, w.format_name), tuple(w.tensors().values()))
