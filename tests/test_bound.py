@@ -115,6 +115,28 @@ def test_the_op_runs_where_the_fast_path_must_not(op_calls):
         assert torch.allclose(compiled(torch.ones(1, 70)), m(torch.ones(1, 70)), atol=1e-5)
 
 
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_batches_the_kernel_runs_itself_take_the_fast_path(weight, dtype, op_calls):
+    """Above its crossover an act-sparse layer runs the batched path, which hands a batch to the C++
+    kernel where that kernel runs it as its own GEMM (bf16 with AVX-512 BF16): the module then
+    calls its bound kernel directly. Elsewhere (fp32, or no BF16 dot products) the op runs."""
+    from sparseflow.ops.cpu import act_sparse_batch_rows
+
+    m = modules(f"act/{weight}", dtype)
+    m.dense_above = 2
+    first = act_sparse_batch_rows(dtype)
+    rows = max(first, 3)
+    x = torch.randn(rows, 70, dtype=dtype)
+    x[1, 7] = float("nan")
+    with torch.no_grad():
+        out = m(x)
+    assert len(op_calls) == (0 if first > 0 else 1)
+    reference = sf.ops.act_sparse_linear(x, m.w_t(), m.threshold, m.bias, backend="batched")
+    assert torch.equal(out.isnan(), reference.isnan()) and out[1].isnan().all()
+    assert torch.equal(out[[0, *range(2, rows)]], reference[[0, *range(2, rows)]])
+
+
 @pytest.mark.parametrize("fmt", ["bitmask", "act/bitmask"])
 def test_copies_and_pickles_drop_the_bound_kernel(fmt):
     m = modules(fmt)

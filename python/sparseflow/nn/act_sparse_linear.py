@@ -14,7 +14,7 @@ from ..formats import Bitmask
 from ..io.inputs import dense_weight
 from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
-from ..ops.cpu import zero_inactive
+from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers
 from ..ops.table import rows_of
 from .crossover import above_crossover
@@ -111,7 +111,7 @@ class ActSparseLinear(nn.Module):
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
             return F.linear(x, self.dense_copy, self.bias)
-        if not above:
+        if not above or kernel_takes_batch(x.dtype, rows_of(x)):  # (the batched path would call the same kernel)
             bias = self.bias
             fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,  # the weight's buffers
                              self._buffers.values(), self.w_t, (self.in_features, self.out_features))  # (and more)

@@ -268,12 +268,24 @@ def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> to
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def act_sparse_batch_rows(dtype: torch.dtype) -> int:
+    """From how many rows of x the C++ act-sparse kernel runs a batch as one GEMM of its own (bf16
+    with AVX-512 BF16: csrc/cpu/kernels/gemm_kn.h); 0: never. Fixed for the process (the ISA level
+    is chosen once)."""
+    return _C.act_sparse_batch_rows(dtype_code(dtype)) if dtype in _INT else 0
+
+
+def kernel_takes_batch(dtype: torch.dtype, rows: int) -> bool:
+    """Whether the C++ act-sparse kernel runs this many rows as its own GEMM, which measured faster
+    than zeroing x for torch's GEMM (0.90-0.95x of dense against 0.65-0.88x at 16-128 rows, 50%
+    active). The batched path then calls that kernel, so a module may call its bound kernel directly."""
+    first = act_sparse_batch_rows(dtype)
+    return 0 < first <= rows
+
+
 def _kernel_takes_batch(x2: torch.Tensor) -> bool:
-    """Whether the C++ act-sparse kernel runs this many rows as one GEMM of its own (bf16 with
-    AVX-512 BF16: csrc/cpu/kernels/gemm_kn.h), which measured faster than zeroing x for torch's GEMM
-    (0.90-0.95x of dense against 0.65-0.88x at 16-128 rows, 50% active)."""
-    rows = _C.act_sparse_batch_rows(dtype_code(x2.dtype))
-    return 0 < rows <= x2.shape[0]
+    return kernel_takes_batch(x2.dtype, x2.shape[0])
 
 
 def act_sparse_dense_batched(x2, w_t: torch.Tensor, threshold: float, bias):
