@@ -250,6 +250,24 @@ def test_act_timing_binds_each_copy_once(cache_dir, monkeypatch):
     assert len(binds) == 2 * dispatch.MAX_COPIES  # (called at 1 and 2 rows)
 
 
+def test_act_batches_the_kernel_runs_itself_are_timed_through_the_bound_kernel(cache_dir, monkeypatch):
+    """As ActSparseLinear calls them: a batch the C++ kernel runs as its own GEMM (bf16 with AVX-512
+    BF16) through the bound kernel, anything else through the op."""
+    from sparseflow.ops.cpu import act_sparse_batch_rows
+
+    w = torch.randn(64, 48, dtype=torch.bfloat16)
+    rows = max(2, act_sparse_batch_rows(torch.bfloat16))
+    monkeypatch.setattr(dispatch, "compare_blocks", calling_fake([]))
+    ops = []
+    real_op = dispatch.act_sparse_linear
+    monkeypatch.setattr(dispatch, "act_sparse_linear", lambda *a, **kw: ops.append(kw["backend"]) or real_op(*a, **kw))
+    dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, rows))
+    if act_sparse_batch_rows(torch.bfloat16):
+        assert ops == []
+    else:
+        assert ops and set(ops) == {"batched"}
+
+
 def test_cold_copies_only_on_the_cpu():
     w = torch.empty(8, 8, device="meta")
     assert dispatch.ColdCopies(w, 256)(1) == [w]

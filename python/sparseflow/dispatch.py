@@ -34,11 +34,14 @@ from .formats import SparseFormat
 from .io._atomic import atomic_write_bytes
 from .ops import act_sparse_linear, linear, table
 from .ops.bound import BoundKernel, fast_kernel, unbind
+from .ops.cpu import kernel_takes_batch
 
 # Bump when what a timing means changes, so older entries are never reused. 2: the batched path
 # above the crossover is chunked C++ decompression + GEMM (was: torch decompression + GEMM).
 # 3: weights timed cold, over rotated copies (was: the same weight every call, partly cached).
-SCHEMA = 3
+# 4: an act-sparse batch the C++ kernel runs itself is timed through the bound kernel, as the
+# module now calls it (was: through the custom op).
+SCHEMA = 4
 MAX_COPIES = 64  # cold copies of one weight at most (64 copies of a 1 MiB layer: 2x this L3)
 COMPUTE_ROWS, BATCH_COPIES = 64, 4  # from 64 rows of x, 4 copies (see ColdCopies)
 
@@ -236,7 +239,9 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
         return [bindings[id(w)] for w in made]
 
     def run(x: torch.Tensor, threshold: float, backend: str, w, bound: BoundKernel, buffers: tuple) -> torch.Tensor:
-        if backend == "":  # the kernel, called as the module calls it (the op would bind a dense w_t each time)
+        # called as the module calls it: the bound kernel, also for a batch the kernel runs as its own
+        # GEMM (the op would bind a dense w_t each time)
+        if backend == "" or (backend == "batched" and kernel_takes_batch(x.dtype, x.shape[0])):
             fn = fast_kernel(bound, x, None, k, n, buffers, lambda: w, (k, n))
             if fn is not None:
                 return fn(x, threshold, None)
