@@ -1,5 +1,7 @@
 """SparseLinear, ActSparseLinear, sparsify and whole-model save/load."""
 
+import json
+
 import pytest
 import torch
 from conftest import assert_close_2x
@@ -244,3 +246,18 @@ def test_sparsify_frees_the_dense_weights():
     assert report.bytes_after < 0.2 * dense_bytes
     # resident memory falls by (nearly) what the compression saved: the dense weights are gone
     assert before - after > 0.6 * (dense_bytes - report.bytes_after), (before, after, dense_bytes)
+
+
+def test_the_report_says_where_kept_layers_are_slower_than_dense():
+    from sparseflow.sparsify import LayerReport, SparsifyReport
+
+    def layer(name, choice, speedup):
+        return LayerReport(name, (8, 8), "unstructured", 0.5, choice, "cpp", 128, 64, speedup)
+
+    report = SparsifyReport([layer("a", "bitmask", {1: 2.0, 128: 0.95}),
+                             layer("b", "act-sparse(dense)", {1: 2.1, 128: 0.97}),
+                             layer("c", "dense", {1: 0.9}), layer("d", "bitmask", {1: 1.5, 128: 1.02})])
+    assert report.slower_than_dense() == {128: [0.95, 0.97]}  # a dense layer is not a kept sparse one
+    assert "m128: 2 layers (0.95-0.97x)" in str(report)
+    assert json.loads(report.to_json())["slower_than_dense"] == {"128": [0.95, 0.97]}
+    assert "slower than dense" not in str(SparsifyReport([layer("d", "bitmask", {1: 1.5, 128: 1.02})]))

@@ -47,7 +47,7 @@ class SparsifyReport:
 
     def to_json(self) -> str:
         return json.dumps({"layers": [asdict(layer) for layer in self.layers], "bytes_before": self.bytes_before,
-                           "bytes_after": self.bytes_after}, indent=1)
+                           "bytes_after": self.bytes_after, "slower_than_dense": self.slower_than_dense()}, indent=1)
 
     def __str__(self) -> str:
         head = f"{'layer':<40} {'shape':>12} {'pattern':>13} {'density':>8} {'choice':>18} {'MB':>13}  speedup"
@@ -58,7 +58,22 @@ class SparsifyReport:
             lines.append(f"{r.name[-40:]:<40} {'x'.join(map(str, r.shape)):>12} {r.pattern:>13} {r.density:>8.3f} "
                          f"{r.choice:>18} {mb:>13}  {sp}{'  ' + r.note if r.note else ''}")
         lines.append(f"total: {self.bytes_before / 2**20:.1f} MB -> {self.bytes_after / 2**20:.1f} MB")
+        slower = self.slower_than_dense()
+        if slower:
+            lines.append("slower than dense where measured: " + ", ".join(
+                f"m{m}: {len(s)} layer{'s' if len(s) > 1 else ''} ({min(s):.2f}-{max(s):.2f}x)"
+                for m, s in sorted(slower.items())) + "; prefill='auto' keeps dense copies for such layers")
         return "\n".join(lines)
+
+    def slower_than_dense(self) -> dict[int, list[float]]:
+        """Row count -> the measured speedups below 1 of the sparse layers kept (what prefill="batched"
+        trades for memory)."""
+        out: dict[int, list[float]] = {}
+        for layer in self.layers:
+            for m, s in layer.speedup.items():
+                if layer.choice != "dense" and s < 1.0:
+                    out.setdefault(m, []).append(s)
+        return out
 
     __repr__ = __str__
 
