@@ -70,8 +70,21 @@ def test_sparsify_auto_measures_and_caches(tmp_path, monkeypatch):
         if layer.choice == "dense":  # kept dense only because sparse measured slower
             assert "slower" in layer.note
     assert (tmp_path / "dispatch.json").exists()
+    # Caching, with fixed timings: a ratio above its bytes limit (a disturbed run, as on a loaded
+    # machine) is not cached, so real timings could rightly be taken again.
+    from sparseflow.bench.timing import Stats
+
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path / "fixed"))
     calls = []
-    monkeypatch.setattr(sf.dispatch, "compare_blocks", lambda *a, **k: calls.append(1) or {})
+
+    def fixed(blocks, **_kw):
+        calls.append(1)
+        return {name: Stats((100.0 if name == "dense" else 80.0,) * 3) for name in blocks}
+
+    monkeypatch.setattr(sf.dispatch, "compare_blocks", fixed)
+    sf.sparsify(pruned_mlp(), m_range=(1, 4))
+    assert calls
+    calls.clear()
     sf.sparsify(pruned_mlp(), m_range=(1, 4))  # a second time: every measurement is a cache hit
     assert not calls
 

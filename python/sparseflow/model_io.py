@@ -6,8 +6,11 @@ description to JSON; nothing is pickled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +73,8 @@ def build(arch: dict) -> nn.Module:
     if name in CONTAINERS:
         return CONTAINERS[name]([build(c) for c in arch.get("children", [])])
     if name in ("SparseLinear", "ActSparseLinear"):
-        return skeleton(arch["spec"])
+        with torch.device("cpu"):  # placeholders that load_state_dict replaces on the CPU (not on meta)
+            return skeleton(arch["spec"])
     if name in BUILDING_BLOCKS:
         return BUILDING_BLOCKS[name][1](arch["args"])
     raise ValueError(f"{DESCRIPTION}: cannot rebuild a {name!r}; pass model= a skeleton to sf.load")
@@ -125,7 +129,7 @@ def _read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         description = json.loads(metadata["sparseflow"])
         assert isinstance(description, dict) and isinstance(description["modules"], dict)
-    except (KeyError, ValueError, AssertionError, TypeError):
+    except (KeyError, ValueError, AssertionError, TypeError, RecursionError):
         raise ValueError(f"{directory / WEIGHTS}: missing or damaged sparseflow description") from None
     return description, tensors
 
@@ -142,10 +146,25 @@ def _fill(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor])
         setattr(model.get_submodule(parent) if parent else model, child, skeleton(spec))
     buffers = {k[len(BUFFER_PREFIX):]: v for k, v in tensors.items() if k.startswith(BUFFER_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(BUFFER_PREFIX)}
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"{WEIGHTS} does not fit the model: {e}") from None
     for name, t in buffers.items():
         mname, _, bname = name.rpartition(".")
-        module = model.get_submodule(mname) if mname else model
+        try:
+            module = model.get_submodule(mname) if mname else model
+        except AttributeError:
+            raise ValueError(f"{WEIGHTS}: {BUFFER_PREFIX}{name} names no module of the model") from None
+        current = module._buffers.get(bname)
+        # only a saved non-persistent buffer (rotary tables, position ids) comes back this way: a
+        # weight's buffers were validated by load_state_dict and must not be replaced unchecked
+        if (bname not in getattr(module, "_non_persistent_buffers_set", ()) or current is None
+                or bname in getattr(module, "derived_buffers", ())):
+            raise ValueError(f"{WEIGHTS}: {BUFFER_PREFIX}{name} is not a non-persistent buffer of the model")
+        if t.shape != current.shape or t.dtype != current.dtype:
+            raise ValueError(f"{WEIGHTS}: {BUFFER_PREFIX}{name} has shape {tuple(t.shape)} and {t.dtype}, the "
+                             f"model's has {tuple(current.shape)} and {current.dtype}")
         module._buffers[bname] = t
     return model
 
@@ -164,9 +183,27 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         if arch is None:
             raise ValueError(f"{directory}: this model is not made of torch.nn building blocks only; "
                              "pass model= an instance of its class")
-        model = build(arch)
+        with torch.device("meta"):  # nothing is allocated but what the file holds (assign=True below)
+            model = build(arch)
         description = {**description, "modules": {}}  # the architecture already holds the sparse modules
     return _fill(model, description, tensors).eval()
+
+
+@contextlib.contextmanager
+def _replacing(directory: str | os.PathLike, names: tuple[str, ...]):
+    """A sibling temporary directory to write into; on success its files replace `names` in
+    `directory` (each file atomically; the weights, which the description names, last), on failure
+    it is removed: a failed save leaves the previous files as they were."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        for name in names:
+            if (tmp / name).exists():
+                os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -174,9 +211,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with .config); use sf.save otherwise")
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(directory)
-    _write(model, directory, {"transformers_class": type(model).__name__})
+    with _replacing(directory, ("config.json", "generation_config.json", DESCRIPTION, WEIGHTS)) as tmp:
+        config.save_pretrained(tmp)
+        _write(model, tmp, {"transformers_class": type(model).__name__})
 
 
 def from_pretrained(directory: str | os.PathLike) -> nn.Module:
@@ -225,10 +262,10 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     """Dense-with-zeros safetensors (+ config.json for transformers models) that transformers and
     vLLM load unchanged."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    if getattr(model, "config", None) is not None:
-        model.config.save_pretrained(directory)
-    write_safetensors(Path(directory) / WEIGHTS, dense_state_dict(model), {"format": "pt"})
+    with _replacing(directory, ("config.json", "generation_config.json", WEIGHTS)) as tmp:
+        if getattr(model, "config", None) is not None:
+            model.config.save_pretrained(tmp)
+        write_safetensors(tmp / WEIGHTS, dense_state_dict(model), {"format": "pt"})
 
 
 def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,

@@ -91,6 +91,16 @@ class BSR(SparseFormat):
             )
         c, p = col.cpu().contiguous(), ptr.cpu().contiguous()
         _ext._C.validate_bsr(c.data_ptr(), p.data_ptr(), rows, cols, bm, bk, v.shape[0])
+        # Edge blocks reach past the matrix: the kernels multiply their padding by x's zero padding,
+        # so it must hold zeros (an inf there would turn outputs into NaN; to_dense drops it).
+        if rows % bm:
+            last = v[int(p[-2]):int(p[-1])]
+            if bool((last[:, rows % bm:, :] != 0).any()):
+                raise ValueError(f"bsr: a block of the last block row holds non-zero values past row {rows - 1}")
+        if cols % bk:
+            edge = v[(c == -(-cols // bk) - 1).to(v.device)]
+            if bool((edge[:, :, cols % bk:] != 0).any()):
+                raise ValueError(f"bsr: a block of the last block column holds non-zero values past column {cols - 1}")
 
     @property
     def nnz(self) -> int:

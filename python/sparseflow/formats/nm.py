@@ -127,6 +127,15 @@ class NM(SparseFormat):
             if bool(over.any()):
                 r, j = (int(k) for k in over.nonzero()[0])
                 raise ValueError(f"n:m: position in row {r} group {j // self.n} is >= m = {self.m}")
+        if cols % self.m and rows:
+            # the last group runs past K: the kernels multiply a value placed there by x's zero padding,
+            # so it must be zero (an inf there would turn the row into NaN; to_dense drops it)
+            last = unpack_fields(i, per_row, self.index_bits)[:, -self.n:].to(torch.int64)
+            past = (last >= cols % self.m) & (v[:, -self.n:].cpu() != 0)
+            if bool(past.any()):
+                r = int(past.nonzero()[0, 0])
+                raise ValueError(f"n:m: row {r} holds a non-zero value past column {cols - 1} (in the padding of "
+                                 "its last group)")
 
     def positions(self) -> torch.Tensor:
         """uint8 [rows, groups * n]: each value's position within its group."""

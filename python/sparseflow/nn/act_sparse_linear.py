@@ -18,6 +18,7 @@ from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers
 from ..ops.table import rows_of
 from .crossover import above_crossover
+from .state_dict import unexpected_of
 
 
 class ActSparseLinear(nn.Module):
@@ -39,7 +40,7 @@ class ActSparseLinear(nn.Module):
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.threshold = float(threshold) + 0.0  # -0.0 -> +0.0
+        self.threshold = _checked_threshold(threshold)
         self.weight_format = weight_format
         w_t = weight.detach().t().contiguous()
         if weight_format == "bitmask":
@@ -68,7 +69,7 @@ class ActSparseLinear(nn.Module):
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.out_features, mod.in_features = (int(s) for s in shape)
-        mod.threshold, mod.weight_format, mod.dense_above = float(threshold), weight_format, dense_above
+        mod.threshold, mod.weight_format, mod.dense_above = _checked_threshold(threshold), weight_format, dense_above
         names = ["weight_t"] if weight_format == "dense" else [f"weight_t_{n}" for n in Bitmask.tensor_names]
         for name in names:
             mod.register_buffer(name, torch.empty(0))
@@ -136,22 +137,28 @@ class ActSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._kernel.reset()
-        for n in [n for n in self._buffers if n not in self._non_persistent_buffers_set]:
-            if prefix + n in state_dict:
-                setattr(self, n, state_dict[prefix + n].detach().clone(memory_format=torch.contiguous_format))
+        persistent = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
+        incoming = {n: state_dict[prefix + n] for n in persistent if prefix + n in state_dict}
+        names = [f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" else ["weight_t"]
+        if any(n in incoming for n in names):
+            # The weight these buffers make once loaded (incoming over the current ones) must be valid
+            # before any is assigned: a kernel trusts their sizes, and a refused load changes nothing.
+            weight = {n: incoming.get(n, getattr(self, n)) for n in names}
+            if self.weight_format == "bitmask":
+                Bitmask.from_tensors((self.in_features, self.out_features),
+                                     {n.removeprefix("weight_t_"): t for n, t in weight.items()}, validate=True)
+            elif tuple(weight["weight_t"].shape) != (self.in_features, self.out_features):
+                raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
+                                 f"got {tuple(weight['weight_t'].shape)}")
+        for n in persistent:
+            if n in incoming:
+                setattr(self, n, incoming[n].detach().clone(memory_format=torch.contiguous_format))
             elif strict and getattr(self, n) is not None:
                 missing_keys.append(prefix + n)
-        names = [prefix + f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" \
-            else [prefix + "weight_t"]
-        loaded = all(n in state_dict for n in names)
-        any_loaded = any(n in state_dict for n in names)
-        if self.weight_format == "bitmask" and any_loaded:
-            self.w_t()._validate()  # incoming over the current buffers: a kernel trusts their sizes
-        if self.weight_format == "dense" and any_loaded and tuple(self.weight_t.shape) != (self.in_features,
-                                                                                       self.out_features):
-            raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
-                             f"got {tuple(self.weight_t.shape)}")
-        if loaded:
+        if strict:
+            unexpected_keys.extend(unexpected_of(state_dict, prefix, [*persistent, "bias"]))
+        any_loaded = any(n in incoming for n in names)
+        if all(n in incoming for n in names):
             self._unloaded = False
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().clone(), requires_grad=False)
@@ -162,6 +169,15 @@ class ActSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold:.4g}, "
                 f"weight_format={self.weight_format}, shift={self.shift is not None}"
                 + (", keep_dense=True" if self.dense_copy is not None else ""))
+
+
+def _checked_threshold(threshold: float) -> float:
+    """The threshold as a float: >= 0 (every path compares magnitudes with it; a NaN or negative one
+    would make the paths disagree), -0.0 as +0.0."""
+    t = float(threshold)
+    if not t >= 0.0:
+        raise ValueError(f"threshold must be >= 0, got {t}")
+    return t + 0.0
 
 
 def _skip_inactive(x: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
 from .crossover import above_crossover
+from .state_dict import unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -180,6 +181,8 @@ class SparseLinear(nn.Module):
                 missing_keys.append(prefix + n)
         if self.bias is not None and bias_key not in state_dict and strict:
             missing_keys.append(bias_key)
+        if strict:
+            unexpected_keys.extend(unexpected_of(state_dict, prefix, [*names, "bias"]))
         if self.dense_copy is not None and self.format_name != "dense" and incoming:
             self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model_io import DESCRIPTION, from_pretrained
+from ..io._safetensors import read_safetensors_metadata
+from ..model_io import WEIGHTS, from_pretrained
 
 GENERATE, EMBED = "generate", "embed"
 
@@ -88,6 +89,14 @@ def _pooling(directory: Path) -> str:
     return "mean"
 
 
+def _saved_by_sparseflow(directory: Path) -> bool:
+    """Whether sf.save_pretrained wrote the weights: told by the description their own header holds
+    (not by sparseflow.json, which could be missing while transformers would then load the sparse
+    layers' weights as missing and initialise them at random)."""
+    weights = directory / WEIGHTS
+    return weights.is_file() and "sparseflow" in read_safetensors_metadata(weights)
+
+
 def load_for_serving(directory: str | os.PathLike, sparsify: str | None = None, name: str | None = None,
                      dtype: str | None = None) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,7 +111,7 @@ def load_for_serving(directory: str | os.PathLike, sparsify: str | None = None, 
         raise FileNotFoundError(f"{directory} has no tokenizer files; serving needs them to read text")
     config = transformers.AutoConfig.from_pretrained(directory)
     sparsify_config = _sparsify_config(sparsify)
-    if (directory / DESCRIPTION).is_file():
+    if _saved_by_sparseflow(directory):
         if sparsify_config is not None:
             raise ValueError(f"{directory} is already sparse (saved by sparseflow); --sparsify is for dense models")
         model = from_pretrained(directory)
