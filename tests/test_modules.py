@@ -1,5 +1,6 @@
 """SparseLinear, ActSparseLinear, sparsify and whole-model save/load."""
 
+import copy
 import json
 
 import pytest
@@ -274,3 +275,53 @@ def test_the_report_says_where_kept_layers_are_slower_than_dense():
     assert "m128: 2 layers (0.95-0.97x)" in str(report)
     assert json.loads(report.to_json())["slower_than_dense"] == {"128": [0.95, 0.97]}
     assert "slower than dense" not in str(SparsifyReport([layer("d", "bitmask", {1: 1.5, 128: 1.02})]))
+
+
+def test_strict_loading_checks_the_bias_both_ways():
+    for make in (lambda lin: sf.SparseLinear.from_linear(lin, "bitmask"),
+                 lambda lin: sf.ActSparseLinear.from_linear(lin, 0.1)):
+        with_bias, without = make(pruned_mlp()[0]), make(nn.Linear(96, 256, bias=False))
+        with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+            without.load_state_dict(with_bias.state_dict())
+        state = {k: v for k, v in without.state_dict().items()}
+        with pytest.raises(RuntimeError, match='Missing key.*"bias"'):
+            with_bias.load_state_dict(state)
+
+
+def test_sparsify_leaves_linears_whose_parent_reads_their_weight_dense():
+    """MultiheadAttention and the transformer layers' fast paths read .weight of their Linear
+    children instead of calling them: those stay dense, the report says why, and the model runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0), nn.Linear(64, 32))
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.mul_(torch.rand_like(mod.weight) > 0.5)
+    model.eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        ref, ref64 = model(x), copy.deepcopy(model).double()(x.double())
+    report = sf.sparsify(model, format="bitmask", measure=False)
+    choices = {r.name: (r.choice, r.note) for r in report.layers}
+    assert choices["0.self_attn.out_proj"] == ("dense", "MultiheadAttention reads its weight directly")
+    assert choices["0.linear1"][0] == choices["0.linear2"][0] == "dense"
+    assert choices["1"][0] == "bitmask" and isinstance(model[1], sf.SparseLinear)
+    with torch.no_grad():
+        assert_close_2x(model(x), ref64, ref)
+    acts = nn.Sequential(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), nn.Linear(64, 32)).eval()
+    report = sf.sparsify(acts, activation_sparsity=0.3, calibration=[x], measure=False)
+    assert [r.name for r in report.layers if r.choice.startswith("act")] == ["1"]
+
+
+def test_act_sparse_layers_refuse_non_finite_weights():
+    lin = pruned_mlp()[0]
+    with torch.no_grad():
+        lin.weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="finite weight"):
+        sf.ActSparseLinear.from_linear(lin, 0.1)
+    for fmt in ("dense", "bitmask"):
+        m = sf.ActSparseLinear.from_linear(pruned_mlp()[0], 0.1, weight_format=fmt)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        state["weight_t" if fmt == "dense" else "weight_t_values"].view(-1)[0] = float("nan")
+        with pytest.raises(ValueError, match="finite weight"):
+            m.load_state_dict(state)

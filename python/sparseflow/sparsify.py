@@ -104,6 +104,16 @@ def target_linears(model: nn.Module, include=None, exclude=None) -> list[tuple[s
     return out
 
 
+# Modules that read their Linear children's .weight themselves (fused attention and transformer
+# fast paths) instead of calling them: a sparse module there would break them, so those stay dense.
+READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _weight_read_by_parent(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent) if parent else model, READS_CHILD_WEIGHTS)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -235,13 +245,21 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     if prefill not in ("auto", "batched", "dense"):
         raise ValueError(f"prefill must be 'auto', 'batched' or 'dense', got {prefill!r}")
     layers = target_linears(model, include, exclude)
+    reports = []
+    for name, lin in [(name, lin) for name, lin in layers if _weight_read_by_parent(model, name)]:
+        w = dense_weight(lin)
+        pattern = detect_pattern(w)
+        nbytes = w.numel() * w.element_size()
+        parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
+        reports.append(LayerReport(name, (int(w.shape[0]), int(w.shape[1])), str(pattern), pattern.density, "dense",
+                                   "torch", nbytes, nbytes, note=f"{parent} reads its weight directly"))
+    layers = [(name, lin) for name, lin in layers if not _weight_read_by_parent(model, name)]
     tied = _tied(model)
     acts = None
     if activation_sparsity is not None:
         if calibration is None:
             raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
         acts = capture_inputs(model, layers, calibration)
-    reports = []
     for name, lin in layers:
         w = dense_weight(lin)
         shape = (int(w.shape[0]), int(w.shape[1]))

@@ -43,6 +43,7 @@ class ActSparseLinear(nn.Module):
         self.threshold = _checked_threshold(threshold)
         self.weight_format = weight_format
         w_t = weight.detach().t().contiguous()
+        _check_finite(w_t)
         if weight_format == "bitmask":
             b = Bitmask.from_dense(w_t)
             for name, t in b.tensors().items():
@@ -144,6 +145,7 @@ class ActSparseLinear(nn.Module):
             # The weight these buffers make once loaded (incoming over the current ones) must be valid
             # before any is assigned: a kernel trusts their sizes, and a refused load changes nothing.
             weight = {n: incoming.get(n, getattr(self, n)) for n in names}
+            _check_finite(weight["weight_t_values" if self.weight_format == "bitmask" else "weight_t"])
             if self.weight_format == "bitmask":
                 Bitmask.from_tensors((self.in_features, self.out_features),
                                      {n.removeprefix("weight_t_"): t for n, t in weight.items()}, validate=True)
@@ -156,7 +158,9 @@ class ActSparseLinear(nn.Module):
             elif strict and getattr(self, n) is not None:
                 missing_keys.append(prefix + n)
         if strict:
-            unexpected_keys.extend(unexpected_of(state_dict, prefix, [*persistent, "bias"]))
+            unexpected_keys.extend(unexpected_of(state_dict, prefix, persistent + ["bias"] * (self.bias is not None)))
+            if self.bias is not None and prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
         any_loaded = any(n in incoming for n in names)
         if all(n in incoming for n in names):
             self._unloaded = False
@@ -178,6 +182,15 @@ def _checked_threshold(threshold: float) -> float:
     if not t >= 0.0:
         raise ValueError(f"threshold must be >= 0, got {t}")
     return t + 0.0
+
+
+def _check_finite(weight: torch.Tensor) -> None:
+    """An activation-sparse layer skips the weight rows of its inactive inputs: an inf or NaN there
+    would reach the output on the paths that multiply the zeros (batches, the reference) and not on
+    the one that skips them, so such a weight is refused."""
+    if weight.is_floating_point() and weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("ActSparseLinear needs a finite weight: it holds inf or NaN (an inactive input skips its "
+                         "weight row, so the result would depend on the path)")
 
 
 def _skip_inactive(x: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -182,7 +182,7 @@ class SparseLinear(nn.Module):
         if self.bias is not None and bias_key not in state_dict and strict:
             missing_keys.append(bias_key)
         if strict:
-            unexpected_keys.extend(unexpected_of(state_dict, prefix, [*names, "bias"]))
+            unexpected_keys.extend(unexpected_of(state_dict, prefix, names + ["bias"] * (self.bias is not None)))
         if self.dense_copy is not None and self.format_name != "dense" and incoming:
             self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 
