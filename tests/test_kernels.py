@@ -475,6 +475,28 @@ def test_opcheck_act_sparse():
     torch.library.opcheck(torch.ops.sparseflow.act_sparse_linear_dense, (x, w_t, 0.3, torch.randn(24)))
     b = sf.Bitmask.from_dense(w_t * (torch.rand(40, 24) < 0.5))
     torch.library.opcheck(torch.ops.sparseflow.act_sparse_linear_bitmask, (x, b.values, b.mask, b.row_offsets, 24, 0.3))
+    torch.library.opcheck(torch.ops.sparseflow.subtract_shift, (x.clone().requires_grad_(), torch.randn(40)))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_compiled_act_sparse_gradients_skip_what_the_forward_skipped(shift):
+    """bf16: inputs at the threshold (rounded to bf16) are skipped; a compiled backward must skip the
+    same ones, though a compiler computes in float32 (it recomputed x - shift unrounded in the
+    backward: gradients off by up to 7 where the forward had skipped)."""
+    torch.manual_seed(0)
+    n, k, dt = 70, 96, torch.bfloat16
+    w = (torch.randn(n, k) * (torch.rand(n, k) > 0.5)).to(dt)
+    s = (torch.randn(k) * 0.2).to(dt) if shift else None
+    m = sf.ActSparseLinear(w, torch.randn(n).to(dt), 0.3, s)
+    x = torch.randn(16, k).to(dt)
+    x[:4, :8] = (torch.full((4, 8), 0.30078125) + (s[:8] if shift else 0)).to(dt)  # |x - s| = bf16(0.3) there
+    shifted = x - s if shift else x
+    active = ~(shifted.abs() <= 0.3)
+    expected = ((torch.ones(16, n) @ w.float()) * active).to(dt)
+    for fn in (m, torch.compile(m, fullgraph=True)):
+        xg = x.clone().requires_grad_(True)
+        fn(xg).float().sum().backward()
+        assert torch.allclose(xg.grad.float(), expected.float(), atol=0.1, rtol=0.02)
 
 
 def test_compile_fullgraph():

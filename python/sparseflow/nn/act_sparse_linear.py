@@ -15,7 +15,7 @@ from ..io.inputs import dense_weight
 from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
-from ..ops.linear import act_sparse_from_buffers
+from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
 from .crossover import above_crossover
 from .state_dict import unexpected_of
@@ -108,8 +108,8 @@ class ActSparseLinear(nn.Module):
         if self._unloaded:
             raise RuntimeError("ActSparseLinear holds placeholder buffers (ActSparseLinear.empty): load a state_dict "
                                "first")
-        if self.shift is not None:
-            x = x - self.shift
+        if self.shift is not None:  # (an op of its own under a compiler: see subtract_shift)
+            x = subtract_shift(x, self.shift) if torch.compiler.is_compiling() else x - self.shift
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
             return F.linear(x, self.dense_copy, self.bias)

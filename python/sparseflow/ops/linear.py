@@ -96,6 +96,21 @@ def _(x, values, mask, row_offsets, out_features, threshold, bias=None, backend=
     return _empty_out(x, out_features)
 
 
+# x - shift (SCAP's mode-centring) as an op a compiler cannot fuse: a compiled backward would
+# otherwise recompute x - shift in float32 unrounded and skip other inputs than the forward did.
+@torch.library.custom_op(f"{LIB}::subtract_shift", mutates_args=())
+def subtract_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return x - shift
+
+
+@subtract_shift.register_fake
+def _(x, shift):
+    return torch.empty_like(x)
+
+
+subtract_shift.register_autograd(lambda ctx, grad: (grad, None))
+
+
 # ---------------------------------------------------------------------------------------------
 def _check(x: torch.Tensor, in_features: int, out_features: int, dtype: torch.dtype, device, bias) -> None:
     if not isinstance(x, torch.Tensor):
