@@ -136,6 +136,7 @@ def test_act_batches_the_kernel_runs_itself_take_the_fast_path(weight, dtype, op
     assert torch.equal(out.isnan(), reference.isnan()) and out[1].isnan().all()
     assert torch.equal(out[[0, *range(2, rows)]], reference[[0, *range(2, rows)]])
     if dtype == torch.bfloat16 and weight == "dense":  # the same rows compile without a graph break
+        torch._dynamo.reset()  # (other tests compile this forward too: stay clear of the recompile limit)
         with torch.no_grad():
             compiled = torch.compile(m, fullgraph=True)(x)
         assert torch.equal(compiled[[0, *range(2, rows)]], out[[0, *range(2, rows)]])
