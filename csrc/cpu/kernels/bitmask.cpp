@@ -12,12 +12,16 @@ void bitmask_dot_scalar(const BitmaskView& w, DType t, int64_t n, const XRows& x
   float acc[R] = {};
   int64_t v = w.row_offsets[n];
   const uint8_t* row = w.mask + n * w.mask_stride;
-  for (int64_t byte = 0; byte < w.mask_stride; ++byte) {
-    for (uint32_t bits = row[byte]; bits; bits &= bits - 1) {
-      const int64_t k = byte * 8 + __builtin_ctz(bits);
-      const float wv = load_as_f32(w.values, v++, t);
-      for (int r = 0; r < R; ++r) acc[r] += wv * x[r][k];
+  for (int64_t block = 0; block < w.mask_stride; block += kScalarBlock / 8) {  // summed by blocks (common.h)
+    float part[R] = {};
+    for (int64_t byte = block; byte < std::min(w.mask_stride, block + kScalarBlock / 8); ++byte) {
+      for (uint32_t bits = row[byte]; bits; bits &= bits - 1) {
+        const int64_t k = byte * 8 + __builtin_ctz(bits);
+        const float wv = load_as_f32(w.values, v++, t);
+        for (int r = 0; r < R; ++r) part[r] += wv * x[r][k];
+      }
     }
+    for (int r = 0; r < R; ++r) acc[r] += part[r];
   }
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }

@@ -109,10 +109,14 @@ void csr_dot(const CsrView& w, DType t, int64_t n, const XRows& x, float* out) {
   }
   for (int r = 0; r < R; ++r) acc[r] = hsum8(vacc[r]);
 #endif
-  for (; i < end; ++i) {  // scalar path, and the AVX2 tail
-    const int64_t k = static_cast<std::make_unsigned_t<Index>>(col[i]);
-    const float wv = load_as_f32(w.values, i, t);
-    for (int r = 0; r < R; ++r) acc[r] += wv * x[r][k];
+  while (i < end) {  // scalar path, and the AVX2 tail: summed by blocks (common.h)
+    float part[R] = {};
+    for (const int64_t stop = std::min(end, i + kScalarBlock); i < stop; ++i) {
+      const int64_t k = static_cast<std::make_unsigned_t<Index>>(col[i]);
+      const float wv = load_as_f32(w.values, i, t);
+      for (int r = 0; r < R; ++r) part[r] += wv * x[r][k];
+    }
+    for (int r = 0; r < R; ++r) acc[r] += part[r];
   }
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }

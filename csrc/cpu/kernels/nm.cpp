@@ -152,10 +152,14 @@ void nm_dot(const NMView& w, DType t, int64_t n, const XRows& x, float* out) {
 #endif
   }
 #endif
-  for (; v < per_row; ++v) {  // scalar path and vector tails
-    const float wv = load_as_f32(w.values, vbase + v, t);
-    const int64_t k = v / w.n * w.m + nm_index(w, n, v);
-    for (int r = 0; r < R; ++r) acc[r] += wv * x[r][k];
+  while (v < per_row) {  // scalar path and vector tails: summed by blocks (common.h)
+    float part[R] = {};
+    for (const int64_t stop = std::min(per_row, v + kScalarBlock); v < stop; ++v) {
+      const float wv = load_as_f32(w.values, vbase + v, t);
+      const int64_t k = v / w.n * w.m + nm_index(w, n, v);
+      for (int r = 0; r < R; ++r) part[r] += wv * x[r][k];
+    }
+    for (int r = 0; r < R; ++r) acc[r] += part[r];
   }
   for (int r = 0; r < R; ++r) out[r] = acc[r];
 }
