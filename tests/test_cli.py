@@ -46,6 +46,11 @@ def bad_inputs(tmp_path):
     (tmp_path / "unknown").mkdir()
     (tmp_path / "unknown" / "config.json").write_text('{"model_type": "nosuchmodel", "architectures": ["NoSuch"]}')
     (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "damaged").mkdir()  # a transformers config beside weights that are not safetensors
+    (tmp_path / "damaged" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}))
+    (tmp_path / "damaged" / "model.safetensors").write_text("garbage\n")
     return tmp_path
 
 
@@ -60,11 +65,12 @@ def bad_inputs(tmp_path):
     (["convert", "{tmp}/missing", "{tmp}/dst", "--pattern", "3:3"], "pattern '3:3'"),
     (["convert", "{tmp}/missing", "{tmp}/dst", "--pattern", "2by4"], "unknown pattern '2by4'"),
     (["convert", "{tmp}/unknown", "{tmp}/dst", "--method", "magnitude"], "nosuchmodel"),
+    (["convert", "{tmp}/damaged", "{tmp}/dst", "--method", "magnitude"], "cannot load the model's weights"),
     (["inspect", "{tmp}/missing"], "does not exist"),
     (["inspect", "{tmp}/notes.txt"], "not a valid safetensors file"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_convert_inspect_errors_exit_2_in_one_line(bad_inputs, capsys, argv, needle):
-    if argv[0] == "convert" and "unknown" in argv[1]:
+    if argv[0] == "convert" and ("unknown" in argv[1] or "damaged" in argv[1]):
         pytest.importorskip("transformers")
     assert main([a.format(tmp=bad_inputs) for a in argv]) == 2
     captured = capsys.readouterr()
@@ -104,6 +110,12 @@ def test_inspect_and_bench_model(tmp_path, capsys):
     assert main(["bench", "model", str(tmp_path), "--rounds", "2", "--context", "8", "--prefill", "8", "--json"]) == 0
     timing = json.loads(capsys.readouterr().out)
     assert set(timing) == {"decode", "prefill"}
+    # dense weights written later into the same directory: the leftover sparseflow.json does not count
+    sf.export_dense(model, tmp_path / "dense")
+    (tmp_path / "dense" / "sparseflow.json").write_bytes((tmp_path / "sparseflow.json").read_bytes())
+    assert main(["inspect", str(tmp_path / "dense"), "--no-measure", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert next(r for r in rows if r["name"].endswith("q_proj.weight"))["format"] == "dense"
 
 
 def test_convert_writes_a_loadable_directory(tmp_path, capsys):

@@ -287,6 +287,7 @@ def _error(status_body, status, param=None):
     ('{"model": "tiny-llama", "prompt": [1, 99999999]}', 400, "prompt"),
     ('{"model": "gpt-4", "prompt": "x"}', 404, "model"),
     ('{"model": 3, "prompt": "x"}', 400, "model"),
+    ('{"model": "tiny-llama", "prompt": "x", "seed": 1180591620717411303424}', 400, "seed"),
 ])
 def test_bad_completion_requests_are_4xx(llama_server, body, status, param):
     _error(llama_server.raw("POST", "/v1/completions", body), status, param)
@@ -308,6 +309,44 @@ def test_other_bad_requests(llama_server, minilm_server):
         llama_server.client.completions.create(model="nope", prompt="x")
     # the server is still healthy after all of that
     assert llama_server.raw("GET", "/health") == (200, {"status": "ok", "model": LLAMA, "kind": "generate"})
+
+
+def test_a_tiny_temperature_is_greedy_and_spares_the_other_requests(llama_dir):
+    """temperature 1e-45 overflowed the scaled logits: its sampling failed after the sequence had
+    joined the batch, and the next decode step failed every request in it."""
+    server = Server(load_for_serving(llama_dir, name=LLAMA), Limits(max_batch=4), step_delay=0.05)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            victim = pool.submit(server.post, "/v1/completions", {"model": LLAMA, "prompt": "hello there",
+                                                                  "max_tokens": 30, "temperature": 0})
+            time.sleep(0.3)
+            ask = {"model": LLAMA, "prompt": "x", "max_tokens": 4}
+            tiny = server.post("/v1/completions", {**ask, "temperature": 1e-45})
+            greedy = server.post("/v1/completions", {**ask, "temperature": 0})
+            assert victim.result()[0] == 200
+        assert tiny[0] == 200 and tiny[1]["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
+    finally:
+        server.close()
+
+
+def test_embedding_requests_over_the_batch_budget_get_413(minilm_dir):
+    server = Server(load_for_serving(minilm_dir, name=MINILM), Limits(max_embedding_batch_tokens=64))
+    try:
+        error = _error(server.post("/v1/embeddings", {"model": MINILM, "input": ["word " * 20] * 8}), 413, "input")
+        assert "limit is 64" in error["message"]
+        assert server.post("/v1/embeddings", {"model": MINILM, "input": ["word"] * 8})[0] == 200
+    finally:
+        server.close()
+
+
+def test_a_request_with_more_prompts_than_the_queue_says_so(llama_dir):
+    server = Server(load_for_serving(llama_dir, name=LLAMA), Limits(queue_limit=2))
+    try:
+        error = _error(server.post("/v1/completions", {"model": LLAMA, "prompt": ["a", "b", "c"], "max_tokens": 2}),
+                       429)
+        assert "holds 3 prompts" in error["message"]
+    finally:
+        server.close()
 
 
 def test_queue_limit_gives_429_and_the_rest_succeed(llama_dir):

@@ -44,7 +44,12 @@ def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=N
     config = transformers.AutoConfig.from_pretrained(src)
     arch = (config.architectures or ["AutoModel"])[0]
     cls = getattr(transformers, arch, transformers.AutoModel)
-    model = cls.from_pretrained(src).eval()
+    try:
+        model = cls.from_pretrained(src).eval()
+    except (OSError, ValueError, ImportError):  # the CLI reports these as they are
+        raise
+    except Exception as e:  # e.g. safetensors' own error on a damaged weights file
+        raise ValueError(f"{src}: cannot load the model's weights: {type(e).__name__}: {e}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(src) if any(src.glob("tokenizer*")) else None
     calib = None
     if method != "magnitude":

@@ -32,8 +32,12 @@ def read_any(path: str | Path) -> dict[str, SparseFormat | torch.Tensor]:
     metadata, tensors = read_safetensors(file)
     if "sparseflow" in metadata and not (path.is_dir() and (path / DESCRIPTION).exists()):
         return load_weights(file)
-    if path.is_dir() and (path / DESCRIPTION).exists():
-        return _sparse_layers(tensors, json.loads(metadata["sparseflow"])["modules"])
+    if "sparseflow" in metadata:  # saved by sf.save_pretrained (a stale sparseflow.json alone does not count)
+        try:
+            modules = json.loads(metadata["sparseflow"])["modules"]
+        except (KeyError, TypeError, ValueError, RecursionError):
+            raise ValueError(f"{file}: damaged sparseflow description") from None
+        return _sparse_layers(tensors, modules)
     return tensors
 
 

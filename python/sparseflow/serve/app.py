@@ -162,6 +162,11 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
         if req.dimensions is not None:
             raise APIError(400, "dimensions is not supported", param="dimensions")
         inputs = [check_tokens(ids) for ids in token_lists(req.input, "input")]
+        padded = max(map(len, inputs), default=0) * len(inputs)  # what one forward over them holds
+        if padded > limits.max_embedding_batch_tokens:
+            raise APIError(413, f"the inputs need {padded} tokens in one batch (longest x count); the limit is "
+                           f"{limits.max_embedding_batch_tokens}: send fewer or shorter inputs per request",
+                           param="input")
         metrics.prompt_tokens.inc(sum(map(len, inputs)))
         events = _Events(time.monotonic() + limits.request_timeout)
         job = EmbeddingJob(inputs, events.sink(0), events.deadline)

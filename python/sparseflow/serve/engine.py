@@ -125,6 +125,9 @@ class Engine:
         with self._cond:
             if not self.alive:
                 raise EngineStopped("the model engine is not running")
+            if len(items) > self.limits.queue_limit:
+                raise QueueFull(f"the request holds {len(items)} prompts, more than the queue takes at once "
+                                f"({self.limits.queue_limit}): send fewer per request")
             if len(self._waiting) + len(items) > self.limits.queue_limit:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.limits.queue_limit})")
             self._waiting.extend(items)
@@ -234,7 +237,14 @@ class Engine:
             seq.generator = torch.Generator().manual_seed(seq.sampling.seed)
         self._batch.join(cache, len(seq.prompt_ids))
         self._active.append(seq)
-        self._emit([seq], logits)
+        try:
+            self._emit([seq], logits)
+        except Exception:  # the caller answers it with a 500: it must not stay in the batch tokenless
+            if seq in self._active:
+                rows = [i for i, s in enumerate(self._active) if s is not seq]
+                self._active = [self._active[i] for i in rows]
+                self._batch.keep(rows)
+            raise
 
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
@@ -250,7 +260,10 @@ class Engine:
         s = seq.sampling
         if s.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / s.temperature, dim=-1)
+        scaled = logits.double() / s.temperature
+        if not bool(torch.isfinite(scaled).all()):  # a temperature this small is greedy decoding
+            return int(logits.argmax())
+        probs = torch.softmax(scaled, dim=-1)
         if s.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(0) - sorted_probs > s.top_p  # keep the smallest set reaching top_p

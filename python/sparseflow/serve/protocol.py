@@ -47,7 +47,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
