@@ -321,6 +321,8 @@ def test_bad_arguments_raise():
         prune(mlp(), "magnitude", 1.0)
     with pytest.raises(ValueError, match="sparsity must be a number"):
         prune(mlp(), "magnitude", "half")
+    with pytest.raises(ValueError, match="sparsity must be in"):  # an n:m pattern fixes it, but 1.5 is no sparsity
+        prune(mlp(), "magnitude", 1.5, "2:4")
     with pytest.raises(ValueError, match="unknown allocation"):
         prune(mlp(), "magnitude", 0.5, allocation="erk")
     with pytest.raises(ValueError, match="allocation='owl' needs calibration"):

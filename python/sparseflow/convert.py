@@ -80,7 +80,8 @@ def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = {"src": str(src), "dst": str(dst), "method": method, "sparsity": sparsity, "pattern": pattern,
+    effective = (spec.fixed_sparsity or 0.0) if spec.kind == "n:m" else sparsity  # n:m fixes it
+    report = {"src": str(src), "dst": str(dst), "method": method, "sparsity": effective, "pattern": pattern,
               "export": export, "bytes_before": sparsify_report.bytes_before,
               "bytes_after": sparsify_report.bytes_after,
               "layers": json.loads(sparsify_report.to_json())["layers"]}

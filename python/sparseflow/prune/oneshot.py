@@ -131,7 +131,9 @@ def prune(
     progress: None shows a progress bar on runs longer than 2 s, True always, False never."""
     spec = parse_pattern(pattern)
     method = _check_method(method, spec)
-    sparsity = _check_sparsity(sparsity) if spec.kind != "n:m" else (spec.fixed_sparsity or 0.0)
+    sparsity = _check_sparsity(sparsity)  # (an n:m pattern fixes it: the value given must still be one)
+    if spec.kind == "n:m":
+        sparsity = spec.fixed_sparsity or 0.0
     allocation = alloc.check_allocation(allocation)
     if calibration is None and (method in CALIBRATED or allocation == "owl"):
         what = f"method={method!r}" if method in CALIBRATED else "allocation='owl'"
