@@ -245,21 +245,14 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     if prefill not in ("auto", "batched", "dense"):
         raise ValueError(f"prefill must be 'auto', 'batched' or 'dense', got {prefill!r}")
     layers = target_linears(model, include, exclude)
-    reports = []
-    for name, lin in [(name, lin) for name, lin in layers if _weight_read_by_parent(model, name)]:
-        w = dense_weight(lin)
-        pattern = detect_pattern(w)
-        nbytes = w.numel() * w.element_size()
-        parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
-        reports.append(LayerReport(name, (int(w.shape[0]), int(w.shape[1])), str(pattern), pattern.density, "dense",
-                                   "torch", nbytes, nbytes, note=f"{parent} reads its weight directly"))
-    layers = [(name, lin) for name, lin in layers if not _weight_read_by_parent(model, name)]
+    read_by_parent = {name for name, _ in layers if _weight_read_by_parent(model, name)}
     tied = _tied(model)
     acts = None
     if activation_sparsity is not None:
         if calibration is None:
             raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
-        acts = capture_inputs(model, layers, calibration)
+        acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent], calibration)
+    reports = []
     for name, lin in layers:
         w = dense_weight(lin)
         shape = (int(w.shape[0]), int(w.shape[1]))
@@ -268,6 +261,11 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         base = dict(name=name, shape=shape, pattern=str(pattern), density=pattern.density, bytes_before=before)
         if lin.weight.data_ptr() in tied:
             reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="tied weight"))
+            continue
+        if name in read_by_parent:
+            parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
+            reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
+                                       note=f"{parent} reads its weight directly"))
             continue
         target = activation_sparsity.get(name, next((v for k, v in activation_sparsity.items()
                                                       if _matches(name, [k])), None)) \

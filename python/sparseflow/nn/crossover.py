@@ -10,4 +10,3 @@ from ..ops.table import rows_of
 
 def above_crossover(x: torch.Tensor, dense_above: int | None) -> bool:
     return dense_above is not None and rows_of(x) > dense_above
-

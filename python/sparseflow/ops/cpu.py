@@ -284,15 +284,11 @@ def kernel_takes_batch(dtype: torch.dtype, rows: int) -> bool:
     return 0 < first <= rows
 
 
-def _kernel_takes_batch(x2: torch.Tensor) -> bool:
-    return kernel_takes_batch(x2.dtype, x2.shape[0])
-
-
 def act_sparse_dense_batched(x2, w_t: torch.Tensor, threshold: float, bias):
     """act_sparse_linear for many rows of x: the C++ kernel's own GEMM where it takes the batch (see
-    _kernel_takes_batch); else the skipped inputs are zeroed and one dense GEMM in x's dtype does the
+    kernel_takes_batch); else the skipped inputs are zeroed and one dense GEMM in x's dtype does the
     rest (as F.linear would, NaN/inf in x included)."""
-    if _kernel_takes_batch(x2):
+    if kernel_takes_batch(x2.dtype, x2.shape[0]):
         return act_sparse(x2, w_t, threshold, bias)
     xs = zero_inactive(x2, threshold, reuse=True)
     return torch.mm(xs, w_t) if bias is None else torch.addmm(bias, xs, w_t)
@@ -300,10 +296,10 @@ def act_sparse_dense_batched(x2, w_t: torch.Tensor, threshold: float, bias):
 
 def act_sparse_bitmask_batched(x2, w_t: Bitmask, threshold: float, bias):
     """act_sparse_linear for many rows of x and a Bitmask w_t [K, N]: the C++ kernel's own GEMM where it
-    takes the batch (see _kernel_takes_batch); else the skipped inputs are zeroed, and the output
+    takes the batch (see kernel_takes_batch); else the skipped inputs are zeroed, and the output
     columns go in chunks: the C++ kernels decompress w_t[:, n0:n1] (every row, a
     column range of each) into a cache-sized buffer for torch's GEMM."""
-    if _kernel_takes_batch(x2):
+    if kernel_takes_batch(x2.dtype, x2.shape[0]):
         return act_sparse(x2, w_t, threshold, bias)
     k, n = w_t.shape
     m = x2.shape[0]
