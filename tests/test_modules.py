@@ -125,6 +125,23 @@ def test_activation_sparsity_calibration_and_mode_centering():
     assert cos > 0.8, cos
     with pytest.raises(ValueError, match="calibration"):
         sf.sparsify(pruned_mlp(), activation_sparsity=0.5)
+    with pytest.raises(ValueError, match="forward failed on a calibration item") as info:  # wrong width
+        sf.sparsify(pruned_mlp(), activation_sparsity=0.5, calibration=[torch.randn(8, 63)], measure=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    one_batch = pruned_mlp()  # a single tensor is one batch, as sf.prune takes it (not one batch per row)
+    sf.sparsify(one_batch, activation_sparsity=0.5, calibration=torch.randn(8, 96), measure=False)
+    assert isinstance(one_batch[0], sf.ActSparseLinear)
+
+
+def test_entry_points_refuse_what_is_not_a_module(tmp_path):
+    for call, name in [(lambda: sf.sparsify("model"), "sf.sparsify"), (lambda: sf.save(None, tmp_path), "sf.save"),
+                       (lambda: sf.load(tmp_path, model={}), "sf.load"),
+                       (lambda: sf.save_pretrained([], tmp_path), "sf.save_pretrained"),
+                       (lambda: sf.export_dense(1, tmp_path), "sf.export_dense"),
+                       (lambda: sf.export_compressed_tensors(1, tmp_path), "sf.export_compressed_tensors")]:
+        with pytest.raises(TypeError, match=f"{name} expects a torch.nn.Module"):
+            call()
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_act_sparse_linear_threshold_zero_is_exact():

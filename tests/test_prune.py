@@ -335,6 +335,22 @@ def test_bad_arguments_raise():
         prune(mlp(), "magnitude", 0.25, "neurons", allocation="lamp")
 
 
+def test_bad_models_and_calibration_name_the_problem():
+    with pytest.raises(TypeError, match="sf.prune expects a torch.nn.Module, got str"):
+        prune("a model", "magnitude", 0.5)
+    with pytest.raises(TypeError, match="calibration must be an iterable"):
+        prune(mlp(), "wanda", 0.5, calibration=5)
+    with pytest.raises(TypeError, match="calibration item 1 is a str"):
+        prune(mlp(), "wanda", 0.5, calibration=[calibration()[0], "tokens"])
+    wrong_width = [torch.randn(4, mlp()[0].in_features + 1)]
+    for method in ("wanda", "sparsegpt"):  # the model's own error, chained, under one that names the cause
+        with pytest.raises(ValueError, match="forward failed on a calibration item") as info:
+            prune(mlp(), method, 0.5, calibration=wrong_width)
+        assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match="forward failed on a calibration item"):
+        prune(mlp(), "magnitude", 0.5, allocation="owl", calibration=wrong_width)
+
+
 def test_nm_ignores_sparsity_and_warns_on_allocation():
     with pytest.warns(UserWarning, match="ignored"):
         report = prune(mlp(), "magnitude", 0.9, "2:4", allocation="lamp")

@@ -21,6 +21,7 @@ from ._version import __version__
 from .io._atomic import atomic_write_bytes
 from .io._safetensors import read_safetensors, write_safetensors
 from .io.compressed_tensors import write_compressed_tensors
+from .io.inputs import check_module
 from .nn import ActSparseLinear, SparseLinear
 
 WEIGHTS = "model.safetensors"
@@ -171,12 +172,15 @@ def _fill(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor])
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Saves any model with its sparse layers: model.safetensors + sparseflow.json."""
+    check_module(model, "sf.save")
     _write(model, directory, {"architecture": architecture(model)})
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Loads what sf.save wrote. Models of torch.nn building blocks rebuild by themselves; for
     others pass `model`, a skeleton of the original (its dense weights are replaced)."""
+    if model is not None:
+        check_module(model, "sf.load")
     description, tensors = _read(directory)
     if model is None:
         arch = description.get("architecture")
@@ -208,7 +212,7 @@ def _replacing(directory: str | os.PathLike, names: tuple[str, ...]):
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """Saves a transformers model with its sparse layers: config.json + model.safetensors + sparseflow.json."""
-    config = getattr(model, "config", None)
+    config = getattr(check_module(model, "sf.save_pretrained"), "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with .config); use sf.save otherwise")
     with _replacing(directory, ("config.json", "generation_config.json", DESCRIPTION, WEIGHTS)) as tmp:
@@ -262,6 +266,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     """Dense-with-zeros safetensors (+ config.json for transformers models) that transformers and
     vLLM load unchanged."""
+    check_module(model, "sf.export_dense")
     with _replacing(directory, ("config.json", "generation_config.json", WEIGHTS)) as tmp:
         if getattr(model, "config", None) is not None:
             model.config.save_pretrained(tmp)
@@ -273,6 +278,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,
     """The legacy compressed-tensors layout (sparse-bitmask or sparse-24-bitmask)."""
     from .io.inputs import compress
 
+    check_module(model, "sf.export_compressed_tensors")
     sparse_names = {name for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
     weights: dict[str, Any] = {}
     for key, t in dense_state_dict(model).items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -13,8 +13,9 @@ from torch import nn
 
 from . import dispatch
 from .formats import detect_pattern
-from .io.inputs import compress, dense_weight
+from .io.inputs import check_module, compress, dense_weight
 from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
+from .prune.capture import call_model
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")
 
@@ -140,10 +141,12 @@ def capture_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], calibr
     store: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: store[name].append(
         args[0].detach().reshape(-1, args[0].shape[-1]).float())) for name, m in layers]
+    if isinstance(calibration, (torch.Tensor, Mapping)):  # one batch, as sf.prune takes it
+        calibration = [calibration]
     try:
         with torch.no_grad():
             for batch in calibration:
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                call_model(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -239,6 +242,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     Activation-sparse layers are measured too (for their target fraction of skipped inputs): one
     that loses to dense at m_range[0] is left dense.
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
+    check_module(model, "sf.sparsify")
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
     m_range = tuple(int(m) for m in m_range)

@@ -24,6 +24,13 @@ from ..formats import BSR, CSR, NM, Bitmask, SparseFormat
 from ..formats.base import check_weight
 
 
+def check_module(model: Any, caller: str) -> nn.Module:
+    """The model a public entry point was given, or a TypeError that says what it got."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def _apply_mask(name: str, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if tuple(mask.shape) != tuple(w.shape):
         raise ValueError(f"{name}: mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")

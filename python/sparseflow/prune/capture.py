@@ -54,11 +54,20 @@ def to_device(obj, device: torch.device):
 
 
 def call_model(model: nn.Module, item):
-    if isinstance(item, Mapping):
-        return model(**item)
-    if isinstance(item, (list, tuple)):
-        return model(*item)
-    return model(item)
+    """model(item) as the calibration item's kind asks. An error inside the model's forward is
+    re-raised as a ValueError that says a calibration item caused it (with the original chained)."""
+    try:
+        if isinstance(item, Mapping):
+            return model(**item)
+        if isinstance(item, (list, tuple)):
+            return model(*item)
+        return model(item)
+    except StopForward:
+        raise
+    except Exception as e:
+        raise ValueError(f"the model's forward failed on a calibration item ({type(e).__name__}: {e}); calibration "
+                         "items are the model's inputs: a tensor for model(x), a dict for model(**x), a tuple for "
+                         "model(*x)") from e
 
 
 def token_mask_of(item) -> torch.Tensor | None:
@@ -77,7 +86,13 @@ class Calibration:
         if isinstance(calibration, (torch.Tensor, Mapping)):
             calibration = [calibration]
         device = module_device(model)
+        if not isinstance(calibration, Iterable):
+            raise TypeError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
         self.items = [to_device(item, device) for item in calibration]
+        for i, item in enumerate(self.items):
+            if not isinstance(item, (torch.Tensor, Mapping, list, tuple)):
+                raise TypeError(f"calibration item {i} is a {type(item).__name__}: items are a tensor for model(x), a "
+                                "dict for model(**x) or a tuple for model(*x)")
         if not self.items:
             raise ValueError("calibration is empty: pass an iterable of model inputs")
         self.masks = [token_mask_of(item) for item in self.items]

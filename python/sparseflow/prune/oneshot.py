@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..io.inputs import check_module
 from . import allocation as alloc
 from .capture import Calibration, Hessian, SequentialPruner, SquaredNorms, collect_stats, find_blocks, module_device
 from .criteria import magnitude_prune_, wanda_prune_
@@ -129,6 +130,7 @@ def prune(
     max_layer_sparsity: ceiling for non-uniform allocations (default for "global": keep >= 1/4 of
         the target density per layer).
     progress: None shows a progress bar on runs longer than 2 s, True always, False never."""
+    check_module(model, "sf.prune")
     spec = parse_pattern(pattern)
     method = _check_method(method, spec)
     sparsity = _check_sparsity(sparsity)  # (an n:m pattern fixes it: the value given must still be one)
