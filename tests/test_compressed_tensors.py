@@ -108,6 +108,29 @@ def test_single_file_without_config_infers_format(tmp_path):
         assert type(back["model.fc1.weight"]) is (sf.Bitmask if fmt == "sparse-bitmask" else sf.NM)
 
 
+def test_single_file_without_config_names_a_missing_row_offsets(tmp_path):
+    write_compressed_tensors(weights_for("sparse-bitmask"), tmp_path, "sparse-bitmask")
+    os.remove(tmp_path / "config.json")
+    stored = load_file(tmp_path / "model.safetensors")
+    del stored["model.fc1.row_offsets"]  # flat values still say sparse-bitmask
+    save_file(stored, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="sparse-bitmask weight 'model.fc1' lacks \\['model.fc1.row_offsets'\\]"):
+        read_compressed_tensors(tmp_path / "model.safetensors")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
+    write_compressed_tensors(weights_for("sparse-24-bitmask"), tmp_path, "sparse-24-bitmask")
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    with pytest.raises(TypeError, match="config cannot be written as JSON"):
+        write_compressed_tensors(weights_for("sparse-bitmask"), tmp_path, config={"odd": object()})
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]  # no temporary left
+    write_compressed_tensors(weights_for("sparse-bitmask"), tmp_path, config={"torch_dtype": torch.float16})
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float16"  # as transformers writes it
+    assert type(read_compressed_tensors(tmp_path)["model.fc1.weight"]) is sf.Bitmask
+
+
 def test_sharded_index(tmp_path):
     write_compressed_tensors(weights_for("sparse-bitmask"), tmp_path, "sparse-bitmask")
     stored = load_file(tmp_path / "model.safetensors")
@@ -190,10 +213,11 @@ def test_missing_param_and_bad_config(tmp_path):
     write_raw(tmp_path, "sparse-bitmask", tensors)
     with pytest.raises(ValueError, match="lacks \\['model.fc1.bitmask'\\]"):
         read_compressed_tensors(tmp_path)
-    bad = {"quantization_config": {"sparsity_config": {"format": "x"}}}
-    (tmp_path / "config.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="sparsity format 'x' is not supported"):
-        read_compressed_tensors(tmp_path)
+    for fmt in ("x", ["sparse-bitmask"], {"a": 1}):
+        bad = {"quantization_config": {"sparsity_config": {"format": fmt}}}
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="sparsity format .* is not supported"):
+            read_compressed_tensors(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_compressed_tensors(tmp_path)

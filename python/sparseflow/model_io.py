@@ -6,11 +6,8 @@ description to JSON; nothing is pickled."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .io._atomic import atomic_write_bytes
+from .io._atomic import atomic_write_bytes, replacing_files
 from .io._safetensors import read_safetensors, write_safetensors
 from .io.compressed_tensors import write_compressed_tensors
 from .io.inputs import check_module
@@ -193,29 +190,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     return _fill(model, description, tensors).eval()
 
 
-@contextlib.contextmanager
-def _replacing(directory: str | os.PathLike, names: tuple[str, ...]):
-    """A sibling temporary directory to write into; on success its files replace `names` in
-    `directory` (each file atomically; the weights, which the description names, last), on failure
-    it is removed: a failed save leaves the previous files as they were."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        for name in names:
-            if (tmp / name).exists():
-                os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """Saves a transformers model with its sparse layers: config.json + model.safetensors + sparseflow.json."""
     config = getattr(check_module(model, "sf.save_pretrained"), "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with .config); use sf.save otherwise")
-    with _replacing(directory, ("config.json", "generation_config.json", DESCRIPTION, WEIGHTS)) as tmp:
+    with replacing_files(directory, ("config.json", "generation_config.json", DESCRIPTION, WEIGHTS)) as tmp:
         config.save_pretrained(tmp)
         _write(model, tmp, {"transformers_class": type(model).__name__})
 
@@ -267,7 +247,7 @@ def export_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     """Dense-with-zeros safetensors (+ config.json for transformers models) that transformers and
     vLLM load unchanged."""
     check_module(model, "sf.export_dense")
-    with _replacing(directory, ("config.json", "generation_config.json", WEIGHTS)) as tmp:
+    with replacing_files(directory, ("config.json", "generation_config.json", WEIGHTS)) as tmp:
         if getattr(model, "config", None) is not None:
             model.config.save_pretrained(tmp)
         write_safetensors(tmp / WEIGHTS, dense_state_dict(model), {"format": "pt"})

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _fsync(path: str, directory: bool = False) -> None:
@@ -50,3 +53,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
 
     atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def replacing_files(directory: str | os.PathLike, names: tuple[str, ...]):
+    """A sibling temporary directory to write a set of files into; on success its files replace
+    `names` in `directory` (each atomically, in the order given: put the file that names the others
+    last), on failure it is removed: a failed save leaves the previous files as they were."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        for name in names:
+            if (tmp / name).exists():
+                os.replace(tmp / name, directory / name)
+        _fsync(str(directory), directory=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

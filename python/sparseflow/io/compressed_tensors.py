@@ -35,7 +35,7 @@ import torch
 from ..formats import NM, Bitmask, SparseFormat
 from ..formats._bits import pack_bits, pack_fields, unpack_bits
 from ..formats.base import FLOAT_DTYPES
-from ._atomic import atomic_write_bytes
+from ._atomic import atomic_write_bytes, replacing_files
 from ._safetensors import read_safetensors, write_safetensors
 
 SPARSE_BITMASK = "sparse-bitmask"
@@ -81,7 +81,7 @@ def _sparsity_format(config: Any, where: str) -> str | None:
     fmt = sc.get("format")
     if fmt in (None, "dense"):
         return None
-    if fmt not in PARAMS:
+    if not isinstance(fmt, str) or fmt not in PARAMS:
         raise ValueError(f"{where}: sparsity format {fmt!r} is not supported (only {', '.join(PARAMS)})")
     return fmt
 
@@ -174,14 +174,17 @@ def _read_24(name: str, p: dict[str, torch.Tensor]) -> NM:
 
 
 def _infer_format(params: dict[str, torch.Tensor]) -> str:
-    return SPARSE_BITMASK if "row_offsets" in params else SPARSE_24_BITMASK
+    """sparse-bitmask stores row_offsets and its values flat; sparse-24-bitmask values [rows, cols / 2]."""
+    compressed = params.get("compressed")
+    flat = isinstance(compressed, torch.Tensor) and compressed.dim() == 1
+    return SPARSE_BITMASK if "row_offsets" in params or flat else SPARSE_24_BITMASK
 
 
 def read_compressed_tensors(path: str | os.PathLike) -> Weights:
     """Reads a compressed-tensors checkpoint (a model directory with config.json and
     model.safetensors or a sharded index, or one .safetensors file): "M.weight" -> Bitmask for
     sparse-bitmask, NM(2, 4) for sparse-24-bitmask; every other tensor passes through. Without a
-    config.json the format of each module is inferred (row_offsets present -> sparse-bitmask).
+    config.json the format of each module is inferred (row_offsets or flat values -> sparse-bitmask).
     Everything is validated; bad data raises ValueError naming the tensor."""
     path = os.fspath(path)
     files, config_path = _checkpoint_files(path)
@@ -317,7 +320,16 @@ def write_compressed_tensors(
         "sparsity_config": sparsity_config,
         "transform_config": {},
     }
-    os.makedirs(directory, exist_ok=True)
-    write_safetensors(os.path.join(directory, WEIGHTS_NAME), tensors, {"format": "pt"})
-    text = json.dumps(out_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+    def dtype_name(obj):  # transformers writes torch_dtype as its name
+        if isinstance(obj, torch.dtype):
+            return str(obj).removeprefix("torch.")
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+    try:
+        text = json.dumps(out_config, indent=2, sort_keys=True, default=dtype_name) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"config cannot be written as JSON: {e}") from None
+    # The weights and the config that says how to read them change together or not at all.
+    with replacing_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
+        atomic_write_bytes(tmp / CONFIG_NAME, text.encode())
