@@ -88,6 +88,73 @@ def test_entries_of_an_older_schema_are_not_reused(cache_dir, monkeypatch):
     assert len(fake.calls) == 2
 
 
+@pytest.mark.parametrize("value", [None, "fast", [1], {}, True, 10**400, "NaN", "Infinity", -2.0, 0])
+def test_a_hand_edited_entry_is_a_miss(cache_dir, monkeypatch, value):
+    w, cands = case()
+    key = dispatch.case_key(cands["bitmask"], "bitmask", 1, "kernel")
+    text = json.dumps({"schema": dispatch.SCHEMA, "entries": {key: 0.0}}).replace("0.0", "VALUE")
+    literal = value if value in ("NaN", "Infinity") else json.dumps(value)  # json writes NaN / Infinity bare
+    (cache_dir / "dispatch.json").write_text(text.replace("VALUE", literal))
+    fake = FakeCompare()
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
+    assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}  # timed again
+    assert len(fake.calls) == 1
+    assert json.loads((cache_dir / "dispatch.json").read_text())["entries"] == {key: 2.0}
+
+
+def test_a_damaged_cache_file_counts_as_empty(cache_dir, monkeypatch):
+    w, cands = case()
+    monkeypatch.setattr(dispatch, "compare_blocks", FakeCompare())
+    for text in ("[" * 100_000, "{", "\xff\xfe", json.dumps({"schema": dispatch.SCHEMA, "entries": []})):
+        (cache_dir / "dispatch.json").write_text(text)
+        assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
+
+
+def test_an_unwritable_cache_warns_and_the_timings_are_still_used(tmp_path, monkeypatch):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(blocker / "cache"))  # a directory under a file
+    monkeypatch.setattr(dispatch, "compare_blocks", FakeCompare())
+    dispatch._warn_unwritable.cache_clear()
+    w, cands = case()
+    with pytest.warns(RuntimeWarning, match="could not write its timing cache"):
+        assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
+    m = nn.Sequential(nn.Linear(48, 64))
+    with torch.no_grad():
+        m[0].weight.copy_(w)
+    report = sf.sparsify(m, format="bitmask", m_range=(1,))  # (warned once already)
+    assert isinstance(m[0], sf.SparseLinear) and report.layers[0].speedup == {1: 2.0}
+
+
+def _store_many(cache: str, prefix: str) -> None:
+    import os
+
+    os.environ["SPARSEFLOW_CACHE_DIR"] = cache
+    from sparseflow import dispatch as d
+
+    for j in range(60):
+        d._store({f"{prefix}-{j}": 1.0})
+
+
+def test_processes_writing_the_cache_at_once_lose_no_entry(cache_dir):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_store_many, args=(str(cache_dir), f"p{i}")) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(json.loads((cache_dir / "dispatch.json").read_text())["entries"]) == 120
+
+
+def test_row_counts_below_one_are_refused(cache_dir):
+    w, cands = case()
+    with pytest.raises(ValueError, match="row counts must be >= 1"):
+        dispatch.measure_paths(w, cands, (0,))
+
+
 def test_measure_keeps_its_kernel_only_result(cache_dir, monkeypatch):
     w, cands = case()
     fake = FakeCompare()

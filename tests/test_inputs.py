@@ -172,3 +172,10 @@ def test_compress():
         compress(w, "coo")
     with pytest.raises(ValueError, match="m in"):
         compress(w, "2:5")
+    nm = compress(w, "n:m")  # the n:m the weight has, as SparseLinear.from_linear and sparsify take it
+    assert (nm.n, nm.m) == (2, 4) and torch.equal(nm.to_dense(), w)
+    with pytest.raises(ValueError, match="format 'n:m' needs an n:m sparse weight"):
+        compress(torch.randn(8, 32), "n:m")
+    with pytest.raises(ValueError, match="unknown format 'x:y'") as info:
+        compress(w, "x:y")
+    assert "'n:m'" not in str(info.value)  # the message does not offer a string it refuses

@@ -133,6 +133,22 @@ def test_activation_sparsity_calibration_and_mode_centering():
     assert isinstance(one_batch[0], sf.ActSparseLinear)
 
 
+def test_sparsify_leaves_layers_it_cannot_hold_dense_and_converts_the_rest():
+    m = pruned_mlp()
+    m.append(nn.Linear(80, 8).double())  # float64: no kernel takes it
+    m.append(nn.Linear(8, 0))  # empty
+    m.append(nn.Linear(4, 4, device="meta"))
+    report = sf.sparsify(m, format="bitmask", measure=False)
+    assert isinstance(m[0], sf.SparseLinear) and isinstance(m[3], sf.SparseLinear)
+    assert all(type(m[i]) is nn.Linear for i in (4, 5, 6))
+    notes = {r.name: r.note for r in report.layers}
+    assert "float64" in notes["4"] and "empty" in notes["5"] and "meta device" in notes["6"]
+    assert all(r.choice == "dense" for r in report.layers if r.name in ("4", "5", "6"))
+    str(report), report.to_json()  # the report still prints and serialises
+    with pytest.raises(ValueError, match="meta device"):
+        sf.SparseLinear.from_linear(nn.Linear(8, 4, device="meta"))
+
+
 def test_entry_points_refuse_what_is_not_a_module(tmp_path):
     for call, name in [(lambda: sf.sparsify("model"), "sf.sparsify"), (lambda: sf.save(None, tmp_path), "sf.save"),
                        (lambda: sf.load(tmp_path, model={}), "sf.load"),

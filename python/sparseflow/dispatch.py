@@ -11,18 +11,28 @@ CPU each timed sample runs over cold copies of the weight (bench.timing.cold_cop
 reads its weight from memory as a model's next layer does, not from the caches a repeated call would
 leave it in (which made dense 33 MB layers look up to 15% faster against the batched paths). The file is
 JSON, $SPARSEFLOW_CACHE_DIR/dispatch.json (default ~/.cache/sparseflow): {"schema": SCHEMA,
-"entries": {key: speedup}}; a file of another schema counts as empty and is replaced."""
+"entries": {key: speedup}}; a file of another schema, or one that fails to parse, counts as empty and is
+replaced, and an entry that is not a finite positive number counts as a miss. Processes serialise their
+updates with a lock file beside it; where the directory cannot be written, a warning says so once and the
+timings are used unsaved."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -55,25 +65,63 @@ def cache_path() -> Path:
     return Path(root) / "dispatch.json"
 
 
-def _load() -> dict:
+def _speedup(value) -> float | None:
+    """A cached speedup, or None for anything that is not a finite positive number (a hand-edited or
+    damaged entry, which then counts as a miss)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _load() -> dict[str, float]:
     """The cached entries of this schema ({} for a missing, damaged or older file)."""
     try:
         data = json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # a missing or damaged cache only costs a re-measurement
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
         return {}
-    return data["entries"]
+    entries = {key: _speedup(value) for key, value in data["entries"].items()}
+    return {key: value for key, value in entries.items() if value is not None}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Other processes' read-update-write of the cache waits for ours (POSIX; elsewhere a lost entry
+    only costs a re-measurement)."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _store(fresh: dict[str, float]) -> None:
-    with _LOCK:
-        entries = _load()
-        entries.update(fresh)
-        path = cache_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"schema": SCHEMA, "entries": entries}
-        atomic_write_bytes(path, json.dumps(data, indent=0, sort_keys=True).encode())
+    path = cache_path()
+    try:
+        with _LOCK:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(path):
+                entries = _load()
+                entries.update(fresh)
+                data = {"schema": SCHEMA, "entries": entries}
+                atomic_write_bytes(path, json.dumps(data, indent=0, sort_keys=True).encode())
+    except OSError as e:  # the timings are still used; only remembering them failed
+        _warn_unwritable(f"{path}: {e.strerror or e}")
+
+
+@functools.cache
+def _warn_unwritable(reason: str) -> None:
+    warnings.warn(f"sparseflow could not write its timing cache ({reason}); timings will be measured again "
+                  "next time. Set SPARSEFLOW_CACHE_DIR to a writable directory.", RuntimeWarning, stacklevel=4)
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,6 +203,8 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
     {case: (cache key, bytes limit, make)}, make(x) giving the callables fn(x) to time on x [m, K],
     one per copy of the weight. A cached case costs no timing (nor an x, nor copies); a ratio above
     the limit is reported as the limit and not cached."""
+    if any(int(m) < 1 for m in rows):
+        raise ValueError(f"row counts must be >= 1, got {tuple(rows)}")
     cache = _load() if use_cache and not remeasure else {}
     out: dict[str, dict[int, float]] = {}
     fresh: dict[str, float] = {}
@@ -163,7 +213,7 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
         cases = cases_at(m)
         todo = {case: entry for case, entry in cases.items() if entry[0] not in cache}
         for case in cases.keys() - todo.keys():
-            out.setdefault(case, {})[m] = float(cache[cases[case][0]])
+            out.setdefault(case, {})[m] = cache[cases[case][0]]
         if not todo:
             continue
         if dense_ws is None:

@@ -256,8 +256,24 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         if calibration is None:
             raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
         acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent], calibration)
+    # Layers sparseflow cannot hold (float64, empty, meta weights...) stay dense; found before any
+    # layer is replaced, so that no error leaves the model half converted.
+    unsupported = {}
+    for name, lin in layers:
+        try:
+            dense_weight(lin)
+        except (TypeError, ValueError) as e:
+            unsupported[name] = str(e)
     reports = []
     for name, lin in layers:
+        if name in unsupported:
+            weight = getattr(lin, "weight", None)
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
+            before = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else 0
+            reports.append(LayerReport(name=name, shape=shape, pattern="unsupported", density=1.0, bytes_before=before,
+                                       choice="dense", backend="torch", bytes_after=before,
+                                       note=f"left dense: {unsupported[name]}"))
+            continue
         w = dense_weight(lin)
         shape = (int(w.shape[0]), int(w.shape[1]))
         before = w.numel() * w.element_size()

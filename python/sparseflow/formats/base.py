@@ -21,6 +21,8 @@ def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
         raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(w.shape)})")
+    if w.is_meta:
+        raise ValueError(f"{what} is on the meta device (no data): load or materialize the weights first")
     return w.detach()  # formats store data; a Parameter's autograd history is not part of it
 
 

@@ -138,12 +138,22 @@ def parse_format(spec: str) -> tuple[type[SparseFormat], dict[str, Any]]:
     if match := re.fullmatch(r"(\d+):(\d+)", s):
         return NM, {"n": int(match.group(1)), "m": int(match.group(2))}
     raise ValueError(
-        f"unknown format {spec!r}; use 'bitmask', 'csr', 'bsr', 'block(bm,bk)', 'nm' or 'n:m' such as '2:4'"
+        f"unknown format {spec!r}; use 'bitmask', 'csr', 'bsr', 'block(bm,bk)', 'nm' (2:4) or an N:M ratio such as "
+        "'2:4' or '4:8'"
     )
 
 
 def compress(w: Any, format: str = "bitmask") -> SparseFormat:
-    """Compresses anything dense_weight accepts into the format named by `format` (see parse_format).
-    N:M raises ValueError if the weight is not n:m sparse (it never prunes)."""
+    """Compresses anything dense_weight accepts into the format named by `format` (see parse_format;
+    "n:m" takes the N:M pattern the weight already has). N:M raises ValueError if the weight is not
+    n:m sparse (it never prunes)."""
+    w = dense_weight(w)
+    if isinstance(format, str) and format.strip().lower() == "n:m":
+        from ..formats import detect_pattern
+
+        pattern = detect_pattern(w)
+        if pattern.kind != "n:m":
+            raise ValueError(f"format 'n:m' needs an n:m sparse weight; this one is {pattern}")
+        return NM.from_dense(w, n=pattern.n, m=pattern.m)
     cls, params = parse_format(format)
-    return cls.from_dense(dense_weight(w), **params)
+    return cls.from_dense(w, **params)

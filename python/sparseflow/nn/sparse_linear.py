@@ -70,11 +70,6 @@ class SparseLinear(nn.Module):
         bias = getattr(linear, "bias", None)
         if format == "auto":
             format = auto_format(w)
-        elif format == "n:m":  # the n:m the weight already has
-            pattern = detect_pattern(w)
-            if pattern.kind != "n:m":
-                raise ValueError(f"format 'n:m' needs an n:m sparse weight; this one is {pattern}")
-            format = str(pattern)
         if format == "dense":
             return cls(w.clone(), bias, dense_above)
         return cls(compress(w, format), bias, dense_above)
