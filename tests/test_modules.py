@@ -149,6 +149,18 @@ def test_sparsify_leaves_layers_it_cannot_hold_dense_and_converts_the_rest():
         sf.SparseLinear.from_linear(nn.Linear(8, 4, device="meta"))
 
 
+def test_sparsify_n_m_takes_the_ratio_the_weight_has():
+    m = pruned_mlp()  # m[0] unstructured, m[3] 2:4
+    report = sf.sparsify(m, format="n:m", measure=False)
+    assert [r.choice for r in report.layers] == ["dense", "2:4"] and m[3].format_name == "nm"
+    assert type(m[0]) is nn.Linear and "left dense: format 'n:m' needs an n:m sparse weight" in report.layers[0].note
+    m = pruned_mlp()
+    report = sf.sparsify(m, format="2:4", measure=False)  # the same for a ratio named outright
+    assert [r.choice for r in report.layers] == ["dense", "2:4"] and "not 2:4 sparse" in report.layers[0].note
+    with pytest.raises(ValueError, match="unknown format"):  # a name that is no format at all still raises
+        sf.sparsify(pruned_mlp(), format="coo", measure=False)
+
+
 def test_entry_points_refuse_what_is_not_a_module(tmp_path):
     for call, name in [(lambda: sf.sparsify("model"), "sf.sparsify"), (lambda: sf.save(None, tmp_path), "sf.save"),
                        (lambda: sf.load(tmp_path, model={}), "sf.load"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dispatch
 from .formats import detect_pattern
-from .io.inputs import check_module, compress, dense_weight
+from .io.inputs import check_module, compress, dense_weight, parse_format
 from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
 from .prune.capture import call_model
 
@@ -123,7 +123,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def candidates_for(w: torch.Tensor, format: str) -> dict[str, object]:
     """Format label -> compressed weight, for the formats the weight's pattern allows."""
     if format != "auto":
-        return {format: compress(w, format)}
+        fmt = compress(w, format)
+        return {f"{fmt.n}:{fmt.m}" if format.strip().lower() == "n:m" else format: fmt}  # the ratio found
     pattern = detect_pattern(w)
     if pattern.kind == "dense":
         labels = []
@@ -218,9 +219,11 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
 
     format: "auto" measures every format the weight's pattern allows against dense at each row count
       in `m_range` and keeps the fastest only if it beats dense at m_range[0]. A named format
-      ("bitmask", "2:4", ...) is applied as asked. Either way the sparse kernel is also timed against
-      the batched path (decompression in cache-sized chunks + dense GEMM): from the first row count
-      where the batched path is faster, the layer runs it (`dense_above`).
+      ("bitmask", "2:4", "n:m" for the ratio each weight has, ...) is applied as asked; a layer whose
+      pattern it does not allow, or that sparseflow cannot hold (float64, empty, meta weights), stays
+      dense with a note. Either way the sparse kernel is also timed against the batched path
+      (decompression in cache-sized chunks + dense GEMM): from the first row count where the batched
+      path is faster, the layer runs it (`dense_above`).
     m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
@@ -243,6 +246,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     that loses to dense at m_range[0] is left dense.
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
     check_module(model, "sf.sparsify")
+    if format != "auto" and not (isinstance(format, str) and format.strip().lower() == "n:m"):
+        parse_format(format)  # a name that is no format raises here, before any layer is touched
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
     m_range = tuple(int(m) for m in m_range)
@@ -319,7 +324,14 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup=plan.speedup, note=f"{note}; {plan.note}" if plan.note else note))
             _set_module(model, name, new)
             continue
-        cands = candidates_for(w, format)
+        try:
+            cands = candidates_for(w, format)
+        except ValueError as e:  # a named format this layer's pattern does not allow (say 2:4)
+            if format == "auto":
+                raise
+            reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
+                                       note=f"left dense: {e}"))
+            continue
         if not cands:
             reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="no zeros"))
             continue
