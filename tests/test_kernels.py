@@ -3,11 +3,13 @@ CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
 
 
 import os
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_2x, max_err, run_in_threads
+from torch import nn
 
 import sparseflow as sf
 from sparseflow.ops import table
@@ -495,14 +497,23 @@ def test_opcheck(fmt):
     bias = torch.randn(24)
     ops = torch.ops.sparseflow
     if fmt == "bitmask":
-        op, args = ops.linear_bitmask, (x, w.values, w.mask, w.row_offsets, bias)
+        op, args = ops.linear_bitmask, (x, w.values, w.mask, w.row_offsets, 40, bias)
     elif fmt == "csr":
-        op, args = ops.linear_csr, (x, w.values, w.col_indices, w.row_ptr, bias)
+        op, args = ops.linear_csr, (x, w.values, w.col_indices, w.row_ptr, 40, bias)
     elif fmt == "bsr32":
-        op, args = ops.linear_bsr, (x, w.values, w.col_indices, w.row_ptr, 24, bias)
+        op, args = ops.linear_bsr, (x, w.values, w.col_indices, w.row_ptr, 24, 40, bias)
     else:
-        op, args = ops.linear_nm, (x, w.values, w.index, 2, 4, bias)
+        op, args = ops.linear_nm, (x, w.values, w.index, 2, 4, 40, bias)
     torch.library.opcheck(op, args)
+    # Called directly (as an exported or traced graph calls it), the op checks x against the weight:
+    # a kernel would read a weight sized for another K or dtype out of bounds.
+    for bad_x, error, match in [(x.bfloat16(), TypeError, "x is torch.bfloat16 but the weight is torch.float32"),
+                                (torch.randn(3, 41), ValueError, "in_features=40"),
+                                (torch.randn(3, 33), ValueError, "in_features=40")]:
+        with pytest.raises(error, match=match):
+            op(bad_x, *args[1:])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        op(x, *args[1:-1], torch.randn(23))
 
 
 def test_opcheck_act_sparse():
@@ -512,6 +523,37 @@ def test_opcheck_act_sparse():
     b = sf.Bitmask.from_dense(w_t * (torch.rand(40, 24) < 0.5))
     torch.library.opcheck(torch.ops.sparseflow.act_sparse_linear_bitmask, (x, b.values, b.mask, b.row_offsets, 24, 0.3))
     torch.library.opcheck(torch.ops.sparseflow.subtract_shift, (x.clone().requires_grad_(), torch.randn(40)))
+    ops = torch.ops.sparseflow
+    for op, weight_args in [(ops.act_sparse_linear_dense, (w_t, 0.3)),
+                            (ops.act_sparse_linear_bitmask, (b.values, b.mask, b.row_offsets, 24, 0.3))]:
+        with pytest.raises(TypeError, match="x is torch.bfloat16"):
+            op(x.bfloat16(), *weight_args)
+        with pytest.raises(ValueError, match="in_features=40"):
+            op(torch.randn(3, 39), *weight_args)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr", "2:4", "act-dense", "act-bitmask"])
+def test_exported_and_traced_modules_refuse_a_mismatched_x(fmt):
+    """An exported or traced graph calls the ops without the modules' checks (it crashed the heap)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+    if fmt.startswith("act"):
+        mod = sf.ActSparseLinear.from_linear(lin, threshold=0.1, weight_format=fmt.removeprefix("act-"))
+    else:
+        mod = sf.SparseLinear.from_linear(lin, format=fmt)
+    x = torch.randn(4, 64)
+    exported = torch.export.export(mod, (x,)).module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(mod, (x,))
+    for graph in (exported, traced):
+        assert torch.allclose(graph(x), mod(x), atol=1e-5)
+        with pytest.raises((TypeError, RuntimeError), match="bfloat16"):
+            graph(x.bfloat16())
+    with pytest.raises((ValueError, RuntimeError), match="in_features=64"):
+        traced(torch.randn(4, 200))
 
 
 @pytest.mark.parametrize("shift", [False, True])

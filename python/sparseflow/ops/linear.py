@@ -26,60 +26,71 @@ def _empty_out(x: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.library.custom_op(f"{LIB}::linear_bitmask", mutates_args=())
 def linear_bitmask(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
-                   bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    w = Bitmask((mask.shape[0], x.shape[-1]), values, mask, row_offsets, validate=False)
+                   in_features: int, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    _check(x, in_features, mask.shape[0], values.dtype, values.device, bias)
+    w = Bitmask((mask.shape[0], in_features), values, mask, row_offsets, validate=False)
     return _run_linear("bitmask", x, w, bias, backend)
 
 
 @linear_bitmask.register_fake
-def _(x, values, mask, row_offsets, bias=None, backend=""):
+def _(x, values, mask, row_offsets, in_features, bias=None, backend=""):
+    _check(x, in_features, mask.shape[0], values.dtype, values.device, bias)
     return _empty_out(x, mask.shape[0])
 
 
 @torch.library.custom_op(f"{LIB}::linear_csr", mutates_args=())
 def linear_csr(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-               bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    w = CSR((row_ptr.shape[0] - 1, x.shape[-1]), values, col_indices, row_ptr, validate=False)
+               in_features: int, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    _check(x, in_features, row_ptr.shape[0] - 1, values.dtype, values.device, bias)
+    w = CSR((row_ptr.shape[0] - 1, in_features), values, col_indices, row_ptr, validate=False)
     return _run_linear("csr", x, w, bias, backend)
 
 
 @linear_csr.register_fake
-def _(x, values, col_indices, row_ptr, bias=None, backend=""):
+def _(x, values, col_indices, row_ptr, in_features, bias=None, backend=""):
+    _check(x, in_features, row_ptr.shape[0] - 1, values.dtype, values.device, bias)
     return _empty_out(x, row_ptr.shape[0] - 1)
 
 
 @torch.library.custom_op(f"{LIB}::linear_bsr", mutates_args=())
 def linear_bsr(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-               out_features: int, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    w = BSR((out_features, x.shape[-1]), values, col_indices, row_ptr, tuple(values.shape[1:]), validate=False)
+               out_features: int, in_features: int, bias: torch.Tensor | None = None,
+               backend: str = "") -> torch.Tensor:
+    _check(x, in_features, out_features, values.dtype, values.device, bias)
+    w = BSR((out_features, in_features), values, col_indices, row_ptr, tuple(values.shape[1:]), validate=False)
     return _run_linear("bsr", x, w, bias, backend)
 
 
 @linear_bsr.register_fake
-def _(x, values, col_indices, row_ptr, out_features, bias=None, backend=""):
+def _(x, values, col_indices, row_ptr, out_features, in_features, bias=None, backend=""):
+    _check(x, in_features, out_features, values.dtype, values.device, bias)
     return _empty_out(x, out_features)
 
 
 @torch.library.custom_op(f"{LIB}::linear_nm", mutates_args=())
-def linear_nm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int,
+def linear_nm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, in_features: int,
               bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
-    w = NM((values.shape[0], x.shape[-1]), values, index, n, m, validate=False)
+    _check(x, in_features, values.shape[0], values.dtype, values.device, bias)
+    w = NM((values.shape[0], in_features), values, index, n, m, validate=False)
     return _run_linear("nm", x, w, bias, backend)
 
 
 @linear_nm.register_fake
-def _(x, values, index, n, m, bias=None, backend=""):
+def _(x, values, index, n, m, in_features, bias=None, backend=""):
+    _check(x, in_features, values.shape[0], values.dtype, values.device, bias)
     return _empty_out(x, values.shape[0])
 
 
 @torch.library.custom_op(f"{LIB}::act_sparse_linear_dense", mutates_args=())
 def act_sparse_linear_dense(x: torch.Tensor, w_t: torch.Tensor, threshold: float,
                             bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
+    _check(x, w_t.shape[0], w_t.shape[1], w_t.dtype, w_t.device, bias)
     return _run_act_sparse("dense", x, w_t, w_t.shape[1], threshold, bias, backend)
 
 
 @act_sparse_linear_dense.register_fake
 def _(x, w_t, threshold, bias=None, backend=""):
+    _check(x, w_t.shape[0], w_t.shape[1], w_t.dtype, w_t.device, bias)
     return _empty_out(x, w_t.shape[1])
 
 
@@ -87,12 +98,14 @@ def _(x, w_t, threshold, bias=None, backend=""):
 def act_sparse_linear_bitmask(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor,
                               out_features: int, threshold: float, bias: torch.Tensor | None = None,
                               backend: str = "") -> torch.Tensor:
+    _check(x, mask.shape[0], out_features, values.dtype, values.device, bias)
     w_t = Bitmask((x.shape[-1], out_features), values, mask, row_offsets, validate=False)
     return _run_act_sparse("bitmask", x, w_t, out_features, threshold, bias, backend)
 
 
 @act_sparse_linear_bitmask.register_fake
 def _(x, values, mask, row_offsets, out_features, threshold, bias=None, backend=""):
+    _check(x, mask.shape[0], out_features, values.dtype, values.device, bias)
     return _empty_out(x, out_features)
 
 
@@ -158,13 +171,13 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
     if format_name == "bitmask":
-        return linear_bitmask(x, t["values"], t["mask"], t["row_offsets"], bias, backend)
+        return linear_bitmask(x, t["values"], t["mask"], t["row_offsets"], in_features, bias, backend)
     if format_name == "csr":
-        return linear_csr(x, t["values"], t["col_indices"], t["row_ptr"], bias, backend)
+        return linear_csr(x, t["values"], t["col_indices"], t["row_ptr"], in_features, bias, backend)
     if format_name == "bsr":
-        return linear_bsr(x, t["values"], t["col_indices"], t["row_ptr"], out_features, bias, backend)
+        return linear_bsr(x, t["values"], t["col_indices"], t["row_ptr"], out_features, in_features, bias, backend)
     if format_name == "nm":
-        return linear_nm(x, t["values"], t["index"], params["n"], params["m"], bias, backend)
+        return linear_nm(x, t["values"], t["index"], params["n"], params["m"], in_features, bias, backend)
     raise TypeError(f"no linear op for format {format_name!r}")
 
 
@@ -225,7 +238,7 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None):
 
 
 def _register_linear_backward(op, weight_of, n_weight_args: int) -> None:
-    """`weight_of(x, *weight_args)` rebuilds the dense [N, K] weight from the op's buffers."""
+    """`weight_of(*weight_args)` rebuilds the dense [N, K] weight from the op's buffers (and in_features)."""
 
     def setup_context(ctx, inputs, output):
         ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
@@ -234,7 +247,7 @@ def _register_linear_backward(op, weight_of, n_weight_args: int) -> None:
 
     def backward(ctx, grad):
         shape, dtype = ctx.x_shape_dtype
-        w = weight_of(shape[-1], *ctx.weight_args)
+        w = weight_of(*ctx.weight_args)
         grad_x = (grad.float() @ w.float()).to(dtype)
         return (grad_x, *([None] * n_weight_args), _bias_grad(grad, ctx.bias), None)
 
@@ -242,23 +255,23 @@ def _register_linear_backward(op, weight_of, n_weight_args: int) -> None:
 
 
 _register_linear_backward(
-    linear_bitmask, lambda k, v, mask, offs: Bitmask((mask.shape[0], k), v, mask, offs, validate=False).to_dense(), 3)
+    linear_bitmask, lambda v, mask, offs, k: Bitmask((mask.shape[0], k), v, mask, offs, validate=False).to_dense(), 4)
 _register_linear_backward(
-    linear_csr, lambda k, v, col, ptr: CSR((ptr.shape[0] - 1, k), v, col, ptr, validate=False).to_dense(), 3)
+    linear_csr, lambda v, col, ptr, k: CSR((ptr.shape[0] - 1, k), v, col, ptr, validate=False).to_dense(), 4)
 _register_linear_backward(
-    linear_nm, lambda k, v, idx, n, m: NM((v.shape[0], k), v, idx, n, m, validate=False).to_dense(), 4)
+    linear_nm, lambda v, idx, n, m, k: NM((v.shape[0], k), v, idx, n, m, validate=False).to_dense(), 5)
 
 
 def _bsr_setup(ctx, inputs, output):
     ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
-    ctx.weight_args, ctx.bias = inputs[1:5], inputs[5]
+    ctx.weight_args, ctx.bias = inputs[1:6], inputs[6]
 
 
 def _bsr_backward(ctx, grad):
     shape, dtype = ctx.x_shape_dtype
-    values, col, ptr, n = ctx.weight_args
-    w = BSR((n, shape[-1]), values, col, ptr, tuple(values.shape[1:]), validate=False).to_dense()
-    return ((grad.float() @ w.float()).to(dtype), None, None, None, None, _bias_grad(grad, ctx.bias), None)
+    values, col, ptr, n, k = ctx.weight_args
+    w = BSR((n, k), values, col, ptr, tuple(values.shape[1:]), validate=False).to_dense()
+    return ((grad.float() @ w.float()).to(dtype), None, None, None, None, None, _bias_grad(grad, ctx.bias), None)
 
 
 linear_bsr.register_autograd(_bsr_backward, setup_context=_bsr_setup)
