@@ -161,6 +161,28 @@ def test_sparsify_n_m_takes_the_ratio_the_weight_has():
         sf.sparsify(pruned_mlp(), format="coo", measure=False)
 
 
+@pytest.mark.parametrize("kind", ["bitmask", "csr", "bsr", "2:4", "act-dense", "act-bitmask"])
+def test_another_layers_buffers_are_refused_not_read_out_of_bounds(kind):
+    """functional_call (or assigning buffers) can hand a module buffers it never validated."""
+    def make(out_features):
+        lin = nn.Linear(32, out_features)
+        with torch.no_grad():
+            lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+        if kind.startswith("act"):
+            return sf.ActSparseLinear.from_linear(lin, threshold=0.1, weight_format=kind.removeprefix("act-"))
+        return sf.SparseLinear.from_linear(lin, format=kind)
+
+    a, b = make(64), make(16)
+    other = {k: v for k, v in b.state_dict().items() if k != "bias"}
+    for requires_grad in (False, True):  # the bound kernel's path and the op's
+        x = torch.randn(5, 32, requires_grad=requires_grad)
+        with pytest.raises(ValueError, match="the layer's buffers"):
+            torch.func.functional_call(a, other, (x,))
+    own = {k: v.clone() for k, v in a.state_dict().items()}  # valid buffers of the right shape still run
+    x = torch.randn(5, 32)
+    assert torch.equal(torch.func.functional_call(a, own, (x,)), a(x))
+
+
 def test_entry_points_refuse_what_is_not_a_module(tmp_path):
     for call, name in [(lambda: sf.sparsify("model"), "sf.sparsify"), (lambda: sf.save(None, tmp_path), "sf.save"),
                        (lambda: sf.load(tmp_path, model={}), "sf.load"),

@@ -123,6 +123,7 @@ class ActSparseLinear(nn.Module):
         backend = ""
         if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping
             backend = table.batched_backend(x.device.type, rows_of(x))
+        self._kernel.check_valid(self._buffers.values(), self.w_t, (self.in_features, self.out_features))
         if self.weight_format == "dense":
             tensors = {"t": self.weight_t}
         else:

@@ -145,6 +145,7 @@ class SparseLinear(nn.Module):
         backend = ""
         if above:  # decompress + dense GEMM: measured faster at this many rows
             backend = table.batched_backend(x.device.type, rows_of(x))
+        self._kernel.check_valid(self._buffers.values(), lambda: self.weight, (self.out_features, self.in_features))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
 

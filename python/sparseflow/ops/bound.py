@@ -64,6 +64,33 @@ class BoundKernel:
         self._dtype: torch.dtype | None = None  # x's dtype the fn takes (the weight's)
         self._held: list = []  # the bound buffers' storages
         self._bias: tuple | None = None  # (bias, its address, its storage) last found to fit
+        self._valid: tuple | None = None  # (buffer addresses, their storages) last validated
+
+    def check_valid(self, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
+                    shape: tuple[int, int]) -> None:
+        """A ValueError where the buffers do not make a valid weight of `shape`, checked once per set
+        of buffer addresses (their storages held meanwhile, so no other tensor takes them). A module's
+        own buffers were validated when made or loaded, but functional_call or an assignment can hand
+        it another layer's, and the kernels trust sizes and indices. Skipped while compiling or
+        tracing (no data) and for tensors without storage (batched by vmap)."""
+        if torch.compiler.is_compiling() or torch._C._is_tracing():
+            return
+        buffers = [t for t in buffers if t is not None]
+        try:
+            key = tuple(t.data_ptr() for t in buffers)
+        except RuntimeError:
+            return
+        if self._valid is not None and self._valid[0] == key:
+            return
+        w = weight()
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"the layer's buffers make a weight of shape {tuple(w.shape)}, not {tuple(shape)}")
+        if not isinstance(w, torch.Tensor):
+            try:
+                w._validate()
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ValueError(f"the layer's buffers do not make a valid {self.format} weight: {e}") from e
+        self._valid = (key, [t.untyped_storage() for t in buffers])
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
             shape: tuple[int, int]) -> Callable | None:
@@ -81,15 +108,8 @@ class BoundKernel:
 
     def _bind(self, x: torch.Tensor, w, buffers: list[torch.Tensor], shape: tuple[int, int]) -> None:
         self.reset()
+        self.check_valid(buffers, lambda: w, shape)
         if not all(t.is_cpu and t.is_contiguous() for t in buffers):
-            return
-        try:
-            if isinstance(w, torch.Tensor):
-                if tuple(w.shape) != tuple(shape):
-                    return
-            else:
-                w._validate()
-        except Exception:  # noqa: BLE001 - the op path reports it
             return
         b = table.select(self.op, self.format, x, w, table.rows_of(x))
         if b.bind is not None:
