@@ -87,7 +87,8 @@ class BoundKernel:
             raise ValueError(f"the layer's buffers make a weight of shape {tuple(w.shape)}, not {tuple(shape)}")
         if not isinstance(w, torch.Tensor):
             try:
-                w._validate()
+                with torch._C._DisableFuncTorch():  # inside torch.func transforms: on the plain buffers
+                    w._validate()
             except (ValueError, TypeError, RuntimeError) as e:
                 raise ValueError(f"the layer's buffers do not make a valid {self.format} weight: {e}") from e
         self._valid = (key, [t.untyped_storage() for t in buffers])

@@ -6,10 +6,14 @@ the table selects."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch._C._functorch import is_gradtrackingtensor
+from torch.autograd import forward_ad
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
 from .bound import bound_act_sparse, bound_for_format, needs_grad, plain_eager
+from .reference import act_sparse_linear_reference
 
 LIB = "sparseflow"
 
@@ -141,6 +145,23 @@ def _check(x: torch.Tensor, in_features: int, out_features: int, dtype: torch.dt
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {dtype} on {device}")
 
 
+def _ad_transform(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Forward-mode AD (torch.func.jvp, dual tensors) or a torch.func gradient transform (grad, vjp,
+    jacrev): custom ops have no rule for them (a jvp saw a zero tangent, grad raised inside torch), so
+    these run the plain-torch reference, which every transform differentiates."""
+    if torch.compiler.is_compiling():
+        return False
+    return forward_ad._current_level >= 0 or is_gradtrackingtensor(x) or (
+        bias is not None and is_gradtrackingtensor(bias))
+
+
+def _constant(make):
+    """A weight decompressed outside any torch.func transform (the decompression reads raw data); to
+    the transform it is a constant, as the layer's buffers are."""
+    with torch._C._DisableFuncTorch():
+        return make()
+
+
 def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, backend: str = "") -> torch.Tensor:
     """F.linear(x, w.to_dense(), bias) for a compressed weight w; x is [..., K].
     `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
@@ -167,6 +188,9 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
     if bias is not None:
         bias = bias.contiguous()
     t = tensors
+    if _ad_transform(x, bias):
+        w = FORMATS[format_name].from_tensors((out_features, in_features), t, validate=False, **params)
+        return F.linear(x, _constant(w.to_dense), bias)
     if plain_eager(x, bias, *t.values()) and not needs_grad(x, bias):  # skip the dispatcher (~15 us)
         w = FORMATS[format_name].from_tensors((out_features, x.shape[-1]), t, validate=False, **params)
         return _run_linear(format_name, x, w, bias, backend)
@@ -195,6 +219,10 @@ def act_sparse_from_buffers(x: torch.Tensor, weight_format: str, tensors: dict, 
     values = tensors["t"] if weight_format == "dense" else tensors["values"]
     _check(x, w_rows.shape[0], out_features, values.dtype, values.device, bias)
     t = tensors
+    if _ad_transform(x, bias):
+        w_t = t["t"] if weight_format == "dense" else _constant(
+            Bitmask.from_tensors((x.shape[-1], out_features), t, validate=False).to_dense)
+        return act_sparse_linear_reference(x, w_t, float(threshold) + 0.0, bias)
     if plain_eager(x, bias, *t.values()) and not needs_grad(x, bias):
         w_t = t["t"] if weight_format == "dense" else Bitmask.from_tensors((x.shape[-1], out_features), t,
                                                                             validate=False)
