@@ -183,6 +183,55 @@ def test_another_layers_buffers_are_refused_not_read_out_of_bounds(kind):
     assert torch.equal(torch.func.functional_call(a, own, (x,)), a(x))
 
 
+@pytest.mark.parametrize("kind", ["bitmask", "2:4", "dense", "act-dense", "act-bitmask"])
+def test_load_state_dict_keeps_the_modules_dtype(kind):
+    """As nn.Linear's does: an fp32 checkpoint loaded into a bf16 module leaves it bf16."""
+    def make():
+        torch.manual_seed(0)
+        lin = nn.Linear(32, 16)
+        with torch.no_grad():
+            lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+        if kind.startswith("act"):
+            return sf.ActSparseLinear.from_linear(lin, threshold=0.1, shift=torch.randn(32),
+                                                  weight_format=kind.removeprefix("act-"))
+        return sf.SparseLinear.from_linear(lin, format=kind)
+
+    source, module = make(), make().bfloat16()
+    module.load_state_dict(source.state_dict())
+    assert {t.dtype for t in module.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    x = torch.randn(3, 32)
+    assert torch.equal(module(x.bfloat16()), make().bfloat16()(x.bfloat16()))
+    module.load_state_dict({"bias": source.bias}, strict=False)  # a partial load too
+    assert module.bias.dtype == torch.bfloat16
+
+
+def test_sparse_linear_owns_its_bias_and_shift_checks_x():
+    lin = nn.Linear(32, 16)
+    m = sf.SparseLinear.from_linear(lin, format="bitmask")
+    x = torch.randn(2, 32)
+    before = m(x)
+    with torch.no_grad():
+        lin.bias.zero_()  # the source layer's bias is not the module's
+    assert torch.equal(m(x), before)
+    a = sf.ActSparseLinear.from_linear(lin, threshold=0.1, shift=torch.randn(32))
+    with pytest.raises(TypeError, match="x is torch.bfloat16 but the weight is torch.float32"):
+        a(x.bfloat16())  # x - shift would have promoted it to float32 silently
+    state = a.state_dict()
+    state["shift"] = torch.zeros(1)  # would broadcast
+    with pytest.raises(ValueError, match="shift must have shape \\(32,\\)"):
+        a.load_state_dict(state)
+    assert a.shift.shape == (32,)
+
+
+def test_mode_centring_folds_the_shift_into_the_bias_with_one_rounding():
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 64).half()
+    shift = (torch.randn(512) * 2 + 3).half()
+    a = sf.ActSparseLinear.from_linear(lin, threshold=0.0, shift=shift)
+    exact = (lin.bias.double() + lin.weight.double() @ shift.double())
+    assert torch.equal(a.bias, exact.half())  # fp16 of the exact sum (two roundings were off by up to 0.07)
+
+
 def test_entry_points_refuse_what_is_not_a_module(tmp_path):
     for call, name in [(lambda: sf.sparsify("model"), "sf.sparsify"), (lambda: sf.save(None, tmp_path), "sf.save"),
                        (lambda: sf.load(tmp_path, model={}), "sf.load"),

@@ -18,7 +18,7 @@ from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
 from .crossover import above_crossover
-from .state_dict import unexpected_of
+from .state_dict import as_kept, unexpected_of
 
 
 class ActSparseLinear(nn.Module):
@@ -53,8 +53,8 @@ class ActSparseLinear(nn.Module):
         effective = bias.detach().clone() if bias is not None else None
         if shift is not None:
             shift = shift.detach().to(weight.dtype)
-            folded = (weight.float() @ shift.float()).to(weight.dtype)
-            effective = folded if effective is None else (effective.float() + folded.float()).to(weight.dtype)
+            folded = weight.float() @ shift.float()  # rounded once, with the bias
+            effective = (folded if effective is None else effective.float() + folded).to(weight.dtype)
         self.register_buffer("shift", shift)
         self.bias = None if effective is None else nn.Parameter(effective, requires_grad=False)
         self._kernel = BoundKernel("act_sparse_linear", weight_format)
@@ -109,6 +109,8 @@ class ActSparseLinear(nn.Module):
             raise RuntimeError("ActSparseLinear holds placeholder buffers (ActSparseLinear.empty): load a state_dict "
                                "first")
         if self.shift is not None:  # (an op of its own under a compiler: see subtract_shift)
+            if isinstance(x, torch.Tensor) and x.dtype != self.shift.dtype:  # x - shift would promote x
+                raise TypeError(f"x is {x.dtype} but the weight is {self.shift.dtype}; convert one of them")
             x = subtract_shift(x, self.shift) if torch.compiler.is_compiling() else x - self.shift
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
@@ -140,7 +142,9 @@ class ActSparseLinear(nn.Module):
                               error_msgs):
         self._kernel.reset()
         persistent = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
-        incoming = {n: state_dict[prefix + n] for n in persistent if prefix + n in state_dict}
+        loaded = not self._unloaded
+        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded) for n in persistent
+                    if prefix + n in state_dict}
         names = [f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" else ["weight_t"]
         if any(n in incoming for n in names):
             # The weight these buffers make once loaded (incoming over the current ones) must be valid
@@ -153,9 +157,12 @@ class ActSparseLinear(nn.Module):
             elif tuple(weight["weight_t"].shape) != (self.in_features, self.out_features):
                 raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
                                  f"got {tuple(weight['weight_t'].shape)}")
+        if "shift" in incoming and tuple(incoming["shift"].shape) != (self.in_features,):
+            raise ValueError(f"{prefix}shift must have shape ({self.in_features},), "
+                             f"got {tuple(incoming['shift'].shape)}")
         for n in persistent:
             if n in incoming:
-                setattr(self, n, incoming[n].detach().clone(memory_format=torch.contiguous_format))
+                setattr(self, n, incoming[n])
             elif strict and getattr(self, n) is not None:
                 missing_keys.append(prefix + n)
         if strict:
@@ -166,7 +173,7 @@ class ActSparseLinear(nn.Module):
         if all(n in incoming for n in names):
             self._unloaded = False
         if self.bias is not None and prefix + "bias" in state_dict:
-            self.bias = nn.Parameter(state_dict[prefix + "bias"].detach().clone(), requires_grad=False)
+            self.bias = nn.Parameter(as_kept(state_dict[prefix + "bias"], self.bias, loaded), requires_grad=False)
         if self.dense_copy is not None and any_loaded:
             self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 

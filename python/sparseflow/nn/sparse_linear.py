@@ -22,7 +22,7 @@ from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
 from .crossover import above_crossover
-from .state_dict import unexpected_of
+from .state_dict import as_kept, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -55,7 +55,7 @@ class SparseLinear(nn.Module):
         else:
             raise TypeError(f"weight must be a sparseflow format or a 2-D tensor, got {type(weight).__name__}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)  # not shared
         self.dense_above = dense_above
         self._kernel = BoundKernel("linear", self.format_name)
         self._unloaded = False
@@ -158,7 +158,9 @@ class SparseLinear(nn.Module):
                               error_msgs):
         self._kernel.reset()
         names = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
-        incoming = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        loaded = not self._unloaded
+        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded) for n in names
+                    if prefix + n in state_dict}
         if self.format_name != "dense" and incoming:
             # The weight these buffers make once loaded (incoming over the current ones) must be valid:
             # a kernel trusts its sizes and indices.
@@ -168,10 +170,10 @@ class SparseLinear(nn.Module):
         if len(incoming) == len(names):
             self._unloaded = False
         for n, t in incoming.items():
-            setattr(self, n, t.detach().to(getattr(self, n).device).clone(memory_format=torch.contiguous_format))
+            setattr(self, n, t)
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
-            self.bias = nn.Parameter(state_dict[bias_key].detach().clone(), requires_grad=False)
+            self.bias = nn.Parameter(as_kept(state_dict[bias_key], self.bias, loaded), requires_grad=False)
         for n in names:
             if prefix + n not in state_dict and strict:
                 missing_keys.append(prefix + n)

@@ -3,7 +3,20 @@ their prefix is theirs."""
 
 from __future__ import annotations
 
+import torch
+
 
 def unexpected_of(state_dict: dict, prefix: str, known: list[str]) -> list[str]:
     """The keys under `prefix` that name nothing the module holds (strict loading reports them)."""
     return [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in known]
+
+
+def as_kept(incoming: torch.Tensor, current: torch.Tensor | None, loaded: bool) -> torch.Tensor:
+    """A loaded tensor as the module keeps it: sizes from the checkpoint, but the module's device and
+    floating dtype, as nn.Linear's load_state_dict copies into its parameters (a module that holds
+    only placeholders takes the checkpoint's dtype). Contiguous, and a copy: the kernels read it."""
+    t = incoming.detach()
+    if loaded and isinstance(current, torch.Tensor):
+        floating = t.is_floating_point() and current.is_floating_point()
+        t = t.to(device=current.device, dtype=current.dtype if floating else t.dtype)
+    return t.clone(memory_format=torch.contiguous_format)
