@@ -338,25 +338,39 @@ class SequentialPruner:
             return hook
 
         handles = [m.register_forward_hook(hook_for(n)) for n, m in self.targets.items()]
+        block_calls: list[list[tuple]] = []
         if self.blocks is not None:
             def block_hook(module, args):
                 if trace.first_block_call is None:
                     trace.first_block_call = len(trace.order)
 
             handles.append(self.blocks[1][0].register_forward_pre_hook(block_hook))
+            block_calls = [[] for _ in self.blocks[1]]
+            for i, block in enumerate(self.blocks[1]):
+                handles.append(block.register_forward_hook(
+                    lambda module, args, kwargs, output, i=i: block_calls[i].append((args, kwargs, output)),
+                    with_kwargs=True))
         try:
             call_model(self.model, item)
         finally:
             for h in handles:
                 h.remove()
+        if self.blocks is not None and not _chained(block_calls):
+            # Block by block would feed each block the previous one's output and the first one's
+            # other arguments: wrong here, so every stage runs the whole model instead.
+            self.blocks = None
+            trace.first_block_call = None
         return trace
 
     @staticmethod
     def groups(order: list[str], trace: _Trace) -> list[list[str]]:
-        """Consecutive Linears (in call order) that read the same input tensor."""
+        """Consecutive Linears (in call order) that read the same input tensor, each called once per
+        forward: one called again on other inputs needs a Hessian of its own (a shared one covered
+        only the first call)."""
         out: list[list[str]] = []
         for name in order:
-            if out and trace.input_key[out[-1][-1]] == trace.input_key[name]:
+            once = trace.calls.get(name, 1) == 1 and bool(out) and trace.calls.get(out[-1][-1], 1) == 1
+            if once and trace.input_key[out[-1][-1]] == trace.input_key[name]:
                 out[-1].append(name)
             else:
                 out.append([name])
@@ -463,6 +477,45 @@ class SequentialPruner:
                 bar.update()
             if b + 1 < len(self.blocks[1]):
                 inputs = [_next_inputs(block, args, kwargs) for args, kwargs in inputs]
+
+
+def _hidden_of(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _same(a, b) -> bool:
+    """The same argument value: one tensor, or equal tensors (containers compared item by item)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and (a is b or bool(torch.equal(a, b))))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects that cannot be compared are not the same
+        return a is b
+
+
+def _chained(block_calls: list[list[tuple]]) -> bool:
+    """Whether the traced blocks form a chain that can be run one block at a time: each called once,
+    each reading the previous one's output as its hidden states, all with the first one's other
+    arguments. Not so with a residual added by the parent, parallel branches, per-layer attention
+    masks (sliding-window layers) or arguments a block hands on (T5's position bias)."""
+    if any(len(calls) != 1 for calls in block_calls):
+        return False
+    calls = [c[0] for c in block_calls]
+    first_args, first_kwargs, _ = calls[0]
+    for (_, _, previous), (args, kwargs, _) in zip(calls[:-1], calls[1:], strict=True):
+        hidden = previous[0] if isinstance(previous, (tuple, list)) else previous
+        if not _same(_hidden_of(args, kwargs), hidden):
+            return False
+        rest = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
+        first_rest = {k: v for k, v in first_kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
+        if not (_same(args[1:], first_args[1:]) and _same(rest, first_rest)):
+            return False
+    return True
 
 
 def _next_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -173,10 +173,12 @@ def prune(
 
         def apply(names, acc):
             hess = acc.pop(names[0])
+            dead = hess.H.diagonal() == 0
             U = inverse_cholesky_upper(hess.H, dampening)
             del hess
             for n in names:
-                sparsegpt_prune_(layers[n].weight.data, None, spec, targets[n], blocksize, dampening, inverse_upper=U)
+                sparsegpt_prune_(layers[n].weight.data, None, spec, targets[n], blocksize, dampening, inverse_upper=U,
+                                 dead_inputs=dead)
 
         never = SequentialPruner(model, calib, layers, progress, "sparsegpt").run(stats, apply, per_block=False)
         notes.update(dict.fromkeys(never, "not called during calibration: left dense"))

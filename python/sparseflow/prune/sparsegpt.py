@@ -104,10 +104,12 @@ def sparsegpt_prune_(
     dampening: float = DEFAULT_DAMPENING,
     inverse_upper: torch.Tensor | None = None,
     inner_threads: int | None = 1,
+    dead_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prune `weight` [N, K] in place with OBS updates; returns the keep-mask. `hessian` [K, K] is
     X^T X (any positive scale) and is consumed; pass `inverse_upper` (from inverse_cholesky_upper)
-    instead to reuse one factorisation for several layers that share the same inputs.
+    instead to reuse one factorisation for several layers that share the same inputs, with
+    `dead_inputs` (the inputs whose diagonal of X^T X is zero).
 
     The column-by-column part runs on `inner_threads` threads (default 1; None: torch's setting):
     its operations are small ([N, <= B] updates), and waking a thread pool thousands of times per
@@ -117,10 +119,17 @@ def sparsegpt_prune_(
     if spec.kind not in ("unstructured", "n:m", "block"):
         raise ValueError(f"SparseGPT prunes unstructured, n:m and block patterns, not {spec}")
     rows, cols = weight.shape
+    if dead_inputs is None and hessian is not None:
+        dead_inputs = hessian.diagonal() == 0
     U = inverse_upper if inverse_upper is not None else inverse_cholesky_upper(hessian, dampening)
     if U.shape != (cols, cols):
         raise ValueError(f"Hessian factor has shape {tuple(U.shape)}, expected {(cols, cols)}")
     W = weight.detach().to(torch.float32).clone()
+    if dead_inputs is not None and bool(dead_inputs.any()):
+        # Inputs that were always zero: their weights never mattered on the calibration data, so they
+        # go first (as in the reference implementation); left in, their unit pivot made them look
+        # important whenever the live inputs were small, and SparseGPT lost to magnitude.
+        W[:, dead_inputs.to(W.device)] = 0
     mask = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     B = _lazy_blocksize(spec, blocksize)
     S = _sub_blocksize(spec, B)
