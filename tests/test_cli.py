@@ -132,3 +132,21 @@ def test_convert_writes_a_loadable_directory(tmp_path, capsys):
     model = sf.from_pretrained(tmp_path / "dst")
     assert sum(isinstance(m, sf.SparseLinear) for m in model.modules()) == 7
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2  # DST exists: refused
+
+
+def test_convert_calibrates_with_a_tokenizer_that_has_no_pad_token(tmp_path, capsys):
+    """Llama, Mistral and GPT-2 tokenizers have no pad token: convert's default method (wanda)
+    failed asking for one. It pads with eos (or unk); the attention mask keeps padding out."""
+    transformers = pytest.importorskip("transformers")
+    from sparseflow.models import minilm_path
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=30522)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "src")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "src").pad_token is None
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--json"]) == 0  # wanda, 2:4
+    report = json.loads(capsys.readouterr().out)
+    assert [layer["choice"] for layer in report["layers"]] == ["2:4"] * 7

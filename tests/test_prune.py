@@ -642,3 +642,15 @@ def test_sparsegpt_gives_a_linear_called_twice_a_hessian_of_all_its_inputs():
     with torch.no_grad():
         sparsegpt_prune_(first_only.b.weight.data, H.float(), parse_pattern("unstructured"), 0.5)
     assert error_of_b(pruned) < 0.9 * error_of_b(first_only)
+
+
+def test_max_layer_sparsity_is_checked():
+    with pytest.raises(ValueError, match="max_layer_sparsity must be in"):
+        prune(mlp(), "magnitude", 0.5, allocation="global", max_layer_sparsity=-0.5)
+    with pytest.raises(ValueError, match="max_layer_sparsity must be a number"):
+        prune(mlp(), "magnitude", 0.5, allocation="lamp", max_layer_sparsity="x")
+    with pytest.warns(UserWarning, match="below the target sparsity"):
+        prune(mlp(), "magnitude", 0.5, allocation="global", max_layer_sparsity=0.3)
+    with pytest.warns(UserWarning, match="ignored"):
+        report = prune(mlp(), "magnitude", 0.9, max_layer_sparsity=0.5)  # uniform: every layer at 0.9
+    assert all(abs(layer.sparsity - 0.9) < 0.01 for layer in report)

@@ -237,3 +237,26 @@ def test_structured_errors():
         prune(mlp(), "magnitude", 0.5, "heads")
     with pytest.raises(ValueError, match="needs calibration"):
         prune(mlp(), "variance", 0.5, "neurons")
+
+
+@pytest.mark.parametrize("arch,pattern,method", [("bert", "heads", "magnitude"), ("llama", "neurons", "sparsegpt"),
+                                                 ("llama", "heads", "variance")])
+def test_sparse_save_pretrained_of_a_shrunk_model_reloads_exactly(arch, pattern, method, tmp_path):
+    """sf.from_pretrained built the model from its config alone: a size mismatch for removed heads,
+    an unexpected key for an added bias. It now applies the recorded structure; load_shrunk reads
+    sparseflow's directories too; the dense exports warn that other engines drop added biases."""
+    import sparseflow as sf
+
+    model = tiny_bert() if arch == "bert" else tiny_llama()
+    cal = bert_batches() if arch == "bert" else [torch.randint(0, 120, (2, 10)) for _ in range(3)]
+    prune(model, method, 0.5, pattern, calibration=cal, progress=False)
+    sf.sparsify(model, measure=False)
+    before = run(model, cal[0])
+    sf.save_pretrained(model, tmp_path / "sparse")
+    assert torch.equal(run(sf.from_pretrained(tmp_path / "sparse"), cal[0]), before)
+    assert torch.equal(run(load_shrunk(str(tmp_path / "sparse")), cal[0]), before)
+    added = getattr(model.config, STRUCTURE_KEY, {}).get("bias")
+    if added:
+        with pytest.warns(UserWarning, match="carry biases that .* has no place for"):
+            sf.export_dense(model, tmp_path / "dense")
+        assert torch.allclose(run(load_shrunk(str(tmp_path / "dense")), cal[0]), before, atol=1e-5)

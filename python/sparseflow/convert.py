@@ -25,6 +25,13 @@ def _calibration(tokenizer, path: str | None, batches: int = 8, batch_size: int 
 
         sentences = load_sentences("calibration")
     chunks = [sentences[i : i + batch_size] for i in range(0, len(sentences), batch_size)][:batches]
+    if getattr(tokenizer, "pad_token", None) is None:  # Llama, Mistral, GPT-2: pad with eos (or unk);
+        # the attention mask keeps the padding out of the statistics
+        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+        if filler is None:  # nothing to pad with: one sentence per batch
+            chunks = [[s] for s in sentences[: batches * batch_size]]
+        else:
+            tokenizer.pad_token = filler
     return [dict(tokenizer(c, padding=True, truncation=True, max_length=128, return_tensors="pt")) for c in chunks]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .io._safetensors import read_safetensors, write_safetensors
 from .io.compressed_tensors import write_compressed_tensors
 from .io.inputs import check_module
 from .nn import ActSparseLinear, SparseLinear
+from .prune.shrink import STRUCTURE_KEY, apply_structure
 
 WEIGHTS = "model.safetensors"
 DESCRIPTION = "sparseflow.json"
@@ -190,13 +192,20 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     return _fill(model, description, tensors).eval()
 
 
+def _save_config(model: nn.Module, directory: Path) -> None:
+    """config.json naming the model's class, as transformers' own save_pretrained writes it (AutoModel
+    and sparseflow.prune.load_shrunk read `architectures`)."""
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """Saves a transformers model with its sparse layers: config.json + model.safetensors + sparseflow.json."""
     config = getattr(check_module(model, "sf.save_pretrained"), "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with .config); use sf.save otherwise")
     with replacing_files(directory, ("config.json", "generation_config.json", DESCRIPTION, WEIGHTS)) as tmp:
-        config.save_pretrained(tmp)
+        _save_config(model, tmp)
         _write(model, tmp, {"transformers_class": type(model).__name__})
 
 
@@ -211,8 +220,11 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     if cls is None:
         raise ValueError(f"{directory}: unknown transformers class {cls_name!r}")
     config = transformers.AutoConfig.from_pretrained(directory)
+    structure = getattr(config, STRUCTURE_KEY, None)
     with torch.device("meta"):
         model = cls(config)
+        if structure:  # shrunk by structured pruning: heads or neurons removed, biases added
+            apply_structure(model, structure)
     model = _fill(model, description, tensors)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -243,13 +255,26 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _warn_structure_lost(model: nn.Module, what: str) -> None:
+    """Structured pruning may add biases the architecture has none of (its refit of the next layer):
+    other engines build the model from its config and drop them, so their outputs differ."""
+    structure = getattr(getattr(model, "config", None), STRUCTURE_KEY, None) or {}
+    added = structure.get("bias", [])
+    if added:
+        warnings.warn(f"{what}: {len(added)} layers ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}) "
+                      f"carry biases that {type(model).__name__} has no place for (added by structured pruning); "
+                      "transformers and vLLM drop them and compute something else. sparseflow.prune.load_shrunk "
+                      "(or sf.save_pretrained + sf.from_pretrained) keeps them.", UserWarning, stacklevel=3)
+
+
 def export_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     """Dense-with-zeros safetensors (+ config.json for transformers models) that transformers and
     vLLM load unchanged."""
     check_module(model, "sf.export_dense")
+    _warn_structure_lost(model, "export_dense")
     with replacing_files(directory, ("config.json", "generation_config.json", WEIGHTS)) as tmp:
         if getattr(model, "config", None) is not None:
-            model.config.save_pretrained(tmp)
+            _save_config(model, tmp)
         write_safetensors(tmp / WEIGHTS, dense_state_dict(model), {"format": "pt"})
 
 
@@ -259,6 +284,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,
     from .io.inputs import compress
 
     check_module(model, "sf.export_compressed_tensors")
+    _warn_structure_lost(model, "export_compressed_tensors")
     sparse_names = {name for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
     weights: dict[str, Any] = {}
     for key, t in dense_state_dict(model).items():

@@ -89,6 +89,25 @@ def _check_sparsity(sparsity) -> float:
     return s
 
 
+def _check_cap(cap, sparsity: float, allocation: str, spec: PatternSpec) -> float | None:
+    """max_layer_sparsity: None, or a number in (0, 1]; a warning where it cannot act or caps the target."""
+    if cap is None:
+        return None
+    try:
+        cap = float(cap)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_layer_sparsity must be a number in (0, 1], got {cap!r}") from None
+    if not 0 < cap <= 1:
+        raise ValueError(f"max_layer_sparsity must be in (0, 1], got {cap}")
+    if allocation == "uniform" or spec.kind == "n:m" or spec.structured:
+        warnings.warn(f"max_layer_sparsity is ignored with allocation={allocation!r} and pattern={str(spec)!r}: every "
+                      "layer gets the target sparsity", UserWarning, stacklevel=3)
+    elif cap < sparsity:
+        warnings.warn(f"max_layer_sparsity={cap} is below the target sparsity {sparsity}: no layer can reach it, so "
+                      f"the model ends at {cap}", UserWarning, stacklevel=3)
+    return cap
+
+
 def _check_method(method, spec: PatternSpec) -> str:
     allowed = STRUCTURED_METHODS if spec.structured else METHODS
     if not isinstance(method, str) or method.lower() not in allowed:
@@ -137,6 +156,7 @@ def prune(
     if spec.kind == "n:m":
         sparsity = spec.fixed_sparsity or 0.0
     allocation = alloc.check_allocation(allocation)
+    max_layer_sparsity = _check_cap(max_layer_sparsity, sparsity, allocation, spec)
     if calibration is None and (method in CALIBRATED or allocation == "owl"):
         what = f"method={method!r}" if method in CALIBRATED else "allocation='owl'"
         raise ValueError(f"{what} needs calibration data: pass calibration=<iterable of model inputs> (e.g. a few "

@@ -212,6 +212,10 @@ def load_shrunk(path: str, model_class=None, device: str | torch.device = "cpu")
     `model_class.from_pretrained(path)`. `model_class` defaults to the config's architecture."""
     import transformers
 
+    if os.path.exists(os.path.join(path, "sparseflow.json")):  # written by sf.save_pretrained (sparse layers)
+        from ..model_io import from_pretrained
+
+        return from_pretrained(path).to(device)
     config = transformers.AutoConfig.from_pretrained(path)
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
