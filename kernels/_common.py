@@ -96,6 +96,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Grid axes 1 and 2 take at most 65535 programs: kernels that put blocks of rows there (at least 16
+# rows each) run larger inputs in launches of this many rows.
+LAUNCH_ROWS = 65535 * 16
+
+
+def in_row_launches(fn, x2: torch.Tensor, y: torch.Tensor, *args) -> torch.Tensor | None:
+    """fn(x2 rows, *args, out=y rows) for each launch's rows, or None where one launch takes x2."""
+    if x2.shape[0] <= LAUNCH_ROWS:
+        return None
+    for s in range(0, x2.shape[0], LAUNCH_ROWS):
+        fn(x2[s : s + LAUNCH_ROWS], *args, out=y[s : s + LAUNCH_ROWS])
+    return y
+
+
 def output(x2: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
     """The [M, n] result: `out` after checking it (tests pass a poisoned one), or a new tensor."""
     if out is None:

@@ -22,6 +22,7 @@ from ._common import (
     check_x,
     choose_configs,
     dot_precision,
+    in_row_launches,
     interpreter_mode,
     m_bucket,
     on_device,
@@ -59,12 +60,12 @@ def act_sparse_dense_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < k_hi
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=m_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
-        # Out-of-range lanes read 0 and threshold >= 0, so they are inactive.
+        # Out-of-range lanes read 0: inactive unless the threshold is negative (masked below).
         active = ~(tl.abs(x) <= threshold)
         xa = tl.where(active, x, 0.0)
-        w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
+        w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
         if USE_DOT:
             # A tile of 16+ rows of x needs nearly every weight row, and a load whose mask waits on
             # x cannot be issued stages ahead: read the whole tile, as a dense GEMM does.
@@ -75,7 +76,8 @@ def act_sparse_dense_kernel(
                 acc = tl.dot(xa.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
         else:
             row_live = tl.max(active.to(tl.int32), axis=0) > 0
-            w = tl.load(w_ptrs, mask=row_live[:, None] & n_in[None, :], other=0.0)
+            # k_in too: with a negative threshold the lanes past K count as active
+            w = tl.load(w_ptrs, mask=(row_live & k_in)[:, None] & n_in[None, :], other=0.0)
             acc += tl.sum(xa[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
 
     store_split_k(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n, split_k, offs_m,
@@ -116,10 +118,16 @@ def act_sparse_dense(x2: torch.Tensor, w_t: torch.Tensor, threshold: float, bias
     the GPU and prefill does not split."""
     k, n = w_t.shape
     check_x(x2, k, w_t.dtype, "act_sparse_dense", INTERPRET)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")  # 0 left the workspace dirty
     y = output(x2, n, out)
     m = x2.shape[0]
-    if m == 0:
+    if m == 0 or n == 0:
         return y
+    if k == 0:  # nothing to sum: the bias alone
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    if (done := in_row_launches(act_sparse_dense, x2, y, w_t, threshold, bias)) is not None:
+        return done
     # Compare |x| with the threshold rounded to x's dtype, as the torch reference does.
     thr = float(torch.tensor(float(threshold), dtype=x2.dtype).float())
     bias_arg, has_bias = bias_or_dummy(bias, y)

@@ -52,14 +52,14 @@ def bitmask_gemv_kernel(
         w = tl.load(v_ptr + run[:, None] + before, mask=bit != 0, other=0.0)
         run += tl.sum(bit, axis=1)
         if USE_DOT:
-            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                         mask=m_in[:, None] & k_in[None, :], other=0.0)
             if UPCAST_DOT:  # the interpreter's numpy dot cannot take bf16
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            x = tl.load(x_ptr + offs_k * stride_xk, mask=k_in, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs_k.to(tl.int64) * stride_xk, mask=k_in, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :]
 
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_in, n_in, stride_ym, HAS_BIAS)

@@ -124,14 +124,14 @@ def nm_matmul_kernel(
         if not EVEN_K or USE_DOT:
             w = tl.where((offs_k < K)[None, :], w, 0.0)
         if USE_DOT:
-            x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+            x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
             x = tl.load(x_ptrs, mask=m_in[:, None] & (offs_k < K)[None, :], other=0.0)
             if UPCAST_DOT:  # the interpreter's numpy dot cannot take bf16
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x, tl.trans(w).to(x.dtype), acc, input_precision=DOT_PRECISION)
         else:  # GEMV (BLOCK_M == 1)
-            x = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k * stride_xk,
+            x = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k.to(tl.int64) * stride_xk,
                         mask=(offs_k < K) & (pid_m < M), other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :]
 

@@ -97,6 +97,10 @@ def test_a_refused_act_sparse_load_changes_nothing():
 def test_act_sparse_thresholds_must_be_non_negative(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         sf.ActSparseLinear.from_linear(pruned(), threshold)
+    module = sf.ActSparseLinear.from_linear(pruned(), 0.1)
+    with pytest.raises(ValueError, match="threshold must be >= 0"):  # an assignment is checked too
+        module.threshold = threshold
+    assert module.threshold == 0.1
     path = saved(tmp_path, sf.ActSparseLinear.from_linear(pruned(), 0.1))
     description, tensors = read(path)
     description["architecture"]["children"][0]["spec"]["threshold"] = threshold

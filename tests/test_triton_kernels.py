@@ -300,3 +300,47 @@ def test_nm_decode_leaves_workspace_zeroed():
         x = randn(rows, K, dtype=torch.float32, gen=gen)
         check_linear(nm.nm_linear(x, w), x, w.to_dense(), None)
         assert not _common.zeroed_workspace(torch.device("cpu"), 4).any(), "workspace not left at zero"
+
+
+def test_act_sparse_refuses_a_split_k_below_one_and_stays_clean():
+    """split_k=0 returned unwritten output and left tickets in the shared workspace, which broke the
+    next (correct) calls of every split-K kernel."""
+    from sparseflow.kernels import _common
+
+    gen = gen_for("split0")
+    x, w_t = randn(1, K, dtype=torch.float32, gen=gen), randn(K, N, dtype=torch.float32, gen=gen)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+            act_sparse.act_sparse_dense(x, w_t, 0.5, split_k=bad)
+    assert not _common.zeroed_workspace(torch.device("cpu"), 4).any()
+    check_act_sparse(act_sparse.act_sparse_dense(x, w_t, 0.5), x, w_t, 0.5, None)
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_act_sparse_negative_threshold_reads_no_row_past_k(M):
+    """With a negative threshold every lane is active, the ones past K too: the GEMV read w_t's
+    rows past K (NaN here, in the same storage)."""
+    gen = gen_for("negthr", M)
+    big = torch.full((K + 16, N), float("nan"))
+    big[:K] = randn(K, N, dtype=torch.float32, gen=gen)
+    w_t = big[:K]
+    x = randn(M, K, dtype=torch.float32, gen=gen)
+    y = act_sparse.act_sparse_dense(x, w_t, -1.0)
+    check_linear(y, x, w_t.t().contiguous(), None)
+
+
+def test_act_sparse_empty_k_or_n_and_long_inputs_in_several_launches(monkeypatch):
+    from sparseflow.kernels import _common
+
+    bias = torch.randn(8)
+    torch.testing.assert_close(gpu.triton_act_sparse_dense(torch.randn(2, 0), torch.zeros(0, 8), 0.1, bias),
+                               bias.expand(2, 8))
+    assert gpu.triton_act_sparse_dense(torch.randn(2, 8), torch.zeros(8, 0), 0.1, None).shape == (2, 0)
+    monkeypatch.setattr(_common, "LAUNCH_ROWS", 20)  # grid axes past 0 hold 65535 blocks of rows
+    gen = gen_for("launches")
+    x = act_inputs(45, torch.float32, gen)
+    w_t = randn(K, N, dtype=torch.float32, gen=gen)
+    check_act_sparse(act_sparse.act_sparse_dense(x, w_t, 0.6, bias[:1].expand(N).contiguous()), x, w_t, 0.6,
+                     bias[:1].expand(N).contiguous())
+    w = sf.BSR.from_dense(randn(32, K, dtype=torch.float32, gen=gen), (16, 16))
+    check_linear(bsr.bsr_linear(x, w), x, w.to_dense(), None)

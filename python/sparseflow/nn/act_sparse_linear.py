@@ -40,7 +40,7 @@ class ActSparseLinear(nn.Module):
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.threshold = _checked_threshold(threshold)
+        self.threshold = threshold
         self.weight_format = weight_format
         w_t = weight.detach().t().contiguous()
         _check_finite(w_t)
@@ -70,7 +70,7 @@ class ActSparseLinear(nn.Module):
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.out_features, mod.in_features = (int(s) for s in shape)
-        mod.threshold, mod.weight_format, mod.dense_above = _checked_threshold(threshold), weight_format, dense_above
+        mod.threshold, mod.weight_format, mod.dense_above = threshold, weight_format, dense_above
         names = ["weight_t"] if weight_format == "dense" else [f"weight_t_{n}" for n in Bitmask.tensor_names]
         for name in names:
             mod.register_buffer(name, torch.empty(0))
@@ -80,6 +80,14 @@ class ActSparseLinear(nn.Module):
         mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense else None, persistent=False)
         return mod
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:  # checked on every assignment: the kernels trust it
+        self._threshold = _checked_threshold(value)
 
     def _keep_dense(self, on: bool) -> None:
         """The [out, in] copy for rows above the crossover (not persistent: loading rebuilds it)."""
