@@ -654,3 +654,25 @@ def test_max_layer_sparsity_is_checked():
     with pytest.warns(UserWarning, match="ignored"):
         report = prune(mlp(), "magnitude", 0.9, max_layer_sparsity=0.5)  # uniform: every layer at 0.9
     assert all(abs(layer.sparsity - 0.9) < 0.01 for layer in report)
+
+
+def test_an_encoder_decoder_item_masks_each_stream_with_its_own_mask():
+    """The encoder's attention_mask was applied to decoder tokens of the same length."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100)
+    model = transformers.BartModel(config).eval()
+    ids = torch.randint(3, 100, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 4:] = 0  # the encoder's second row: 6 padded tokens
+    item = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 100, (2, 10))}
+    layers = select_linears(model)
+    stats = collect_stats(model, Calibration(model, [item]), layers, lambda n, lin: SquaredNorms(lin.in_features))
+    assert stats["encoder.layers.0.fc1"].count == 14
+    assert stats["decoder.layers.0.fc1"].count == stats["decoder.layers.0.self_attn.q_proj"].count == 20
+    decoder_mask = torch.ones(2, 10, dtype=torch.long)
+    decoder_mask[0, 7:] = 0
+    stats = collect_stats(model, Calibration(model, [{**item, "decoder_attention_mask": decoder_mask}]), layers,
+                          lambda n, lin: SquaredNorms(lin.in_features))
+    assert stats["decoder.layers.0.fc1"].count == 17 and stats["encoder.layers.0.fc1"].count == 14

@@ -70,12 +70,29 @@ def call_model(model: nn.Module, item):
                          "model(*x)") from e
 
 
-def token_mask_of(item) -> torch.Tensor | None:
-    if isinstance(item, Mapping):
-        mask = item.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return mask.bool()
-    return None
+def _mask_2d(mask) -> torch.Tensor | None:
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def token_mask_of(item) -> torch.Tensor | dict | None:
+    """Which tokens of a calibration item are real (padding is left out of the statistics): its
+    attention_mask; for an encoder-decoder item (decoder_* inputs), one mask per stream, as the
+    encoder's mask does not describe the decoder's tokens."""
+    if not isinstance(item, Mapping):
+        return None
+    mask = _mask_2d(item.get("attention_mask"))
+    if any(str(key).startswith("decoder_") for key in item):
+        return {"encoder": mask, "decoder": _mask_2d(item.get("decoder_attention_mask"))}
+    return mask
+
+
+def mask_for(mask: torch.Tensor | dict | None, name: str) -> torch.Tensor | None:
+    """The token mask of the stream Linear `name` reads: the decoder's under a module named decoder.
+    (A decoder's cross-attention keys and values read the encoder's tokens; without a decoder mask
+    they are counted unmasked, padding included.)"""
+    if isinstance(mask, dict):
+        return mask["decoder" if "decoder" in name.split(".") else "encoder"]
+    return mask
 
 
 class Calibration:
@@ -242,14 +259,14 @@ class _Hooks:
         def hook(module, inputs, output):
             acc = self.stats.get(name)
             if acc is not None:
-                acc.add(flat_rows(inputs[0], self.mask))
+                acc.add(flat_rows(inputs[0], mask_for(self.mask, name)))
             self.seen[name] = self.seen.get(name, 0) + 1
             if self.early_stop and all(self.seen.get(n, 0) >= c for n, c in self.calls.items()):
                 raise StopForward
 
         return hook
 
-    def start(self, mask: torch.Tensor | None) -> None:
+    def start(self, mask: torch.Tensor | dict | None) -> None:
         self.mask, self.seen = mask, {}
 
     def remove(self) -> None:
