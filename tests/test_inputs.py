@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -179,3 +181,53 @@ def test_compress():
     with pytest.raises(ValueError, match="unknown format 'x:y'") as info:
         compress(w, "x:y")
     assert "'n:m'" not in str(info.value)  # the message does not offer a string it refuses
+
+
+def test_a_pruned_bias_is_taken_as_the_forward_computes_it():
+    """torch.nn.utils.prune refreshes `bias` only before a forward: after a load it is stale."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    prune.l1_unstructured(lin, "weight", 0.5)
+    prune.l1_unstructured(lin, "bias", 0.5)
+    state = {k: v.clone() for k, v in lin.state_dict().items()}
+    state["bias_orig"] += 1
+    lin.load_state_dict(state)  # no forward since: lin.bias is the old one
+    x = torch.randn(3, 64)
+    modules = [sf.SparseLinear.from_linear(lin, "bitmask"), sf.ActSparseLinear.from_linear(lin, threshold=0.0)]
+    for module in modules:  # built before lin's next forward
+        torch.testing.assert_close(module(x), lin(x))
+    model = nn.Sequential(lin)
+    sf.sparsify(model, format="bitmask", measure=False)
+    torch.testing.assert_close(model(x), modules[0](x))
+
+
+def test_torch_pruned_layers_left_dense_save_and_load(tmp_path):
+    """sparsify leaves some layers dense; torch's prune hooks (X.weight_orig, X.weight_mask) and
+    torch.ao's parametrizations on them made a file sf.load refused."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    pruned = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    for layer in (pruned[0], pruned[2]):
+        prune.l1_unstructured(layer, "weight", 0.5)
+    ao = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(ao, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    sparsifier.step()
+    for i, model in enumerate((pruned, ao)):
+        sf.sparsify(model, include=["0"], format="bitmask", measure=False)
+        sf.save(model, tmp_path / str(i))
+        back = sf.load(tmp_path / str(i))
+        assert type(back[2]) is nn.Linear and (back[2].weight == 0).float().mean() == 0.5  # the pruning kept
+        assert torch.equal(back(x), model(x))
+
+
+def test_torch_sparse_tensors_and_multi_tensor_parametrizations():
+    w = torch.randn(8, 16) * (torch.rand(8, 16) < 0.5)
+    assert sf.detect_pattern(w.to_sparse()) == sf.detect_pattern(w) == "unstructured"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: sparse CSR support is in beta
+        assert sf.detect_pattern(w.to_sparse_csr()) == "unstructured"
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="parametrization of several tensors"):
+        state_dict_weights({f"l.{k}": v for k, v in lin.state_dict().items()})
+    torch.testing.assert_close(dense_weight(lin), lin.weight.detach())  # the live module evaluates it

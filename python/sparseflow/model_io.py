@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._version import __version__
 from .io._atomic import atomic_write_bytes, replacing_files
 from .io._safetensors import read_safetensors, write_safetensors
 from .io.compressed_tensors import write_compressed_tensors
-from .io.inputs import check_module
+from .io.inputs import check_module, effective_tensor
 from .nn import ActSparseLinear, SparseLinear
 from .prune.shrink import STRUCTURE_KEY, apply_structure
 
@@ -55,13 +56,16 @@ CONTAINERS = {"Sequential": lambda children: nn.Sequential(*children), "ModuleLi
 
 def architecture(module: nn.Module) -> dict | None:
     """A JSON description that rebuilds the module, or None when it is not made of known blocks."""
-    name = type(module).__name__
+    cls = type(module)
+    if parametrize.is_parametrized(module):  # saved folded (_folded_state_dict): rebuilt as the plain class
+        cls = cls.__bases__[0]
+    name = cls.__name__
     if isinstance(module, (SparseLinear, ActSparseLinear)):
         return {"class": name, "spec": module.spec()}
     if type(module) in (nn.Sequential, nn.ModuleList):
         children = [architecture(c) for c in module]
         return None if any(c is None for c in children) else {"class": name, "children": children}
-    if name in BUILDING_BLOCKS and type(module) is getattr(nn, name):
+    if name in BUILDING_BLOCKS and cls is getattr(nn, name):
         return {"class": name, "args": BUILDING_BLOCKS[name][0](module)}
     return None
 
@@ -115,10 +119,29 @@ def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any]) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**model.state_dict(), **_nonpersistent_buffers(model)}
+    tensors = {**_folded_state_dict(model), **_nonpersistent_buffers(model)}
     description = {"sparseflow": __version__, "modules": _sparse_modules(model), **extra}
     write_safetensors(directory / WEIGHTS, tensors, {"sparseflow": json.dumps(description)})
     atomic_write_bytes(directory / DESCRIPTION, json.dumps(description, indent=1).encode())
+
+
+def _folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with torch's own pruning folded in: a layer pruned with torch.nn.utils.prune
+    (X.weight_orig, X.weight_mask) or parametrized (X.parametrizations.weight.*; torch.ao's
+    FakeSparsity keeps its mask out of the state dict) is saved as its effective X.weight, which
+    the rebuilt plain layer loads (sparsify leaves such layers dense where sparse does not pay)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for p in ("weight", "bias"):
+            pruned = hasattr(module, f"{p}_orig") and hasattr(module, f"{p}_mask")
+            if not (pruned or parametrize.is_parametrized(module, p)):
+                continue
+            folded = (f"{prefix}{p}_orig", f"{prefix}{p}_mask")
+            for key in [k for k in state if k in folded or k.startswith(f"{prefix}parametrizations.{p}.")]:
+                del state[key]
+            state[f"{prefix}{p}"] = effective_tensor(module, p)
+    return state
 
 
 def _read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dispatch
 from .formats import detect_pattern
-from .io.inputs import check_module, compress, dense_weight, parse_format
+from .io.inputs import check_module, compress, dense_weight, effective_tensor, parse_format
 from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
 from .prune.capture import call_model
 
@@ -300,7 +300,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             shift = input_modes(x).to(w.dtype) if mode_centering else None
             thr = threshold_for(x, float(target), shift)
             wf = "bitmask" if pattern.density <= 0.7 else "dense"
-            new = ActSparseLinear(w, lin.bias, thr, shift, wf)
+            new = ActSparseLinear(w, effective_tensor(lin, "bias"), thr, shift, wf)
             if measure:
                 timed = dispatch.measure_act(w, new.w_t(), wf, float(target), m_range, use_cache=use_cache,
                                              remeasure=remeasure)
@@ -348,7 +348,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
         plan = plan_rows(speed[label], timed["batched"][label], m_range, prefill)
-        new = SparseLinear(cands[label], lin.bias, dense_above=plan.dense_above, keep_dense=plan.keep_dense)
+        new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
+                           keep_dense=plan.keep_dense)
         reports.append(LayerReport(**base, choice=label, backend=plan.backend,
                                    bytes_after=cands[label].nbytes + (before if plan.keep_dense else 0),
                                    speedup=plan.speedup, note=plan.note))

@@ -48,7 +48,9 @@ def detect_pattern(w: torch.Tensor) -> Pattern:
       squarest, then the taller;
     - else "unstructured" (an all-zero weight included).
 
-    A -0.0 counts as zero."""
+    A -0.0 counts as zero. Torch sparse tensors (COO, CSR, BSR...) are read densified."""
+    if isinstance(w, torch.Tensor) and (w.layout != torch.strided or w.is_sparse):
+        w = w.to_dense()
     w = check_weight(w)
     rows, cols = w.shape
     nm_sides = [m for m in (4, 8, 16) if cols >= m]

@@ -40,6 +40,18 @@ def _apply_mask(name: str, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask != 0, masked, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
+def effective_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A module's tensor `name` ("weight", "bias") as its forward uses it, or None: pruned with
+    torch.nn.utils.prune (name_orig * name_mask, recomputed: the attribute itself is only refreshed
+    by a forward and can be stale), parametrized (evaluated), or plain."""
+    orig, mask = getattr(module, f"{name}_orig", None), getattr(module, f"{name}_mask", None)
+    if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        return _apply_mask(f"{type(module).__name__}.{name}", orig.detach(), mask.detach())
+    with torch.no_grad():
+        t = getattr(module, name, None)  # evaluates any parametrization on the live module
+    return t.detach() if isinstance(t, torch.Tensor) else None
+
+
 def dense_weight(obj: Any) -> torch.Tensor:
     """The effective dense weight [out, in] (pruned entries are zeros) of a dense tensor, a sparseflow
     format, a torch sparse tensor, an nn.Linear, a module pruned with torch.nn.utils.prune, or a
@@ -47,15 +59,10 @@ def dense_weight(obj: Any) -> torch.Tensor:
     if isinstance(obj, SparseFormat):
         return obj.to_dense()
     if isinstance(obj, nn.Module):
-        orig, mask = getattr(obj, "weight_orig", None), getattr(obj, "weight_mask", None)
-        if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
-            w = _apply_mask(type(obj).__name__, orig.detach(), mask.detach())
-        elif isinstance(getattr(obj, "weight", None), torch.Tensor):
-            with torch.no_grad():
-                w = obj.weight  # evaluates any parametrization on the live module
-        else:
+        w = effective_tensor(obj, "weight")
+        if w is None:
             raise TypeError(f"{type(obj).__name__} has no weight tensor")
-        return check_weight(w.detach(), f"{type(obj).__name__}.weight")
+        return check_weight(w, f"{type(obj).__name__}.weight")
     if isinstance(obj, torch.Tensor):
         w = obj.detach()
         if w.layout != torch.strided or w.is_sparse:  # torch sparse COO/CSR/BSR or semi-structured
@@ -79,6 +86,9 @@ def state_dict_weights(
     # First pass: which keys fold into which weight, so that key order in `sd` does not matter.
     folds: dict[str, tuple[str, list[str]]] = {}  # key of the unmasked weight -> (folded name, mask keys)
     for key in sd:
+        if re.search(r"(?:^|\.)parametrizations\.[^.]+\.original\d+$", key):  # weight_norm and friends
+            raise ValueError(f"{key!r} belongs to a parametrization of several tensors, so the weight cannot be "
+                             "computed from the state dict; load it into the module and call dense_weight(module)")
         if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in sd:
             folds[key] = (key[: -len("_orig")], [key[: -len("_orig")] + "_mask"])
         elif (match := _PARAMETRIZED.match(key)) is not None:

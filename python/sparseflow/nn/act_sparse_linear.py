@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import Bitmask
-from ..io.inputs import dense_weight
+from ..io.inputs import dense_weight, effective_tensor
 from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
@@ -98,7 +98,7 @@ class ActSparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, threshold: float = 0.0, shift: torch.Tensor | None = None,
                     weight_format: str = "dense") -> ActSparseLinear:
-        return cls(dense_weight(linear), getattr(linear, "bias", None), threshold, shift, weight_format)
+        return cls(dense_weight(linear), effective_tensor(linear, "bias"), threshold, shift, weight_format)
 
     def w_t(self):
         if self.weight_format == "dense":

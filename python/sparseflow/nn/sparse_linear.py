@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FORMATS, SparseFormat, detect_pattern
-from ..io.inputs import compress, dense_weight
+from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
         """Compresses an nn.Linear (torch prune masks and parametrizations are folded in) into
         `format`: "auto" | "bitmask" | "csr" | "bsr" | "block(bm,bk)" | "2:4" | "n:m" (e.g. "4:8") | "dense"."""
         w = dense_weight(linear)
-        bias = getattr(linear, "bias", None)
+        bias = effective_tensor(linear, "bias")  # (a pruned bias's attribute can be stale)
         if format == "auto":
             format = auto_format(w)
         if format == "dense":
