@@ -231,3 +231,19 @@ def test_torch_sparse_tensors_and_multi_tensor_parametrizations():
     with pytest.raises(ValueError, match="parametrization of several tensors"):
         state_dict_weights({f"l.{k}": v for k, v in lin.state_dict().items()})
     torch.testing.assert_close(dense_weight(lin), lin.weight.detach())  # the live module evaluates it
+
+
+def test_fake_sparsity_zeroes_a_non_finite_value_it_prunes_as_the_prune_path_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    mask = model[0].parametrizations.weight[0].mask
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[~mask.bool()] = float("inf")
+    live = dense_weight(model[0])
+    assert torch.isfinite(live).all() and (live == 0).float().mean() == 0.5
+    folded = state_dict_weights({"0.weight": model[0].parametrizations.weight.original.detach()},
+                                {"0.weight": mask})
+    assert torch.equal(live, folded["0.weight"])

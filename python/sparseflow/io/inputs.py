@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..formats import BSR, CSR, NM, Bitmask, SparseFormat
 from ..formats.base import check_weight
@@ -44,9 +45,18 @@ def effective_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     """A module's tensor `name` ("weight", "bias") as its forward uses it, or None: pruned with
     torch.nn.utils.prune (name_orig * name_mask, recomputed: the attribute itself is only refreshed
     by a forward and can be stale), parametrized (evaluated), or plain."""
+    what = f"{type(module).__name__}.{name}"
     orig, mask = getattr(module, f"{name}_orig", None), getattr(module, f"{name}_mask", None)
     if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
-        return _apply_mask(f"{type(module).__name__}.{name}", orig.detach(), mask.detach())
+        return _apply_mask(what, orig.detach(), mask.detach())
+    if parametrize.is_parametrized(module, name):
+        chain = module.parametrizations[name]
+        masks = [getattr(p, "mask", None) for p in chain]
+        if all(isinstance(m, torch.Tensor) for m in masks):  # mask-only (torch.ao's FakeSparsity): as the
+            t = chain.original.detach()  # prune path, so an inf or NaN pruned away gives 0, not NaN
+            for m in masks:
+                t = _apply_mask(what, t, m.detach())
+            return t
     with torch.no_grad():
         t = getattr(module, name, None)  # evaluates any parametrization on the live module
     return t.detach() if isinstance(t, torch.Tensor) else None
