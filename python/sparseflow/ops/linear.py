@@ -269,14 +269,13 @@ def _register_linear_backward(op, weight_of, n_weight_args: int) -> None:
     """`weight_of(*weight_args)` rebuilds the dense [N, K] weight from the op's buffers (and in_features)."""
 
     def setup_context(ctx, inputs, output):
-        ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
+        ctx.x_dtype = inputs[0].dtype
         ctx.weight_args = inputs[1 : 1 + n_weight_args]
         ctx.bias = inputs[1 + n_weight_args]
 
     def backward(ctx, grad):
-        shape, dtype = ctx.x_shape_dtype
         w = weight_of(*ctx.weight_args)
-        grad_x = (grad.float() @ w.float()).to(dtype)
+        grad_x = (grad.float() @ w.float()).to(ctx.x_dtype)
         return (grad_x, *([None] * n_weight_args), _bias_grad(grad, ctx.bias), None)
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -287,22 +286,9 @@ _register_linear_backward(
 _register_linear_backward(
     linear_csr, lambda v, col, ptr, k: CSR((ptr.shape[0] - 1, k), v, col, ptr, validate=False).to_dense(), 4)
 _register_linear_backward(
+    linear_bsr, lambda v, col, ptr, n, k: BSR((n, k), v, col, ptr, tuple(v.shape[1:]), validate=False).to_dense(), 5)
+_register_linear_backward(
     linear_nm, lambda v, idx, n, m, k: NM((v.shape[0], k), v, idx, n, m, validate=False).to_dense(), 5)
-
-
-def _bsr_setup(ctx, inputs, output):
-    ctx.x_shape_dtype = (inputs[0].shape, inputs[0].dtype)
-    ctx.weight_args, ctx.bias = inputs[1:6], inputs[6]
-
-
-def _bsr_backward(ctx, grad):
-    shape, dtype = ctx.x_shape_dtype
-    values, col, ptr, n, k = ctx.weight_args
-    w = BSR((n, k), values, col, ptr, tuple(values.shape[1:]), validate=False).to_dense()
-    return ((grad.float() @ w.float()).to(dtype), None, None, None, None, None, _bias_grad(grad, ctx.bias), None)
-
-
-linear_bsr.register_autograd(_bsr_backward, setup_context=_bsr_setup)
 
 
 def _act_dense_setup(ctx, inputs, output):
