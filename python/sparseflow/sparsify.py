@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dispatch
 from .formats import detect_pattern
-from .io.inputs import check_module, compress, dense_weight, effective_tensor, parse_format
+from .io.inputs import check_module, compress, dense_weight, effective_tensor, finds_ratio, parse_format
 from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
 from .prune.capture import call_model
 
@@ -124,7 +124,7 @@ def candidates_for(w: torch.Tensor, format: str) -> dict[str, object]:
     """Format label -> compressed weight, for the formats the weight's pattern allows."""
     if format != "auto":
         fmt = compress(w, format)
-        return {f"{fmt.n}:{fmt.m}" if format.strip().lower() == "n:m" else format: fmt}  # the ratio found
+        return {f"{fmt.n}:{fmt.m}" if finds_ratio(format) else format: fmt}  # the ratio found
     pattern = detect_pattern(w)
     if pattern.kind == "dense":
         labels = []
@@ -246,7 +246,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     that loses to dense at m_range[0] is left dense.
     Embeddings, lm_head and tied weights are left alone unless named in `include`."""
     check_module(model, "sf.sparsify")
-    if format != "auto" and not (isinstance(format, str) and format.strip().lower() == "n:m"):
+    if format != "auto" and not finds_ratio(format):
         parse_format(format)  # a name that is no format raises here, before any layer is touched
     if m_range is None or len(m_range) == 0 or any(int(m) < 1 for m in m_range):
         raise ValueError(f"m_range must list row counts >= 1, got {m_range!r}")
@@ -261,25 +261,19 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         if calibration is None:
             raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
         acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent], calibration)
-    # Layers sparseflow cannot hold (float64, empty, meta weights...) stay dense; found before any
-    # layer is replaced, so that no error leaves the model half converted.
-    unsupported = {}
-    for name, lin in layers:
-        try:
-            dense_weight(lin)
-        except (TypeError, ValueError) as e:
-            unsupported[name] = str(e)
     reports = []
     for name, lin in layers:
-        if name in unsupported:
+        # Layers sparseflow cannot hold (float64, empty, meta weights...) stay dense with a note:
+        # no error may leave the model half converted.
+        try:
+            w = dense_weight(lin)
+        except (TypeError, ValueError) as e:
             weight = getattr(lin, "weight", None)
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
             before = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else 0
             reports.append(LayerReport(name=name, shape=shape, pattern="unsupported", density=1.0, bytes_before=before,
-                                       choice="dense", backend="torch", bytes_after=before,
-                                       note=f"left dense: {unsupported[name]}"))
+                                       choice="dense", backend="torch", bytes_after=before, note=f"left dense: {e}"))
             continue
-        w = dense_weight(lin)
         shape = (int(w.shape[0]), int(w.shape[1]))
         before = w.numel() * w.element_size()
         pattern = detect_pattern(w)

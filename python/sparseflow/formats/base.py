@@ -10,6 +10,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def densified(w):
+    """A torch sparse tensor (COO, CSR, BSR, semi-structured...) as a dense one; anything else as it is."""
+    if isinstance(w, torch.Tensor) and (w.layout != torch.strided or w.is_sparse):
+        return w.to_dense()
+    return w
+
+
 def check_weight(w: torch.Tensor, what: str = "weight") -> torch.Tensor:
     """A 2-D, non-empty, floating weight (any strides), detached; raises a ValueError/TypeError naming
     the problem."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._bits import group_codes, popcount, row_chunks
-from .base import check_weight
+from .base import check_weight, densified
 from .bsr import BSR
 
 
@@ -49,9 +49,7 @@ def detect_pattern(w: torch.Tensor) -> Pattern:
     - else "unstructured" (an all-zero weight included).
 
     A -0.0 counts as zero. Torch sparse tensors (COO, CSR, BSR...) are read densified."""
-    if isinstance(w, torch.Tensor) and (w.layout != torch.strided or w.is_sparse):
-        w = w.to_dense()
-    w = check_weight(w)
+    w = check_weight(densified(w))
     rows, cols = w.shape
     nm_sides = [m for m in (4, 8, 16) if cols >= m]
     # One pass in row chunks: non-zero count, the fullest group for each m, kept 4x4 blocks.

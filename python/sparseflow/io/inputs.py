@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..formats import BSR, CSR, NM, Bitmask, SparseFormat
-from ..formats.base import check_weight
+from ..formats.base import check_weight, densified
 
 
 def check_module(model: Any, caller: str) -> nn.Module:
@@ -74,10 +74,7 @@ def dense_weight(obj: Any) -> torch.Tensor:
             raise TypeError(f"{type(obj).__name__} has no weight tensor")
         return check_weight(w, f"{type(obj).__name__}.weight")
     if isinstance(obj, torch.Tensor):
-        w = obj.detach()
-        if w.layout != torch.strided or w.is_sparse:  # torch sparse COO/CSR/BSR or semi-structured
-            w = w.to_dense()
-        return check_weight(w)
+        return check_weight(densified(obj.detach()))
     raise TypeError(f"expected a tensor, an nn.Module or a sparseflow format, got {type(obj).__name__}")
 
 
@@ -163,12 +160,17 @@ def parse_format(spec: str) -> tuple[type[SparseFormat], dict[str, Any]]:
     )
 
 
+def finds_ratio(format: Any) -> bool:
+    """Whether `format` is "n:m": the N:M ratio the weight already has, found by compress."""
+    return isinstance(format, str) and format.strip().lower() == "n:m"
+
+
 def compress(w: Any, format: str = "bitmask") -> SparseFormat:
     """Compresses anything dense_weight accepts into the format named by `format` (see parse_format;
     "n:m" takes the N:M pattern the weight already has). N:M raises ValueError if the weight is not
     n:m sparse (it never prunes)."""
     w = dense_weight(w)
-    if isinstance(format, str) and format.strip().lower() == "n:m":
+    if finds_ratio(format):
         from ..formats import detect_pattern
 
         pattern = detect_pattern(w)

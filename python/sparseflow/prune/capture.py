@@ -522,22 +522,28 @@ def _chained(block_calls: list[list[tuple]]) -> bool:
     masks (sliding-window layers) or arguments a block hands on (T5's position bias)."""
     if any(len(calls) != 1 for calls in block_calls):
         return False
+    def others(kwargs: dict) -> dict:  # the arguments besides the hidden states and caches
+        return {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
+
     calls = [c[0] for c in block_calls]
     first_args, first_kwargs, _ = calls[0]
+    first_others = others(first_kwargs)
     for (_, _, previous), (args, kwargs, _) in zip(calls[:-1], calls[1:], strict=True):
-        hidden = previous[0] if isinstance(previous, (tuple, list)) else previous
-        if not _same(_hidden_of(args, kwargs), hidden):
+        if not _same(_hidden_of(args, kwargs), _hidden_out(previous)):
             return False
-        rest = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
-        first_rest = {k: v for k, v in first_kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
-        if not (_same(args[1:], first_args[1:]) and _same(rest, first_rest)):
+        if not (_same(args[1:], first_args[1:]) and _same(others(kwargs), first_others)):
             return False
     return True
 
 
+def _hidden_out(out):
+    """The hidden states a block returns: the tensor, or the first item of a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _next_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     out = block(*args, **kwargs)
-    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    hidden = _hidden_out(out)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"a block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
     if args:
