@@ -585,7 +585,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget of the whole run")
     parser.add_argument("--build-timeout-s", type=float, default=240.0)
-    parser.add_argument("--tests-timeout-s", type=float, default=180.0)
+    parser.add_argument("--tests-timeout-s", type=float, default=240.0)
     parser.add_argument("--reps-ms", type=float, default=25.0, help="GPU time per graph replay")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved dense/kernel replays per case")
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)

@@ -60,3 +60,26 @@ def test_a_block_is_timed_as_one_sample_and_reported_per_call(monkeypatch):
 def test_layers_mode_copies_cpu_weights_only():
     w = torch.empty(1024, 1024, device="meta")  # its sizes are not this CPU's caches'
     assert context("layers").copies(w, 4 << 20) == [w]
+
+
+def test_sync_waits_for_queued_work_inside_each_sample():
+    """Work a call only queues (a GPU's) is timed until it is done: `sync` runs before each timed
+    call, untimed, and after it, timed; dispatch's GPU measurements rely on it."""
+    from sparseflow.bench.timing import compare
+
+    now, queued, log = [0], [0], []
+
+    def launch():  # returns at once; its 900 ns of work finish at the next sync
+        now[0] += 100
+        queued[0] += 900
+
+    def sync():
+        log.append(now[0])
+        now[0] += queued[0]
+        queued[0] = 0
+
+    stats = compare({"a": launch}, warmup=2, reps=5, clock=lambda: now[0], sync=sync, min_reps=5)
+    assert stats["a"].samples_ns == (1000,) * 5  # launch + the queued work, not the launch alone
+    assert len(log) == 10
+    no_sync = compare({"a": launch}, warmup=0, reps=3, clock=lambda: now[0])
+    assert no_sync["a"].samples_ns == (100,) * 3

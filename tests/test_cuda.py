@@ -609,6 +609,98 @@ def test_cuda_extension_checks_arguments():
         )
 
 
+# ---- what users call, on the GPU (also run on the CPU, where the same checks hold) -------------
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=gpu_test, id="cuda")]
+
+
+def pruned_model(device, dtype):
+    """Three layers, one per pattern (2:4, 50% unstructured, 16x16 blocks)."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 200))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        model[0].weight.copy_(sf.NM.from_dense(model[0].weight, 2, 4, prune=True).to_dense())
+        model[2].weight.mul_(torch.rand(384, 512, generator=gen) < 0.5)
+        keep = (torch.rand(13, 24, generator=gen) < 0.3).repeat_interleave(16, 0).repeat_interleave(16, 1)
+        model[4].weight.mul_(keep[:200, :384])
+    return model.to(device, dtype).eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sparsify_compile_save_load(device, dtype, tmp_path, monkeypatch):
+    """sparsify measures on the model's device (timings keyed by it), the sparse model matches the
+    masked dense one eagerly and under torch.compile(fullgraph=True), and sf.save / sf.load bring
+    it back (then .to(device)) with identical buffers and outputs."""
+    import copy
+    import json
+
+    from sparseflow.dispatch import device_key
+
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("the CPU kernels' fp16 is covered by tests/test_modules.py")
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    model = pruned_model(device, dtype)
+    ref_model = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    with torch.no_grad():
+        dense, ref64 = model(x), ref_model(x.double())
+    report = sf.sparsify(model, format="auto", m_range=(1, 16))
+    assert [layer.pattern for layer in report.layers][0] == "2:4"
+    assert all(set(layer.speedup) == {1, 16} for layer in report.layers)
+    entries = json.loads((tmp_path / "cache" / "dispatch.json").read_text())["entries"]
+    assert entries and all(f"|{device_key(x.device)}|" in key for key in entries)
+    named = pruned_model(device, dtype)
+    for index, fmt in (("0", "2:4"), ("2", "bitmask"), ("4", "bsr")):
+        sf.sparsify(named, format=fmt, include=[index], measure=False)
+        assert isinstance(named[int(index)], sf.SparseLinear) and named[int(index)].format_name != "dense"
+    with torch.no_grad():
+        for m in (model, named):
+            for rows in (x[:1, :1], x):  # decode and a batch
+                assert_close_2x(m(rows), ref_model(rows.double()), dense[: rows.shape[0], : rows.shape[1]])
+        compiled = torch.compile(named, fullgraph=True)
+        assert_close_2x(compiled(x), ref64, dense)
+    sf.save(named, tmp_path / "saved")
+    loaded = sf.load(tmp_path / "saved").to(device)
+    saved, back = named.state_dict(), loaded.state_dict()
+    assert list(saved) == list(back)
+    for key in saved:
+        assert back[key].device == x.device and torch.equal(saved[key], back[key]), key
+    with torch.no_grad():
+        assert_close_2x(loaded(x), ref64, dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_sparsity(device, tmp_path, monkeypatch):
+    """Calibration and measured dispatch of activation-sparse layers on the model's device, and
+    ActSparseLinear with either weight format there: the thresholded product at every row count."""
+    from torch import nn
+
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    gen = torch.Generator().manual_seed(12)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 300)).to(device, dtype).eval()
+    weight = model[0].weight.detach().clone()
+    calibration = [torch.randn(8, 512, generator=gen).to(device, dtype) for _ in range(4)]
+    report = sf.sparsify(model, activation_sparsity=0.5, calibration=calibration, m_range=(1, 16))
+    for r, layer in zip(report.layers, (model[0], model[2]), strict=True):
+        assert isinstance(layer, sf.ActSparseLinear) == r.choice.startswith("act-sparse"), r
+        if isinstance(layer, sf.ActSparseLinear):  # (left dense where measured slower)
+            assert layer.threshold > 0 and layer.w_t().device == torch.device(device)
+    for weight_format in ("dense", "bitmask"):
+        layer = sf.ActSparseLinear(weight, threshold=0.4, weight_format=weight_format).to(device)
+        for rows in (1, 3, 40):
+            x = torch.randn(rows, 512, generator=gen).to(device, dtype)
+            xs = torch.where(act_sparse_mask(x, 0.4), x, torch.zeros((), dtype=dtype, device=device))
+            with torch.no_grad():
+                assert_close_2x(layer(x), F.linear(xs.double(), weight.double()), F.linear(xs, weight))
+                y = model(x)
+            assert y.shape == (rows, 300) and torch.isfinite(y).all()
+
+
 # ---- the GPU benchmark suite's pure-Python parts (no GPU) ------------------------------------
 def load_gpu_suite():
     import importlib.util

@@ -51,9 +51,11 @@ from .ops.cpu import kernel_takes_batch
 # 3: weights timed cold, over rotated copies (was: the same weight every call, partly cached).
 # 4: an act-sparse batch the C++ kernel runs itself is timed through the bound kernel, as the
 # module now calls it (was: through the custom op).
-SCHEMA = 4
+# 5: GPU samples last until the queued work is done (were the launches' host time).
+SCHEMA = 5
 MAX_COPIES = 64  # cold copies of one weight at most (64 copies of a 1 MiB layer: 2x this L3)
 COMPUTE_ROWS, BATCH_COPIES = 64, 4  # from 64 rows of x, 4 copies (see ColdCopies)
+GPU_CALLS_PER_SAMPLE = 16  # queued back to back, so that one synchronisation per sample costs little
 
 PATHS = ("kernel", "batched")
 
@@ -182,14 +184,17 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
     callable fn(x) per copy of the case's weight, timed interleaved with dense (one call per copy
     per round, dense_ws its copies). A speedup above PLAUSIBLE x its bytes limit means dense was
     disturbed (another process took a core): it is timed again, and None if it stays impossible."""
-    blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws]}
-    blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] for case, (fns, _) in cases.items()})
+    sync, repeat = None, 1
+    if x.device.type == "cuda":  # a call only queues its work: time queued calls until they finish
+        sync, repeat = (lambda: torch.cuda.synchronize(x.device)), GPU_CALLS_PER_SAMPLE
+    blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws] * repeat}
+    blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] * repeat for case, (fns, _) in cases.items()})
     # about `reps` calls of each in all: a sample of a block already averages several calls
     shortest = min(len(b) for b in blocks.values())
     rounds, warmup = max(5, math.ceil(reps / shortest)), 2 if shortest == 1 else 1
     for _ in range(RETRIES + 1):
         stats = compare_blocks(blocks, warmup=warmup, reps=rounds, max_seconds=2.0,
-                               min_reps=max(2, math.ceil(5 / shortest)))
+                               min_reps=max(2, math.ceil(5 / shortest)), sync=sync)
         ratios = {case: stats["dense"].median / stats[case].median for case in cases}
         implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
         if not implausible:

@@ -114,6 +114,7 @@ def compare(
     max_seconds: float | None = None,
     min_reps: int = 5,
     clock: Callable[[], int] = time.perf_counter_ns,
+    sync: Callable[[], object] | None = None,
 ) -> dict[str, Stats]:
     """Times each callable `reps` times, interleaved: one call of each per round, the rounds in
     shuffled (or rotating) order, never the same callable twice in a row. `before` runs, untimed,
@@ -123,7 +124,10 @@ def compare(
 
     `clock=time.thread_time_ns` counts only the CPU time the calling thread got, which a busy
     machine does not inflate by preempting it; it is right only when all the work runs on the
-    calling thread (torch.set_num_threads(1): torch and sparseflow's kernels then run inline)."""
+    calling thread (torch.set_num_threads(1): torch and sparseflow's kernels then run inline).
+
+    `sync` (e.g. torch.cuda.synchronize, for work that a call only queues) runs before each timed
+    call and inside its timing, after it: a sample is then the time to finish the call's work."""
     if not fns:
         return {}
     names = list(fns)
@@ -145,8 +149,12 @@ def compare(
             for name in _round_order(names, i, order, rng, last):
                 if before is not None:
                     before()
+                if sync is not None:
+                    sync()
                 t0 = clock()
                 fns[name]()
+                if sync is not None:
+                    sync()
                 samples[name].append(clock() - t0)
                 last = name
             if max_seconds is not None and i + 1 >= min_reps and time.perf_counter() - start > max_seconds:
