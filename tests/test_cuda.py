@@ -653,6 +653,14 @@ def test_sparsify_compile_save_load(device, dtype, tmp_path, monkeypatch):
     assert all(set(layer.speedup) == {1, 16} for layer in report.layers)
     entries = json.loads((tmp_path / "cache" / "dispatch.json").read_text())["entries"]
     assert entries and all(f"|{device_key(x.device)}|" in key for key in entries)
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path / "graphs"))  # timed as CUDA graphs replay it
+    graphed = pruned_model(device, dtype)
+    sf.sparsify(graphed, format="auto", m_range=(1, 16), cuda_graphs=True)
+    entries = json.loads((tmp_path / "graphs" / "dispatch.json").read_text())["entries"]
+    assert entries and all(f"|{device_key(x.device, graphs=True)}|" in key for key in entries)
+    assert (device == "cuda") == all("+graphs|" in key for key in entries)
+    with torch.no_grad():
+        assert_close_2x(graphed(x), ref64, dense)
     named = pruned_model(device, dtype)
     for index, fmt in (("0", "2:4"), ("2", "bitmask"), ("4", "bsr")):
         sf.sparsify(named, format=fmt, include=[index], measure=False)
@@ -671,6 +679,31 @@ def test_sparsify_compile_save_load(device, dtype, tmp_path, monkeypatch):
         assert back[key].device == x.device and torch.equal(saved[key], back[key]), key
     with torch.no_grad():
         assert_close_2x(loaded(x), ref64, dense)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_timing_as_cuda_graphs():
+    """dispatch times GPU calls as CUDA-graph replays when asked: the same work measures as dense
+    does, and a call that reads the host inside (which a serving engine's graph cannot hold) gets
+    0 (never chosen) instead of failing the measurement."""
+    from sparseflow import dispatch
+
+    w = torch.randn(512, 1024, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+
+    def same(t):
+        return F.linear(t, w)
+
+    def reads_host(t):
+        return F.linear(t, w) * float(t[0, 0].item() != 7.0)
+
+    cases = {"same": ([same], 4.0), "reads host": ([reads_host], 4.0)}
+    ratios = dispatch._against_dense([w], x, cases, 5, graphs=True)
+    assert ratios["reads host"] == 0.0
+    assert 0.7 < ratios["same"] < 1.4, ratios
+    eager = dispatch._against_dense([w], x, cases, 5)  # eagerly, the host read only costs time
+    assert eager["reads host"] > 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)

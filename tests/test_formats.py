@@ -275,6 +275,19 @@ def test_many_row_chunks(fmt, monkeypatch):
         sf.NM.from_dense(w, n=2, m=4)
 
 
+def test_chunks_are_larger_on_a_gpu():
+    """A GPU runs each chunk's torch ops as launches of their own: its chunks are larger (the CPU's
+    stay cache-sized); both cover every row once, starting at multiples of `multiple`."""
+    from sparseflow.formats._bits import CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, row_chunks
+
+    assert GPU_CHUNK_ELEMENTS >= 8 * CHUNK_ELEMENTS
+    for device, elements in ((None, CHUNK_ELEMENTS), (torch.device("cpu"), CHUNK_ELEMENTS),
+                             (torch.device("cuda"), GPU_CHUNK_ELEMENTS), (torch.device("meta"), GPU_CHUNK_ELEMENTS)):
+        chunks = list(row_chunks(14336, 4096, multiple=4, device=device))
+        assert chunks[0] == slice(0, elements // 4096) and all(c.start % 4 == 0 for c in chunks)
+        assert [r for c in chunks for r in range(c.start, c.stop)] == list(range(14336))
+
+
 # -------------------------------------------------------------------------- special values and zeros
 
 
@@ -374,6 +387,18 @@ def test_to_cuda_and_back(fmt):
     assert_bitwise(obj.to_dense(), w.cuda())
     check_round_trip(build(fmt, w.cuda(), block=(8, 8), prune=False), w.cuda())
     assert_bitwise(obj.to("cpu").to_dense(), w)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_row_chunks_on_cuda(fmt, monkeypatch):
+    """The GPU's conversions chunk by GPU_CHUNK_ELEMENTS: chunk edges everywhere, as on the CPU."""
+    monkeypatch.setattr(sf.formats._bits, "GPU_CHUNK_ELEMENTS", 2000)
+    for rows, cols in [(203, 260), (9, 2500)]:
+        w = nm_weight(rows, cols, 2, 4, torch.bfloat16, 0.8, seed=rows + cols, specials=True).cuda()
+        for block in [(16, 8), (1, 128)] if fmt == "bsr" else [None]:
+            check_round_trip(build(fmt, w, block=block, prune=False), w)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -143,14 +143,18 @@ def machine_key() -> str:
 PLAUSIBLE, RETRIES = 1.5, 2
 
 
-def device_key(device: torch.device) -> str:
-    """The device a timing ran on: "cpu", or the GPU's name (a CPU and a GPU timing of one case differ)."""
-    return "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+def device_key(device: torch.device, graphs: bool = False) -> str:
+    """The device a timing ran on: "cpu", or the GPU's name (a CPU and a GPU timing of one case
+    differ), "+graphs" for timings of CUDA-graph replays."""
+    if device.type == "cpu":
+        return "cpu"
+    return f"{device.type}:{torch.cuda.get_device_name(device)}" + ("+graphs" if graphs else "")
 
 
-def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel") -> str:
+def case_key(w: SparseFormat, fmt_label: str, m: int, path: str = "kernel", graphs: bool = False) -> str:
     n, k = w.shape
-    return f"{machine_key()}|{device_key(w.device)}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}|{path}"
+    return (f"{machine_key()}|{device_key(w.device, graphs)}|{w.dtype}|{n}x{k}|{fmt_label}|d{w.density:.2f}|m{m}"
+            f"|{path}")
 
 
 class ColdCopies:
@@ -179,16 +183,32 @@ class ColdCopies:
         del self.copies[1:]
 
 
-def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, reps: int) -> dict:
+def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, reps: int,
+                   graphs: bool = False) -> dict:
     """{case: speedup over F.linear(x, dense_w)} for cases {case: (fns, bytes limit)}, fns one
     callable fn(x) per copy of the case's weight, timed interleaved with dense (one call per copy
     per round, dense_ws its copies). A speedup above PLAUSIBLE x its bytes limit means dense was
-    disturbed (another process took a core): it is timed again, and None if it stays impossible."""
+    disturbed (another process took a core): it is timed again, and None if it stays impossible.
+    On a GPU a sample is GPU_CALLS_PER_SAMPLE queued calls, timed until done; with `graphs` they
+    are captured in a CUDA graph and replayed, as serving engines run a model: the launches'
+    host time then costs nothing."""
     sync, repeat = None, 1
     if x.device.type == "cuda":  # a call only queues its work: time queued calls until they finish
         sync, repeat = (lambda: torch.cuda.synchronize(x.device)), GPU_CALLS_PER_SAMPLE
     blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws] * repeat}
     blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] * repeat for case, (fns, _) in cases.items()})
+    uncapturable = set()
+    if graphs and x.device.type == "cuda":
+        captured = {}
+        for name, calls in blocks.items():
+            try:
+                captured[name] = [cuda_graph_of(calls)]  # one replay of all the calls: ratios need no count
+            except Exception:  # torch's CUDA errors: a host read or sync inside the capture
+                if name == "dense":
+                    raise
+                uncapturable.add(name)  # (it would break a serving engine's graph too: never chosen)
+        blocks = captured
+        cases = {case: v for case, v in cases.items() if case not in uncapturable}
     # about `reps` calls of each in all: a sample of a block already averages several calls
     shortest = min(len(b) for b in blocks.values())
     rounds, warmup = max(5, math.ceil(reps / shortest)), 2 if shortest == 1 else 1
@@ -199,11 +219,28 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
         implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
         if not implausible:
             break
-    return {case: None if case in implausible else r for case, r in ratios.items()}
+    return {**{case: None if case in implausible else r for case, r in ratios.items()},
+            **dict.fromkeys(uncapturable, 0.0)}
+
+
+def cuda_graph_of(calls: list[Callable[[], object]]) -> Callable[[], None]:
+    """The calls captured, in order, in one CUDA graph: its replay. They run once first on a side
+    stream (compilation, autotuning and workspaces stay out of the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return graph.replay
 
 
 def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callable, reps: int, use_cache: bool,
-                  remeasure: bool) -> dict[str, dict[int, float]]:
+                  remeasure: bool, graphs: bool = False) -> dict[str, dict[int, float]]:
     """{case: {rows: speedup}} at each row count of `rows`, for the cases cases_at(m) lists at m rows:
     {case: (cache key, bytes limit, make)}, make(x) giving the callables fn(x) to time on x [m, K],
     one per copy of the weight. A cached case costs no timing (nor an x, nor copies); a ratio above
@@ -225,7 +262,7 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
             dense_ws = ColdCopies(dense_w, dense_w.numel() * dense_w.element_size())
         x = torch.randn(m, dense_w.shape[1], dtype=dense_w.dtype, device=dense_w.device)
         ratios = _against_dense(dense_ws(m), x, {case: (make(x), limit) for case, (_, limit, make) in todo.items()},
-                                reps)
+                                reps, graphs)
         for case, ratio in ratios.items():
             out.setdefault(case, {})[m] = todo[case][1] if ratio is None else ratio
             if ratio is not None:
@@ -236,11 +273,12 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
 
 
 def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
-                  reps: int = 15, use_cache: bool = True, remeasure: bool = False, paths: tuple[str, ...] = PATHS
-                  ) -> dict[str, dict[str, dict[int, float]]]:
+                  reps: int = 15, use_cache: bool = True, remeasure: bool = False, paths: tuple[str, ...] = PATHS,
+                  graphs: bool = False) -> dict[str, dict[str, dict[int, float]]]:
     """Speedup over dense (dense time / sparse time): {path: {label: {rows: speedup}}} for path
     "kernel" (every row count) and "batched" (row counts above 1). `use_cache=False` neither reads
-    nor writes the cache; `remeasure=True` times every case and overwrites its entry."""
+    nor writes the cache; `remeasure=True` times every case and overwrites its entry. `graphs`: on
+    a GPU, time CUDA-graph replays (see _against_dense)."""
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"unknown paths {sorted(unknown)}; expected some of {PATHS}")
@@ -254,11 +292,12 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
 
     def cases_at(m: int) -> dict:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
-        return {f"{label}|{path}": (case_key(w, label, m, path), dense_bytes / w.nbytes, maker(label, backends[path]))
+        return {f"{label}|{path}": (case_key(w, label, m, path, graphs), dense_bytes / w.nbytes,
+                                    maker(label, backends[path]))
                 for label, w in candidates.items() for path in paths if backends[path] is not None}
 
     try:
-        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure, graphs)
     finally:
         for c in copies.values():
             c.release()
@@ -266,13 +305,15 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
 
 
 def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
-            reps: int = 15, use_cache: bool = True, remeasure: bool = False) -> dict[str, dict[int, float]]:
+            reps: int = 15, use_cache: bool = True, remeasure: bool = False, graphs: bool = False
+            ) -> dict[str, dict[int, float]]:
     """Speedup over dense of each candidate's sparse kernel at each row count ({label: {rows: x}})."""
-    return measure_paths(dense_w, candidates, rows, reps, use_cache, remeasure, paths=("kernel",))["kernel"]
+    return measure_paths(dense_w, candidates, rows, reps, use_cache, remeasure, ("kernel",), graphs)["kernel"]
 
 
 def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float, rows: tuple[int, ...],
-                reps: int = 15, use_cache: bool = True, remeasure: bool = False) -> dict[str, dict[int, float]]:
+                reps: int = 15, use_cache: bool = True, remeasure: bool = False, graphs: bool = False
+                ) -> dict[str, dict[int, float]]:
     """Speedup over dense F.linear of the activation-sparse op with `sparsity` of x's inputs skipped,
     its weight `w_t` ([K, N]: a tensor, or a Bitmask for weight_format "bitmask"): {path: {rows:
     speedup}} for path "kernel" (the op's default backend, every row count) and "batched" (what an
@@ -311,12 +352,12 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
 
     def cases_at(m: int) -> dict:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
-        return {path: (f"{machine_key()}|{device_key(w_t.device)}|{w_t.dtype}|{n}x{k}|act-{weight_format}"
+        return {path: (f"{machine_key()}|{device_key(w_t.device, graphs)}|{w_t.dtype}|{n}x{k}|act-{weight_format}"
                        f"|d{density:.2f}|a{sparsity:.2f}|m{m}|{path}", limit, make(backend))
                 for path, backend in backends.items() if backend is not None}
 
     try:
-        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure)
+        timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure, graphs)
     finally:
         bindings.clear()
         copies.release()

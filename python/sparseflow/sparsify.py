@@ -214,7 +214,7 @@ def plan_rows(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
 def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
              calibration=None, m_range: tuple[int, ...] = (1, 16, 128), mode_centering: bool = False,
              measure: bool = True, use_cache: bool = True, remeasure: bool = False,
-             prefill: str = "batched") -> SparsifyReport:
+             prefill: str = "batched", cuda_graphs: bool = False) -> SparsifyReport:
     """Replaces nn.Linear layers in place.
 
     format: "auto" measures every format the weight's pattern allows against dense at each row count
@@ -227,6 +227,11 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
+    cuda_graphs: on a GPU, time layers as CUDA graphs replay them (serving engines, torch.compile's
+      mode="reduce-overhead"), for models that will run that way. Eager PyTorch on a GPU is bound by
+      the host's launches at decode, and a sparse layer's launch costs more than F.linear's, so
+      timed eagerly (the default) few layers win there; a path that cannot be captured never wins.
+      Ignored on the CPU.
     activation_sparsity: a fraction (per-layer TEAL thresholds calibrated for that target) or a dict
       {layer name or pattern: fraction}; needs `calibration`, an iterable of model inputs.
     mode_centering: SCAP: shift inputs by their calibrated mode before thresholding (folded into bias).
@@ -297,7 +302,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             new = ActSparseLinear(w, effective_tensor(lin, "bias"), thr, shift, wf)
             if measure:
                 timed = dispatch.measure_act(w, new.w_t(), wf, float(target), m_range, use_cache=use_cache,
-                                             remeasure=remeasure)
+                                             remeasure=remeasure, graphs=cuda_graphs)
                 first = timed["kernel"].get(m_range[0])
                 if first is not None and first < 1.0:
                     reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
@@ -330,7 +335,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before, note="no zeros"))
             continue
         if measure:
-            timed = dispatch.measure_paths(w, cands, m_range, use_cache=use_cache, remeasure=remeasure)
+            timed = dispatch.measure_paths(w, cands, m_range, use_cache=use_cache, remeasure=remeasure,
+                                           graphs=cuda_graphs)
         else:
             timed = {path: {k: {} for k in cands} for path in dispatch.PATHS}
         speed = timed["kernel"]

@@ -29,7 +29,7 @@ class Bitmask(SparseFormat):
         w = check_weight(w)
         rows, cols = w.shape
         values, masks, counts = [], [], []
-        for s in row_chunks(rows, cols):
+        for s in row_chunks(rows, cols, device=w.device):
             chunk = w[s]
             nonzero = chunk != 0
             values.append(select(chunk, nonzero))
@@ -67,7 +67,7 @@ class Bitmask(SparseFormat):
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
         out = torch.zeros(rows, cols, dtype=self.dtype, device=self.device)
-        chunks = list(row_chunks(rows, cols))
+        chunks = list(row_chunks(rows, cols, device=self.device))
         bounds = self.row_offsets[[s.start for s in chunks] + [rows]].tolist()
         for i, s in enumerate(chunks):
             chunk = self.values[bounds[i]:bounds[i + 1]]

@@ -55,7 +55,7 @@ class BSR(SparseFormat):
         bm, bk = block = check_block(block)
         rows, cols = w.shape
         values, columns, counts = [], [], []
-        for s in row_chunks(rows, cols, multiple=bm):
+        for s in row_chunks(rows, cols, multiple=bm, device=w.device):
             blocks = cls.blocked(w[s], block)  # [block_rows, block_cols, bm, bk], a view where possible
             kept = cls.blocked(w[s] != 0, block).transpose(1, 2).any(-1).any(1)  # [block_rows, block_cols]
             kept_values = blocks[kept]

@@ -32,7 +32,7 @@ class CSR(SparseFormat):
         rows, cols = w.shape
         index_dtype = cls.index_dtype(cols)
         values, columns, counts = [], [], []
-        for s in row_chunks(rows, cols):
+        for s in row_chunks(rows, cols, device=w.device):
             chunk = w[s]
             nonzero = chunk != 0
             flat = flat_positions(nonzero)  # row-major positions in the chunk

@@ -56,7 +56,7 @@ def detect_pattern(w: torch.Tensor) -> Pattern:
     nnz = 0
     fullest = dict.fromkeys(nm_sides, 0)
     kept4 = []
-    for s in row_chunks(rows, cols, multiple=4):
+    for s in row_chunks(rows, cols, multiple=4, device=w.device):
         nonzero = w[s] != 0
         nnz += int(nonzero.sum())
         for m in nm_sides:

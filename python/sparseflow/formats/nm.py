@@ -79,7 +79,7 @@ class NM(SparseFormat):
         table = _position_table(n, m, w.device)
         values = torch.empty(rows, groups * n, dtype=w.dtype, device=w.device)
         index = torch.empty(rows, -(-groups * n * index_bits // 8), dtype=torch.uint8, device=w.device)
-        for s in row_chunks(rows, cols):
+        for s in row_chunks(rows, cols, device=w.device):
             chunk = w[s]
             if cols % m:
                 chunk = torch.nn.functional.pad(chunk, (0, (-cols) % m))
@@ -154,7 +154,7 @@ class NM(SparseFormat):
         rows, cols = self.shape
         groups, n, m = self.groups, self.n, self.m
         out = torch.zeros(rows, groups * m, dtype=self.dtype, device=self.device)
-        for s in row_chunks(rows, groups * m):
+        for s in row_chunks(rows, groups * m, device=self.device):
             pos = unpack_fields(self.index[s], groups * n, self.index_bits, torch.int64).view(-1, groups, n)
             values = as_int(self.values[s]).reshape(-1, groups, n)
             as_int(out[s]).view(-1, groups, m).scatter_(-1, pos, values)
