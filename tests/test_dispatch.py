@@ -360,3 +360,48 @@ def test_released_copies_are_freed_at_once():
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_cuda_graph_of_never_captures_what_synchronises(monkeypatch):
+    """cuda_graph_of (sparsify(cuda_graphs=True)) runs the calls once, then once more with torch's
+    sync debug mode raising, and captures only if that passed: a failed capture would leave the
+    process's CUDA random generator unusable. The debug mode is restored either way. (The CUDA
+    parts are stand-ins here; tests/test_cuda.py runs it on a GPU.)"""
+    import contextlib
+
+    state = {"mode": 0, "captures": 0}
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g):
+        state["captures"] += 1
+        yield
+
+    fake = dict(Stream=Stream, stream=lambda s: contextlib.nullcontext(), current_stream=Stream,
+                get_sync_debug_mode=lambda: state["mode"], CUDAGraph=Graph, graph=graph,
+                set_sync_debug_mode=lambda m: state.update(mode=m))
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    runs = []
+
+    def clean():
+        runs.append(state["mode"])
+
+    def syncs():
+        runs.append(state["mode"])
+        if state["mode"] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    assert dispatch.cuda_graph_of([clean]) is not None
+    assert runs == [0, "error", 0]  # warm-up, screened, captured (the mode restored by then)
+    assert state == {"mode": 0, "captures": 1}
+    runs.clear()
+    assert dispatch.cuda_graph_of([clean, syncs]) is None
+    assert runs == [0, 0, "error", "error"] and state == {"mode": 0, "captures": 1}  # never captured

@@ -201,12 +201,13 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
     if graphs and x.device.type == "cuda":
         captured = {}
         for name, calls in blocks.items():
-            try:
-                captured[name] = [cuda_graph_of(calls)]  # one replay of all the calls: ratios need no count
-            except Exception:  # torch's CUDA errors: a host read or sync inside the capture
-                if name == "dense":
-                    raise
+            replay = cuda_graph_of(calls)
+            if replay is None and name == "dense":
+                raise RuntimeError("F.linear synchronises with the host here: nothing can be timed as CUDA graphs")
+            if replay is None:
                 uncapturable.add(name)  # (it would break a serving engine's graph too: never chosen)
+            else:
+                captured[name] = [replay]  # one replay of all the calls: ratios need no count
         blocks = captured
         cases = {case: v for case, v in cases.items() if case not in uncapturable}
     # about `reps` calls of each in all: a sample of a block already averages several calls
@@ -223,15 +224,27 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
             **dict.fromkeys(uncapturable, 0.0)}
 
 
-def cuda_graph_of(calls: list[Callable[[], object]]) -> Callable[[], None]:
-    """The calls captured, in order, in one CUDA graph: its replay. They run once first on a side
-    stream (compilation, autotuning and workspaces stay out of the graph)."""
-    side = torch.cuda.Stream()
+def cuda_graph_of(calls: list[Callable[[], object]]) -> Callable[[], None] | None:
+    """The calls captured, in order, in one CUDA graph: its replay; None if they synchronise with
+    the host, which a graph cannot hold. They run once first on a side stream (compilation,
+    autotuning and workspaces stay out of the graph), then once more with torch's sync debug mode
+    set to raise: a capture that fails leaves the process's CUDA random generator unusable, so
+    what would fail is never captured."""
+    side, mode = torch.cuda.Stream(), torch.cuda.get_sync_debug_mode()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            for call in calls:
+                call()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for call in calls:
+                    call()
+            except RuntimeError:  # "called a synchronizing CUDA operation"
+                return None
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for call in calls:
