@@ -369,7 +369,7 @@ def test_cuda_graph_of_never_captures_what_synchronises(monkeypatch):
     parts are stand-ins here; tests/test_cuda.py runs it on a GPU.)"""
     import contextlib
 
-    state = {"mode": 0, "captures": 0}
+    state = {"mode": 0, "captures": 0, "capturing": False}
 
     class Stream:
         def wait_stream(self, other):
@@ -380,9 +380,14 @@ def test_cuda_graph_of_never_captures_what_synchronises(monkeypatch):
             pass
 
     @contextlib.contextmanager
-    def graph(g):
+    def graph(g, stream=None):
+        assert isinstance(stream, Stream)  # captured on the stream that warmed up (its workspaces)
         state["captures"] += 1
-        yield
+        state["capturing"] = True
+        try:
+            yield
+        finally:
+            state["capturing"] = False
 
     fake = dict(Stream=Stream, stream=lambda s: contextlib.nullcontext(), current_stream=Stream,
                 get_sync_debug_mode=lambda: state["mode"], CUDAGraph=Graph, graph=graph,
@@ -401,7 +406,21 @@ def test_cuda_graph_of_never_captures_what_synchronises(monkeypatch):
 
     assert dispatch.cuda_graph_of([clean]) is not None
     assert runs == [0, "error", 0]  # warm-up, screened, captured (the mode restored by then)
-    assert state == {"mode": 0, "captures": 1}
+    assert state == {"mode": 0, "captures": 1, "capturing": False}
     runs.clear()
     assert dispatch.cuda_graph_of([clean, syncs]) is None
-    assert runs == [0, 0, "error", "error"] and state == {"mode": 0, "captures": 1}  # never captured
+    assert runs == [0, 0, "error", "error"] and state["captures"] == 1  # never captured
+
+    def fails():
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # an error is no "cannot be captured"
+        dispatch.cuda_graph_of([fails])
+    assert state["mode"] == 0
+
+    def breaks_capture():  # a sync the debug mode does not see: the capture itself fails
+        if state["capturing"]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="random generator may be unusable"):
+        assert dispatch.cuda_graph_of([breaks_capture]) is None

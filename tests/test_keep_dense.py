@@ -154,6 +154,11 @@ def test_plan_rows_keeps_a_copy_only_where_asked_or_where_auto_measured_slower()
     assert (plan.dense_above, plan.keep_dense, plan.speedup) == (16, True, {1: 2.0, 16: 1.5})
     assert plan_rows({1: 2.0, 16: 1.5}, {16: 1.2}, (1, 16), "auto") == plan_rows({1: 2.0, 16: 1.5}, {16: 1.2},
                                                                               (1, 16), "batched")
+    # a path that cannot run inside a CUDA graph (measured 0 with cuda_graphs=True): a dense copy
+    # above the last row count that can, also with prefill="batched"
+    for prefill in ("batched", "auto"):
+        plan = plan_rows({1: 1.4, 16: 1.2, 128: 0.0}, {16: 0.0, 128: 0.0}, m_range, prefill)
+        assert (plan.dense_above, plan.keep_dense, plan.speedup) == (16, True, {1: 1.4, 16: 1.2, 128: 1.0})
 
 
 @pytest.mark.parametrize("prefill", ["batched", "auto"])

@@ -164,8 +164,9 @@ class ColdCopies:
     cold_bytes() / MAX_COPIES stays partly warm. From COMPUTE_ROWS rows, where a call is bound by
     arithmetic, at most BATCH_COPIES (64 copies of a small layer's long calls take seconds): there
     a weight under cold_bytes() / BATCH_COPIES (16 MiB here) may still be found in the LLC, a bias
-    towards small (sparse) weights that the arithmetic dwarfs. Elsewhere than the CPU: the weight.
-    The copies of one layer cost about cold_bytes() + its size each, dense and every candidate."""
+    towards small (sparse) weights that the arithmetic dwarfs. On a CUDA GPU: enough to read twice
+    its L2 in between. The copies of one layer cost about that much + its size each, dense and
+    every candidate."""
 
     def __init__(self, w, nbytes: int):
         self.copies = [w]
@@ -189,34 +190,38 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
     callable fn(x) per copy of the case's weight, timed interleaved with dense (one call per copy
     per round, dense_ws its copies). A speedup above PLAUSIBLE x its bytes limit means dense was
     disturbed (another process took a core): it is timed again, and None if it stays impossible.
-    On a GPU a sample is GPU_CALLS_PER_SAMPLE queued calls, timed until done; with `graphs` they
-    are captured in a CUDA graph and replayed, as serving engines run a model: the launches'
-    host time then costs nothing."""
-    sync, repeat = None, 1
+    On a GPU a sample is about GPU_CALLS_PER_SAMPLE queued calls, timed until done; with `graphs`
+    they are captured in a CUDA graph and replayed, as serving engines run a model (the launches'
+    host time then costs nothing), and a case that cannot be captured measures 0."""
+    sync, calls_per_copy = None, 1
     if x.device.type == "cuda":  # a call only queues its work: time queued calls until they finish
-        sync, repeat = (lambda: torch.cuda.synchronize(x.device)), GPU_CALLS_PER_SAMPLE
-    blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws] * repeat}
-    blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] * repeat for case, (fns, _) in cases.items()})
+        sync = lambda: torch.cuda.synchronize(x.device)
+        copies = min([len(dense_ws)] + [len(fns) for fns, _ in cases.values()])
+        calls_per_copy = max(1, math.ceil(GPU_CALLS_PER_SAMPLE / copies))
+    blocks = {"dense": [lambda wd=wd: F.linear(x, wd) for wd in dense_ws] * calls_per_copy}
+    blocks.update({case: [lambda fn=fn: fn(x) for fn in fns] * calls_per_copy for case, (fns, _) in cases.items()})
+    per_call = dict.fromkeys(blocks, 1)  # what a sample is divided by beyond its block's length
     uncapturable = set()
     if graphs and x.device.type == "cuda":
-        captured = {}
-        for name, calls in blocks.items():
-            replay = cuda_graph_of(calls)
-            if replay is None and name == "dense":
-                raise RuntimeError("F.linear synchronises with the host here: nothing can be timed as CUDA graphs")
-            if replay is None:
-                uncapturable.add(name)  # (it would break a serving engine's graph too: never chosen)
-            else:
-                captured[name] = [replay]  # one replay of all the calls: ratios need no count
-        blocks = captured
+        with torch.cuda.device(x.device):  # the streams and the capture of x's GPU
+            for name, calls in list(blocks.items()):
+                replay = cuda_graph_of(calls)
+                if replay is None and name == "dense":
+                    raise RuntimeError("F.linear cannot be captured in a CUDA graph here: nothing to time against")
+                if replay is None:
+                    uncapturable.add(name)  # it would break a serving engine's graph too: never chosen
+                    del blocks[name]
+                else:
+                    blocks[name], per_call[name] = [replay], len(calls)  # one replay runs them all
         cases = {case: v for case, v in cases.items() if case not in uncapturable}
-    # about `reps` calls of each in all: a sample of a block already averages several calls
+    # about `reps` samples of each (a sample of a block already averages several calls)
     shortest = min(len(b) for b in blocks.values())
     rounds, warmup = max(5, math.ceil(reps / shortest)), 2 if shortest == 1 else 1
     for _ in range(RETRIES + 1):
         stats = compare_blocks(blocks, warmup=warmup, reps=rounds, max_seconds=2.0,
                                min_reps=max(2, math.ceil(5 / shortest)), sync=sync)
-        ratios = {case: stats["dense"].median / stats[case].median for case in cases}
+        dense = stats["dense"].median / per_call["dense"]
+        ratios = {case: dense / (stats[case].median / per_call[case]) for case in cases}
         implausible = {case for case, r in ratios.items() if r > PLAUSIBLE * cases[case][1]}
         if not implausible:
             break
@@ -225,11 +230,12 @@ def _against_dense(dense_ws: list[torch.Tensor], x: torch.Tensor, cases: dict, r
 
 
 def cuda_graph_of(calls: list[Callable[[], object]]) -> Callable[[], None] | None:
-    """The calls captured, in order, in one CUDA graph: its replay; None if they synchronise with
-    the host, which a graph cannot hold. They run once first on a side stream (compilation,
-    autotuning and workspaces stay out of the graph), then once more with torch's sync debug mode
-    set to raise: a capture that fails leaves the process's CUDA random generator unusable, so
-    what would fail is never captured."""
+    """The calls captured, in order, in one CUDA graph on a side stream: its replay, or None where
+    they cannot be captured. They run twice on that stream first: once as they are (compilation,
+    autotuning, and the stream's workspaces stay out of the graph), once with torch's sync debug
+    mode raising (process-wide, for that moment). A capture that fails leaves the process's CUDA
+    random generator unusable, so what synchronises with the host is never captured; a capture
+    that fails all the same (a sync the debug mode does not see) is reported with a warning."""
     side, mode = torch.cuda.Stream(), torch.cuda.get_sync_debug_mode()
     side.wait_stream(torch.cuda.current_stream())
     try:
@@ -240,15 +246,22 @@ def cuda_graph_of(calls: list[Callable[[], object]]) -> Callable[[], None] | Non
             try:
                 for call in calls:
                     call()
-            except RuntimeError:  # "called a synchronizing CUDA operation"
+            except RuntimeError as e:
+                if "synchroniz" not in str(e):
+                    raise
                 return None
     finally:
         torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            for call in calls:
+                call()
+    except RuntimeError as e:
+        warnings.warn(f"a CUDA graph capture failed ({e}); torch's CUDA random generator may be unusable in this "
+                      "process now (\"Offset increment outside graph capture\")", RuntimeWarning, stacklevel=3)
+        return None
     return graph.replay
 
 
@@ -278,7 +291,7 @@ def _measure_rows(dense_w: torch.Tensor, rows: tuple[int, ...], cases_at: Callab
                                 reps, graphs)
         for case, ratio in ratios.items():
             out.setdefault(case, {})[m] = todo[case][1] if ratio is None else ratio
-            if ratio is not None:
+            if ratio:  # (0: it could not run as timed, say not inside a CUDA graph; found again next time)
                 fresh[todo[case][0]] = ratio
     if fresh and use_cache:
         _store(fresh)

@@ -198,11 +198,14 @@ class Plan:
 
 def plan_rows(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...], prefill: str,
               slower: float = SLOWER) -> Plan:
-    """The Plan for a layer whose kernel and batched path measured these speedups over dense."""
+    """The Plan for a layer whose kernel and batched path measured these speedups over dense. A
+    path measured at 0 cannot run at all where it would be used (inside a CUDA graph, with
+    cuda_graphs=True): then the layer keeps a dense copy for those rows, whatever `prefill` says."""
     dense_above = crossover(kernel, batched, m_range)
     speed = {m: s if dense_above is None or m <= dense_above else batched.get(m, s) for m, s in kernel.items()}
     slow = {m: s for m, s in speed.items() if s < slower}
-    if prefill == "batched" or (prefill == "auto" and not slow):
+    runs_everywhere = all(s > 0.0 for s in speed.values())
+    if (prefill == "batched" and runs_everywhere) or (prefill == "auto" and not slow):
         return Plan(dense_above, False, speed, f"batched above {dense_above} rows" if dense_above is not None else "")
     above = crossover(kernel, {m: 1.0 for m in m_range}, m_range)  # dense itself is the other path
     above = max(m_range) if above is None else above  # and it takes every row count not measured

@@ -173,15 +173,21 @@ def cold_copies(w, nbytes: int, limit: int = MAX_COLD_COPIES) -> list:
     between two calls on one, called in turn: each call then reads its weight from memory, as a
     model's next layer does, while the code and x stay as warm as between a model's layers (a full
     flush evicts those too, which costs a short call 100-150 us of code fetched from memory).
-    `nbytes`: what one call reads of w. Only on the CPU (the sizes are its caches'): elsewhere [w]."""
+    `nbytes`: what one call reads of w. On the CPU and CUDA GPUs (elsewhere [w])."""
     return [w] + [w.clone() for _ in range(cold_copy_count(w, nbytes, limit) - 1)]
 
 
 def cold_copy_count(w, nbytes: int, limit: int = MAX_COLD_COPIES) -> int:
-    """How many copies of w cold_copies makes (w itself included)."""
-    if w.device.type != "cpu":
+    """How many copies of w cold_copies makes (w itself included): enough to read cold_bytes()
+    between two calls on one, or on a GPU twice its L2 (50-60 MB on an H100 or H200: a layer's
+    weight called back to back would be read from there, not from memory as in a model)."""
+    if w.device.type == "cuda":
+        cold = 2 * torch.cuda.get_device_properties(w.device).L2_cache_size
+    elif w.device.type == "cpu":
+        cold = cold_bytes()
+    else:
         return 1
-    return min(limit, 1 + math.ceil(cold_bytes() / max(nbytes, 1)))
+    return min(limit, 1 + math.ceil(cold / max(nbytes, 1)))
 
 
 def compare_blocks(blocks: dict[str, list[Callable[[], object]]], **kwargs) -> dict[str, Stats]:
