@@ -17,13 +17,13 @@ import argparse
 import datetime
 import json
 import os
-import pathlib
 
 import torch
 import torch.nn.functional as F
 
 import sparseflow as sf
 from sparseflow.bench.timing import compare
+from sparseflow.io._atomic import write_result
 from sparseflow.ops import cpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -106,8 +106,7 @@ def main(argv=None):
     result = {"date": datetime.date.today().isoformat(), "machine": info, "load_start": load,
               "load_end": os.getloadavg()[0], "args": vars(args), "rows": rows}
     if args.json:
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+        write_result(args.json, json.dumps(result, indent=1))
     print(f"load {load:.2f} -> {result['load_end']:.2f}")
     return result
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import pathlib
 import time
 
 import torch
 
 import sparseflow as sf
 from sparseflow.bench.model import decode_step_fn
+from sparseflow.io._atomic import write_result
 from sparseflow.models import llama
 from sparseflow.nn import act_sparse_linear, sparse_linear
 
@@ -112,7 +112,7 @@ def main(argv=None):
     info = sf.info()
     print(f"Llama-shaped 2048/8192/4 layers, bf16, decode at context 64, {info['threads']} threads, {info['cpu']}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"machine": info, "per_call": calls, "decode": rows}, indent=1))
+        write_result(args.json, json.dumps({"machine": info, "per_call": calls, "decode": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 import sparseflow as sf
+from sparseflow.io._atomic import write_result
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = r["nbytes"] / r["dense_bytes"]
         print(f"{r['format']:<8} {r['sparsity']:<20}{cells} {ratio:>13.3f}  {r['detected']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_result(args.json, json.dumps(result, indent=2))
     return result
 
 

@@ -4,8 +4,9 @@ dense, 2:4, 50% unstructured, 50% activation-sparse, and 50% weight + 50% activa
     python benchmarks/bench_models.py [--hidden 2048 --intermediate 8192 --layers 4] [--json PATH]
 
 Decode is timed as one new token with a KV cache of `--context` tokens (median of interleaved
-steps); prefill as one forward over `--prefill` tokens. Every variant is checked against its own
-masked-dense model first."""
+steps); prefill as one forward over `--prefill` tokens. Every variant's logits are first checked
+against a float64 plain-torch reference of itself (bench.model.check_outputs: masked dense weights,
+thresholded inputs), by the 2x idiom."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import platform
 import torch
 
 import sparseflow as sf
-from sparseflow.bench.model import decode_step_fn, median_interleaved
+from sparseflow.bench.model import check_outputs, decode_step_fn, median_interleaved
+from sparseflow.io._atomic import write_result
 from sparseflow.models import llama
 
 
@@ -69,6 +71,12 @@ def main(argv=None):
     ids = torch.randint(0, args.vocab, (1, args.context))
     calibration = [torch.randint(0, args.vocab, (1, 32)) for _ in range(4)]
     models = variants(base, calibration, args.prefill_path)
+    checks = {k: check_outputs(m, torch.randint(0, args.vocab, (1, 16))) for k, m in models.items() if k != "dense"}
+    for k, c in checks.items():
+        print(f"{k}: logits within {c['rel_err']:.2e} of the float64 reference (bf16 reference: "
+              f"{c['dense_rel_err']:.2e}){'' if c['ok'] else '  WRONG'}")
+    if not all(c["ok"] for c in checks.values()):
+        raise SystemExit("a variant does not match its reference: not timed")
     decode = median_interleaved({k: decode_step_fn(m, ids) for k, m in models.items()}, args.rounds)
     prompt = torch.randint(0, args.vocab, (1, args.prefill))
 
@@ -84,7 +92,8 @@ def main(argv=None):
           for k, m in models.items()}  # resident weights, dense copies included
     rows = [{"variant": k, "decode_ms": decode[k] * 1e3, "decode_tok_s": 1 / decode[k],
              "decode_speedup": decode["dense"] / decode[k], "prefill_ms": pre[k] * 1e3,
-             "prefill_speedup": pre["dense"] / pre[k], "resident_mb": mb[k]} for k in models]
+             "prefill_speedup": pre["dense"] / pre[k], "resident_mb": mb[k],
+             "logits_rel_err": checks[k]["rel_err"] if k in checks else None} for k in models]
     print(f"Llama-shaped decoder: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"bf16, {info['threads']} threads, {info['cpu']} ({info['isa_in_use']}), context {args.context}, "
           f"prefill path {args.prefill_path}")
@@ -95,10 +104,7 @@ def main(argv=None):
     result = {"date": datetime.date.today().isoformat(), "machine": info, "python": platform.python_version(),
               "args": vars(args), "rows": rows}
     if args.json:
-        import pathlib
-
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+        write_result(args.json, json.dumps(result, indent=1))
     return result
 
 

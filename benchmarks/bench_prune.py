@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from sparseflow.data import load_sentences  # noqa: E402
+from sparseflow.io._atomic import write_result
 from sparseflow.prune import prune, shrink  # noqa: E402
 from sparseflow.prune.capture import Hessian  # noqa: E402
 from sparseflow.prune.patterns import parse_pattern  # noqa: E402
@@ -275,8 +276,8 @@ def main(argv=None) -> int:
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     text = markdown(result)
     Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.markdown).write_text(text + "\n")
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.markdown, text + "\n")
+    write_result(args.json, json.dumps(result, indent=1) + "\n")
     print(text)
     return 0
 

@@ -28,6 +28,7 @@ import openai
 import torch
 
 import sparseflow as sf
+from sparseflow.io._atomic import write_result
 from sparseflow.models import llama, save_for_serving
 
 PROMPT_WORDS = ("sparse kernels skip zeros so the model reads fewer bytes and decodes faster on the same "
@@ -181,7 +182,7 @@ def main(argv=None):
     report = {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    write_result(args.json, json.dumps(report, indent=1))
     print(f"\nwrote {args.json}")
 
 

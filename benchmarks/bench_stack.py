@@ -26,6 +26,7 @@ import sparseflow as sf
 from sparseflow.bench.kernels import DEFAULT_SPECS, DTYPES, KernelSpec, Workload
 from sparseflow.bench.timing import cold_bytes, compare
 from sparseflow.info import info
+from sparseflow.io._atomic import write_result
 
 FORMATS = {"bitmask": "bitmask", "nm": "2:4", "bsr": "block(32,32)", "csr": "csr"}  # kind -> SparseLinear format
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             "command": " ".join(["python benchmarks/bench_stack.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {date}")
     if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        write_result(a.json, json.dumps({"meta": meta, "results": rows}, indent=1))
     return 0
 
 

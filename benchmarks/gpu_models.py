@@ -20,12 +20,12 @@ import datetime
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import sparseflow as sf
+from sparseflow.io._atomic import write_result
 
 
 def build(args, device):
@@ -113,8 +113,7 @@ def timed(fns: dict, rounds: int, inner: int, sync) -> dict[str, float]:
 
 def write(result: dict, path: str | None) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=1))
+        write_result(path, json.dumps(result, indent=1))
 
 
 def main(argv=None):

@@ -92,6 +92,42 @@ def test_bench_kernels_json(tmp_path, capsys):
     assert len(json.loads((tmp_path / "k.json").read_text())["results"]) == 2
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "kernels", "--threads", "-1"], "--threads: expected an integer >= 1"),
+    (["bench", "kernels", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["bench", "kernels", "--reps", "0"], "--reps: expected an integer >= 1"),
+    (["bench", "kernels", "--m", "0"], "--m: expected an integer >= 1"),
+    (["bench", "kernels", "--sparsity", "1.5"], "--sparsity: expected a fraction in [0, 1)"),
+    (["bench", "kernels", "--act-sparsity", "-0.5"], "--act-sparsity: expected a fraction in [0, 1)"),
+    (["bench", "kernels", "--max-seconds", "nan"], "--max-seconds: expected a finite number > 0"),
+    (["bench", "model", "{tmp}", "--rounds", "0"], "--rounds: expected an integer >= 1"),
+    (["serve", "{tmp}", "--threads", "-1"], "--threads: expected an integer >= 1"),
+    (["serve", "{tmp}", "--max-batch", "0"], "--max-batch: expected an integer >= 1"),
+    (["convert", "{tmp}", "{tmp}/dst", "--sparsity", "2"], "--sparsity: expected a fraction in [0, 1)"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_out_of_range_options_are_usage_errors(tmp_path, capsys, argv, needle):
+    """Refused by argparse (exit 2, one usage line) before anything runs, not a traceback or a
+    misleading table later."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bench_model_refuses_inputs_the_model_cannot_take(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=50, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    sf.sparsify(model, format="bitmask", measure=False)
+    sf.save_pretrained(model, tmp_path)
+    assert main(["bench", "model", str(tmp_path), "--prefill", "100"]) == 2
+    assert "at most the model's 64 positions" in capsys.readouterr().err
+    (tmp_path / "sparseflow.json").write_text("[]")
+    assert main(["bench", "model", str(tmp_path)]) == 2
+    assert "not a transformers model" in capsys.readouterr().err
+
+
 def test_inspect_and_bench_model(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -109,13 +145,34 @@ def test_inspect_and_bench_model(tmp_path, capsys):
     assert q["pattern"] == "2:4" and q["format"] == "nm"
     assert main(["bench", "model", str(tmp_path), "--rounds", "2", "--context", "8", "--prefill", "8", "--json"]) == 0
     timing = json.loads(capsys.readouterr().out)
-    assert set(timing) == {"decode", "prefill"}
+    assert set(timing) == {"decode", "prefill", "other_cores"}
     # dense weights written later into the same directory: the leftover sparseflow.json does not count
     sf.export_dense(model, tmp_path / "dense")
     (tmp_path / "dense" / "sparseflow.json").write_bytes((tmp_path / "sparseflow.json").read_bytes())
     assert main(["inspect", str(tmp_path / "dense"), "--no-measure", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert next(r for r in rows if r["name"].endswith("q_proj.weight"))["format"] == "dense"
+
+
+def test_inspect_lists_every_kind_of_layer(tmp_path, capsys):
+    """Activation-sparse layers and SparseLinear layers kept dense are listed with their [out, in]
+    weight and stored bytes; the model.safetensors of an sf.save folder reads as the folder does."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(24, 32) < 0.5)
+    model = nn.Sequential(sf.ActSparseLinear.from_linear(lin, 0.3, weight_format="bitmask"), nn.ReLU(),
+                          sf.ActSparseLinear.from_linear(nn.Linear(24, 16), 0.2, shift=torch.randn(24)),
+                          sf.SparseLinear.from_linear(nn.Linear(16, 8), "dense"))
+    sf.save(model, tmp_path)
+    for path in (tmp_path, tmp_path / "model.safetensors"):
+        assert main(["inspect", str(path), "--no-measure", "--json"]) == 0
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert set(rows) == {"0.weight", "2.weight", "3.weight"}
+        assert rows["0.weight"]["format"] == "act-sparse(bitmask)" and rows["0.weight"]["shape"] == [24, 32]
+        assert rows["0.weight"]["bytes"] < 24 * 32 * 4 and rows["0.weight"]["density"] <= 0.6
+        assert rows["2.weight"]["format"] == "act-sparse(dense)" and rows["2.weight"]["bytes"] == 24 * 16 * 4
+        assert rows["3.weight"]["format"] == "dense" and rows["3.weight"]["shape"] == [8, 16]
 
 
 def test_convert_writes_a_loadable_directory(tmp_path, capsys):

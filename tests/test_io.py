@@ -422,3 +422,23 @@ def test_fuzz_index_buffers_hypothesis(tmp_path_factory, data):
 
     save_file(tensors, path, metadata=metadata)
     try_load(path)
+
+
+def test_result_files_are_replaced_whole(tmp_path, monkeypatch):
+    """Benchmark and demo results (write_result, save_figure) make their folder and replace the
+    file atomically: a write that fails leaves the previous result readable, and no temp file."""
+    import os
+
+    from sparseflow.io._atomic import write_result
+
+    path = tmp_path / "results" / "r.json"
+    write_result(path, '{"old": 1}')
+    assert path.read_text() == '{"old": 1}'
+
+    def broken(src, dst):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="too large"):
+        write_result(path, '{"new": 2}')
+    assert path.read_text() == '{"old": 1}' and sorted(p.name for p in path.parent.iterdir()) == ["r.json"]

@@ -441,3 +441,26 @@ def test_act_sparse_layers_refuse_non_finite_weights():
         state["weight_t" if fmt == "dense" else "weight_t_values"].view(-1)[0] = float("nan")
         with pytest.raises(ValueError, match="finite weight"):
             m.load_state_dict(state)
+
+
+@pytest.mark.parametrize("weight_format", ["dense", "bitmask"])
+def test_dense_equivalents_of_sparse_layers(weight_format):
+    """ActSparseLinear.to_linear is the layer whose inputs it thresholds (the folded shift taken back
+    out of the bias); bench model's dense baseline (densified) replaces every sparse layer."""
+    from sparseflow.bench.model import densified
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(48, 64) < 0.5)
+    act = sf.ActSparseLinear.from_linear(lin, threshold=0.0, shift=torch.randn(64), weight_format=weight_format)
+    back = act.to_linear()
+    x = torch.randn(5, 64)
+    assert torch.equal(back.weight, lin.weight)
+    torch.testing.assert_close(back(x), lin(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(act(x), lin(x), atol=1e-5, rtol=1e-5)  # threshold 0: nothing skipped
+    model = nn.Sequential(act, nn.ReLU(), sf.SparseLinear.from_linear(nn.Linear(48, 8), "bitmask"))
+    dense = densified(model)
+    assert [type(m) for m in dense] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert isinstance(model[0], sf.ActSparseLinear)  # a copy: the model itself is left as it was
+    torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=1e-5)

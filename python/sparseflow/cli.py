@@ -7,6 +7,7 @@ import json
 import sys
 
 from . import demo as demo_mod
+from ._argtypes import fraction, non_negative_int, port, positive_float, positive_int
 from .info import info
 
 
@@ -51,7 +52,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'tensor':<48}{'shape':>13}{'pattern':>14}{'density':>9}{'format':>9}{'MB':>8}  sparsify would choose")
+    print(f"{'tensor':<48}{'shape':>13}{'pattern':>14}{'density':>9}{'format':>9}{'MiB':>8}  sparsify would choose")
     for r in rows:
         choice = r["would_choose"] or "-"
         if "speedup" in r:
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a transformers model directory")
     p.add_argument("dst", help="output directory (written atomically: never half-written)")
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=fraction, default=0.5)
     p.add_argument("--pattern", default="2:4", help="unstructured, n:m (e.g. 2:4), block(bm,bk)")
     p.add_argument("--calibration", help="a text file, one calibration sentence per line (default: built-in)")
     p.add_argument("--export", choices=["sparseflow", "dense", "compressed-tensors"], default="sparseflow")
@@ -124,15 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (embeddings, completions, chat) for a model dir")
     p.add_argument("dir", help="a model saved by sparseflow, or a transformers directory (with --sparsify)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--sparsify", help="sf.sparsify arguments for a dense model: inline JSON or a JSON file")
-    p.add_argument("--threads", type=int, help="torch and kernel threads (default: torch's)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: %(default)s)")
-    p.add_argument("--queue-limit", type=int, default=32, help="waiting requests before 429 (default: %(default)s)")
-    p.add_argument("--max-input-tokens", type=int, default=1024, help="longer inputs get 413 (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="largest max_tokens (default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before 503 (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, help="torch and kernel threads (default: torch's)")
+    for flag, kind, default, what in (("--max-batch", positive_int, 8, "sequences decoded together"),
+                                      ("--queue-limit", non_negative_int, 32, "waiting requests before 429"),
+                                      ("--max-input-tokens", positive_int, 1024, "longer inputs get 413"),
+                                      ("--max-new-tokens", positive_int, 256, "largest max_tokens"),
+                                      ("--request-timeout", positive_float, 120.0, "seconds before 503")):
+        p.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # One line: some libraries (transformers) append paragraphs of advice; --debug shows them all.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        more = " (--debug for the rest)" if len(lines) > 1 else ""
+        more = f" (sparseflow --debug {args.command} ... shows the rest)" if len(lines) > 1 else ""
         print(f"sparseflow {args.command}: error: {lines[0]}{more}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ from . import formats, ops
 from .bench.model import median_interleaved
 from .bench.timing import cold_copies, compare_blocks
 from .info import info
+from .io._atomic import save_figure, write_result
 from .ops.bound import unbind
 
 KERNEL_CASES = [  # (label, make format from a dense weight, pattern to prune, sparsity)
@@ -135,7 +136,7 @@ def minilm_section(quick: bool, step) -> list[dict]:
 
 # ---- 3. Llama-shaped decoder block ----
 def llama_section(quick: bool, step) -> list[dict]:
-    from .bench.model import decode_step_fn
+    from .bench.model import check_outputs, decode_step_fn
     from .models import llama
     from .prune import prune
     from .sparsify import sparsify
@@ -154,7 +155,8 @@ def llama_section(quick: bool, step) -> list[dict]:
     m = copy.deepcopy(base)
     sparsify(m, activation_sparsity=0.5, calibration=calibration)
     variants["50% activation"] = m
-    step("Llama block: time decode")
+    step("Llama block: check, time decode")
+    checks = {k: check_outputs(v, ids) for k, v in variants.items() if k != "dense"}
     t = median_interleaved({k: decode_step_fn(v, ids) for k, v in variants.items()}, rounds=7 if quick else 15)
     rows = []
     for k, v in variants.items():
@@ -162,8 +164,10 @@ def llama_section(quick: bool, step) -> list[dict]:
             continue
         nbytes = sum(b.numel() * b.element_size() for b in [*v.model.layers.parameters(), *v.model.layers.buffers()])
         dense_bytes = sum(p.numel() * p.element_size() for p in base.model.layers.parameters())
-        rows.append({"section": "llama", "case": f"Llama block {hidden}/{inter} bf16, decode: {k}", "correct": True,
-                     "max_err": None, "torch_dense_err": None, "memory": nbytes / dense_bytes,
+        rows.append({"section": "llama", "case": f"Llama block {hidden}/{inter} bf16, decode: {k}",
+                     "correct": checks[k]["ok"], "max_err": None, "torch_dense_err": None,
+                     "rel_err": checks[k]["rel_err"], "torch_dense_rel_err": checks[k]["dense_rel_err"],
+                     "memory": nbytes / dense_bytes,
                      "dense_ms": t["dense"] * 1e3, "sparse_ms": t[k] * 1e3, "speedup": t["dense"] / t[k],
                      "quality": None, "tokens_per_s": 1 / t[k], "dense_tokens_per_s": 1 / t["dense"]})
     return rows
@@ -186,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("speedup over dense torch (same process, same threads)")
     ax.set_title(f"sparseflow demo - {info()['cpu']}, {info()['threads']} threads")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -207,7 +211,7 @@ def run(out_dir: str = "sparseflow-demo", quick: bool = False, show: bool = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"ok": ok, "seconds": time.perf_counter() - started, "machine": info(), "rows": rows}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_result(out / "report.json", json.dumps(report, indent=1))
     try:
         plot(rows, out / "speedup.png")
     except ImportError:

@@ -4,6 +4,7 @@ bytes), and what sparsify would choose for each on this machine."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,13 +13,23 @@ from . import dispatch
 from .formats import SparseFormat, detect_pattern
 from .io import load_weights, read_compressed_tensors
 from .io._safetensors import read_safetensors
-from .model_io import DESCRIPTION, WEIGHTS
+from .model_io import WEIGHTS
 from .sparsify import candidates_for
 
 
-def read_any(path: str | Path) -> dict[str, SparseFormat | torch.Tensor]:
-    """Weights of: a sparseflow model dir, a sparseflow weights file, a compressed-tensors dir, or any
-    safetensors file / dir (dense)."""
+@dataclass
+class Stored:
+    """A layer's [out, in] weight, and the form and bytes it is stored in where that is not a format
+    object of the weight itself (activation-sparse layers keep it transposed)."""
+
+    weight: torch.Tensor
+    format: str
+    nbytes: int
+
+
+def read_any(path: str | Path) -> dict[str, SparseFormat | Stored | torch.Tensor]:
+    """Weights of: a sparseflow model dir or its model.safetensors, a sparseflow weights file, a
+    compressed-tensors dir, or any safetensors file / dir (dense)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -30,44 +41,63 @@ def read_any(path: str | Path) -> dict[str, SparseFormat | torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS}")
     metadata, tensors = read_safetensors(file)
-    if "sparseflow" in metadata and not (path.is_dir() and (path / DESCRIPTION).exists()):
-        return load_weights(file)
-    if "sparseflow" in metadata:  # saved by sf.save_pretrained (a stale sparseflow.json alone does not count)
-        try:
-            modules = json.loads(metadata["sparseflow"])["modules"]
-        except (KeyError, TypeError, ValueError, RecursionError):
-            raise ValueError(f"{file}: damaged sparseflow description") from None
-        return _sparse_layers(tensors, modules)
-    return tensors
+    if "sparseflow" not in metadata:
+        return tensors
+    try:
+        description = json.loads(metadata["sparseflow"])
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(f"{file}: damaged sparseflow description") from None
+    if isinstance(description, dict) and "modules" in description:  # written by sf.save / save_pretrained
+        if not isinstance(description["modules"], dict):
+            raise ValueError(f"{file}: damaged sparseflow description")
+        return _sparse_layers(tensors, description["modules"])
+    return load_weights(file)  # written by sf.save_weights
 
 
 def _sparse_layers(tensors: dict, modules: dict) -> dict:
-    from .nn.sparse_linear import SparseLinear  # rebuild each sparse layer from its buffers
+    """The tensors, each sparse layer's buffers replaced by its weight (rebuilt and validated)."""
+    from .nn import ActSparseLinear, SparseLinear
 
     out = dict(tensors)
     for name, spec in modules.items():
-        if spec.get("type") != "SparseLinear" or spec.get("format") == "dense":
-            continue
-        layer = SparseLinear.empty(spec["format"], spec.get("params") or {}, tuple(spec["shape"]), spec["bias"])
         prefix = name + "."
-        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            if spec.get("type") == "SparseLinear":
+                layer = SparseLinear.empty(spec["format"], spec.get("params") or {}, tuple(spec["shape"]),
+                                           spec["bias"])
+                layer.load_state_dict(own, strict=False)
+                weight = layer.weight
+            elif spec.get("type") == "ActSparseLinear":
+                layer = ActSparseLinear.empty(tuple(spec["shape"]), spec["threshold"], spec["weight_format"],
+                                              spec["bias"], spec["shift"])
+                layer.load_state_dict(own, strict=False)
+                nbytes = sum(t.numel() * t.element_size() for n, t in layer.named_buffers() if n.startswith("weight_t"))
+                weight = Stored(layer.to_linear().weight.detach(), f"act-sparse({spec['weight_format']})", nbytes)
+            else:
+                continue
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{name}: damaged sparseflow description ({type(e).__name__}: {e})") from None
         for k in [k for k in out if k.startswith(prefix + "weight_")]:
             del out[k]
-        out[prefix + "weight"] = layer.weight
+        out[prefix + "weight"] = weight
     return out
 
 
 def inspect(path: str | Path, measure: bool = True, m_range=(1, 16)) -> list[dict]:
     rows = []
     for name, w in read_any(path).items():
-        is_format = isinstance(w, SparseFormat)
-        if not is_format and (w.dim() != 2 or not w.is_floating_point() or not name.endswith("weight")):
+        if isinstance(w, Stored):
+            dense, fmt, nbytes = w.weight, w.format, w.nbytes
+        elif isinstance(w, SparseFormat):
+            dense, fmt, nbytes = w.to_dense(), w.format_name, w.nbytes
+        elif w.dim() == 2 and w.is_floating_point() and name.endswith("weight"):
+            dense, fmt, nbytes = w, "dense", w.numel() * w.element_size()
+        else:
             continue
-        dense = w.to_dense() if is_format else w
         pattern = detect_pattern(dense)
         row = {"name": name, "shape": list(dense.shape), "dtype": str(dense.dtype), "pattern": str(pattern),
-               "density": round(pattern.density, 4), "format": w.format_name if is_format else "dense",
-               "bytes": w.nbytes if is_format else w.numel() * w.element_size(), "would_choose": None}
+               "density": round(pattern.density, 4), "format": fmt, "bytes": nbytes, "would_choose": None}
         if measure and pattern.kind != "dense":
             cands = candidates_for(dense, "auto")
             speed = dispatch.measure(dense, cands, tuple(m_range))

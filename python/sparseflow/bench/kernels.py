@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -37,9 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, ops
+from .._argtypes import fraction, list_of, non_negative_int, positive_float, positive_int
 from ..formats import BSR, CSR, NM, Bitmask
 from ..formats.nm import check_nm
 from ..info import info
+from ..io._atomic import write_result
 from ..ops.bound import unbind
 from . import bandwidth as bw
 from .load import OtherLoad
@@ -918,16 +921,6 @@ def _shape(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _list(kind: Callable[[str], object]):
-    def parse(text: str) -> list:
-        try:
-            return [kind(t) for t in text.split(",") if t.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse
-
-
 def _flatten(groups) -> list | None:
     return None if groups is None else [v for g in groups for v in g]
 
@@ -948,7 +941,7 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
     p.add_argument(
         "--format",
         action="append",
-        type=_list(str),
+        type=list_of(str),
         metavar="FMT",
         help="bitmask, csr, bsr[BMxBK], N:M (e.g. 2:4), act, act+bitmask (repeatable or comma list; "
         "default: the issue's table)",
@@ -956,33 +949,33 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
     p.add_argument(
         "--sparsity",
         action="append",
-        type=_list(float),
+        type=list_of(fraction),
         metavar="S",
         help="weight sparsity, e.g. 0.5,0.7,0.9 (for 'act' the input sparsity; n:m keeps its own)",
     )
     p.add_argument(
-        "--act-sparsity", type=float, help="fraction of inputs set to 0 for act kernels (default 0.5)"
+        "--act-sparsity", type=fraction, help="fraction of inputs set to 0 for act kernels (default 0.5)"
     )
     p.add_argument(
         "--dtype",
         action="append",
-        type=_list(str),
+        type=list_of(str),
         metavar="DT",
         help="bf16, fp32, fp16 (repeatable or comma list; default: bf16,fp32)",
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (kernels use the same count)")
-    p.add_argument("--m", type=_list(int), metavar="M,...", help="rows of x for every shape (default 1)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (kernels use the same count)")
+    p.add_argument("--m", type=list_of(positive_int), metavar="M,...", help="rows of x for every shape (default 1)")
     p.add_argument(
         "--crossover-m",
-        type=_list(int),
+        type=list_of(positive_int),
         metavar="M,...",
         help="extra M on the first shape for the crossover table (default 16,128; '' for none)",
     )
     p.add_argument("--isa", choices=_ext.ISA_LEVELS, help="force the kernels' ISA level")
     p.add_argument("--quick", action="store_true", help="one 2048x2048 shape, bf16, fewer repetitions")
-    p.add_argument("--reps", type=int, help="timed rounds per case (default 30, quick 15)")
-    p.add_argument("--warmup", type=int, help="untimed rounds per case (default 2)")
-    p.add_argument("--max-seconds", type=float, help="stop timing a case after this long (default 1.0)")
+    p.add_argument("--reps", type=positive_int, help="timed rounds per case (default 30, quick 15)")
+    p.add_argument("--warmup", type=non_negative_int, help="untimed rounds per case (default 2)")
+    p.add_argument("--max-seconds", type=positive_float, help="stop timing a case after this long (default 1.0)")
     p.add_argument(
         "--flush",
         choices=FLUSH_MODES,
@@ -1082,7 +1075,7 @@ def main(
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = " ".join([prog or Path(sys.argv[0]).name, *argv])
+    command = shlex.join([*(prog or Path(sys.argv[0]).name).split(), *argv])
     try:
         with _ext.isa(args.isa) if args.isa else contextlib.nullcontext():
             result = run(options, command=command, log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -1097,7 +1090,7 @@ def main(
         report.write_json(result, path)
         console.print(f"wrote {path}")
     if args.markdown:
-        Path(args.markdown).write_text(report.markdown(result))
+        write_result(args.markdown, report.markdown(result))
         console.print(f"wrote {args.markdown}")
     if args.plot:
         report.plot(result, args.plot)

@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..io._atomic import save_figure, write_result
 from .kernels import DTYPES, KernelSpec, analytic_limit
 
 
@@ -170,12 +171,13 @@ def torch_csr_rows(report: dict) -> list[tuple[str, ...]]:
 
 def crossover_table(report: dict) -> tuple[list[str], list[tuple[str, ...]]]:
     ms = sorted({int(m) for c in report["crossover"] for m in c["ratios"]})
-    cols = ["kernel", "N x K", "dtype", *(f"M={m}" for m in ms), "crossover (speedup falls below 1)"]
+    cols = ["kernel", "backend", "N x K", "dtype", *(f"M={m}" for m in ms), "crossover (speedup falls below 1)"]
     rows = []
     for c in report["crossover"]:
         rows.append(
             (
                 c["kernel"],
+                (c.get("backend") or "-").rsplit("/", 1)[-1],  # the table row key: its name
                 f"{c['n']}x{c['k']}",
                 c["dtype"],
                 *(_x(c["ratios"].get(str(m))) for m in ms),
@@ -279,7 +281,7 @@ def to_json(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(to_json(report))
+    write_result(path, to_json(report))
 
 
 def _spec_of(r: dict) -> KernelSpec:
@@ -365,5 +367,5 @@ def plot(report: dict, path: str | Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="dashed: bytes limit; -: target", title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -55,6 +55,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
+def write_result(path: str | os.PathLike, text: str) -> None:
+    """A result file (report, JSON, markdown): its folder made, the file replaced atomically (a
+    failed write leaves the previous result as it was)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """fig.savefig(path), atomically (the format from the path's suffix, as savefig would take it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
 @contextlib.contextmanager
 def replacing_files(directory: str | os.PathLike, names: tuple[str, ...]):
     """A sibling temporary directory to write a set of files into; on success its files replace

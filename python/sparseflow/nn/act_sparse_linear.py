@@ -100,6 +100,20 @@ class ActSparseLinear(nn.Module):
                     weight_format: str = "dense") -> ActSparseLinear:
         return cls(dense_weight(linear), effective_tensor(linear, "bias"), threshold, shift, weight_format)
 
+    def to_linear(self) -> nn.Linear:
+        """The dense layer this one thresholds the inputs of: nn.Linear with the [out, in] weight and
+        the original bias (the folded shift taken back out)."""
+        w_t = self.w_t()
+        w = (w_t if isinstance(w_t, torch.Tensor) else w_t.to_dense()).t()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                        dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                bias = self.bias.float() - (w.float() @ self.shift.float() if self.shift is not None else 0.0)
+                lin.bias.copy_(bias.to(w.dtype))
+        return lin
+
     def w_t(self):
         if self.weight_format == "dense":
             return self.weight_t
