@@ -85,8 +85,8 @@ def graphed(model, tok):
             model(tok, use_cache=False)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.no_grad(), torch.cuda.graph(graph):
+    try:  # on the stream that warmed up: the kernels' per-stream workspaces stay out of the graph
+        with torch.no_grad(), torch.cuda.graph(graph, stream=side):
             model(tok, use_cache=False)
     except Exception as e:  # reported, and the eager timings stand alone
         print(f"  graph capture failed: {type(e).__name__}: {str(e)[:200]}")
