@@ -164,7 +164,9 @@ def test_weights_on_another_device_or_a_bad_bias_take_the_op(op_calls):
             meta(x)
         state = m.state_dict()
         state["bias"] = torch.ones(1)
-        m.load_state_dict(state)
+        with pytest.raises(ValueError, match=r"bias must be torch.float32 of shape \(45,\)"):
+            m.load_state_dict(state)  # refused at load
+        m.bias = torch.nn.Parameter(torch.ones(1), requires_grad=False)  # assigned: refused by the op
         with pytest.raises(ValueError, match="bias must have shape"):
             m(x)
     assert len(op_calls) == 1  # (the meta weight is refused by its validation, before any op)

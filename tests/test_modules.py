@@ -218,7 +218,7 @@ def test_sparse_linear_owns_its_bias_and_shift_checks_x():
         a(x.bfloat16())  # x - shift would have promoted it to float32 silently
     state = a.state_dict()
     state["shift"] = torch.zeros(1)  # would broadcast
-    with pytest.raises(ValueError, match="shift must have shape \\(32,\\)"):
+    with pytest.raises(ValueError, match="shift must be torch.float32 of shape \\(32,\\)"):
         a.load_state_dict(state)
     assert a.shift.shape == (32,)
 
@@ -464,3 +464,121 @@ def test_dense_equivalents_of_sparse_layers(weight_format):
     assert [type(m) for m in dense] == [nn.Linear, nn.ReLU, nn.Linear]
     assert isinstance(model[0], sf.ActSparseLinear)  # a copy: the model itself is left as it was
     torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_transformers_models_reload_with_their_generation_config(tmp_path):
+    """A model converted with .to(bf16) (its rotary table too) reloads bit-exact, with its
+    generation config (stop tokens); a hand-converted tied lm_head reloads as it was saved."""
+    model = tiny_llama().to(torch.bfloat16)
+    model.generation_config.eos_token_id = [2, 7]
+    sf.sparsify(model, format="bitmask", measure=False)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        y = model(ids).logits
+    sf.save_pretrained(model, tmp_path)
+    loaded = sf.from_pretrained(tmp_path)
+    assert loaded.generation_config.eos_token_id == [2, 7]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, y)
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.lm_head = sf.SparseLinear.from_linear(tied.lm_head, "dense")
+    sf.save_pretrained(tied, tmp_path / "tied")
+    with torch.no_grad():
+        assert torch.equal(sf.from_pretrained(tmp_path / "tied")(ids).logits, tied(ids).logits)
+
+
+def test_exports_fold_torch_pruning(tmp_path):
+    """A layer pruned with torch.nn.utils.prune (left so by sparsify) is exported as its effective
+    weight, which transformers loads (it would re-initialise a missing weight randomly)."""
+    import transformers
+
+    model = tiny_llama()
+    up = model.model.layers[0].mlp.up_proj
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(up, "weight", amount=0.5)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        y = model(ids).logits
+    sf.export_dense(model, tmp_path / "dense")
+    dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, y, atol=1e-5)
+    assert torch.equal(dense.model.layers[0].mlp.up_proj.weight, up.weight)
+    sf.export_compressed_tensors(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_save_load_keeps_building_block_options(tmp_path):
+    from collections import OrderedDict
+
+    model = nn.Sequential(OrderedDict(embed=nn.Embedding(10, 8, max_norm=1.0), flat=nn.Flatten(0),
+                                      fc=sf.SparseLinear.from_linear(nn.Linear(24, 4), "bitmask")))
+    ids = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        y = model(ids)
+    sf.save(model, tmp_path)
+    loaded = sf.load(tmp_path)
+    assert list(loaded._modules) == ["embed", "flat", "fc"] and loaded.embed.max_norm == 1.0
+    assert loaded.flat.start_dim == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), y)
+
+
+def test_damaged_checkpoints_are_refused_at_load(tmp_path):
+    """Parts a kernel or forward would trip over later are refused when the file is read."""
+    from sparseflow.io._safetensors import read_safetensors, write_safetensors
+
+    model = nn.Sequential(sf.SparseLinear.from_linear(nn.Linear(16, 8), "bitmask"),
+                          sf.ActSparseLinear.from_linear(nn.Linear(8, 4), 0.1, shift=torch.randn(8)))
+    sf.save(model, tmp_path)
+    metadata, tensors = read_safetensors(tmp_path / "model.safetensors")
+
+    def refused(match, change_tensors=None, change_description=None):
+        t, meta = dict(tensors), dict(metadata)
+        if change_tensors:
+            change_tensors(t)
+        if change_description:
+            d = json.loads(meta["sparseflow"])
+            change_description(d)
+            meta["sparseflow"] = json.dumps(d)
+        write_safetensors(tmp_path / "model.safetensors", t, meta)
+        with pytest.raises(ValueError, match=match):
+            sf.load(tmp_path)
+
+    refused(r"0.bias must be torch.float32 of shape \(8,\)", lambda t: t.update({"0.bias": torch.ones(3)}))
+    refused(r"1.bias must be torch.float32 of shape \(4,\)", lambda t: t.update({"1.bias": torch.ones(4).half()}))
+    refused(r"1.shift must be torch.float32", lambda t: t.update({"1.shift": torch.ones(8).half()}))
+    refused("weight_t must be float32, bfloat16 or float16", lambda t: t.update({"1.weight_t": torch.ones(8, 4).int()}))
+
+    def params(d):
+        d["architecture"]["children"][0]["spec"]["params"] = {"evil": 1}
+
+    refused("bitmask takes the parameters", change_description=params)
+
+    def dense_above(d):
+        d["architecture"]["children"][0]["spec"]["dense_above"] = "x"
+
+    refused("dense_above must be None or an int", change_description=dense_above)
+
+    def no_args(d):
+        d["architecture"] = {"class": "Sequential", "children": [{"class": "Linear"}]}
+
+    refused("bad 'Linear' entry", change_description=no_args)
+
+
+def test_a_file_that_leaves_buffers_unfilled_is_refused(tmp_path):
+    """from_pretrained builds the model on the meta device: a file without its saved buffers (rotary
+    tables) would leave them there, to fail at the first forward."""
+    from sparseflow.io._safetensors import read_safetensors, write_safetensors
+
+    sf.save_pretrained(tiny_llama(), tmp_path)
+    metadata, tensors = read_safetensors(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.startswith("__buffers__.")}
+    assert len(kept) < len(tensors)
+    write_safetensors(tmp_path / "model.safetensors", kept, metadata)
+    with pytest.raises(ValueError, match="does not fill the model: nothing for .*inv_freq"):
+        sf.from_pretrained(tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,21 @@ BUILDING_BLOCKS = {
                           "dtype": str(m.weight.dtype)},
                lambda a: nn.Linear(a["in_features"], a["out_features"], a["bias"], dtype=DTYPES[a["dtype"]])),
     "Embedding": (lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
-                             "padding_idx": m.padding_idx, "dtype": str(m.weight.dtype)},
+                             "padding_idx": m.padding_idx, "max_norm": m.max_norm, "norm_type": m.norm_type,
+                             "scale_grad_by_freq": m.scale_grad_by_freq, "sparse": m.sparse,
+                             "dtype": str(m.weight.dtype)},
                   lambda a: nn.Embedding(a["num_embeddings"], a["embedding_dim"], a["padding_idx"],
+                                         a.get("max_norm"), a.get("norm_type", 2.0),
+                                         a.get("scale_grad_by_freq", False), a.get("sparse", False),
                                          dtype=DTYPES[a["dtype"]])),
     "LayerNorm": (lambda m: {"shape": list(m.normalized_shape), "eps": m.eps, "affine": m.elementwise_affine,
                              "bias": getattr(m, "bias", None) is not None},
                   lambda a: nn.LayerNorm(a["shape"], a["eps"], a["affine"], bias=a["bias"])),
     "Dropout": (lambda m: {"p": m.p}, lambda a: nn.Dropout(a["p"])),
     "GELU": (lambda m: {"approximate": m.approximate}, lambda a: nn.GELU(a["approximate"])),
-    **{name: _no_args(getattr(nn, name)) for name in ("ReLU", "SiLU", "Tanh", "Sigmoid", "Identity", "Flatten")},
+    "Flatten": (lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim},
+                lambda a: nn.Flatten(a["start_dim"], a["end_dim"])),
+    **{name: _no_args(getattr(nn, name)) for name in ("ReLU", "SiLU", "Tanh", "Sigmoid", "Identity")},
 }
 CONTAINERS = {"Sequential": lambda children: nn.Sequential(*children), "ModuleList": nn.ModuleList}
 
@@ -64,7 +71,12 @@ def architecture(module: nn.Module) -> dict | None:
         return {"class": name, "spec": module.spec()}
     if type(module) in (nn.Sequential, nn.ModuleList):
         children = [architecture(c) for c in module]
-        return None if any(c is None for c in children) else {"class": name, "children": children}
+        if any(c is None for c in children):
+            return None
+        names = list(module._modules)
+        # children named otherwise than 0..n-1 (Sequential(OrderedDict(...))): their names are the keys
+        return {"class": name, "children": children,
+                **({"names": names} if names != [str(i) for i in range(len(names))] else {})}
     if name in BUILDING_BLOCKS and cls is getattr(nn, name):
         return {"class": name, "args": BUILDING_BLOCKS[name][0](module)}
     return None
@@ -72,15 +84,25 @@ def architecture(module: nn.Module) -> dict | None:
 
 def build(arch: dict) -> nn.Module:
     if not isinstance(arch, dict) or "class" not in arch:
-        raise ValueError(f"{DESCRIPTION}: bad architecture entry {arch!r}")
+        raise ValueError(f"{DESCRIPTION}: bad architecture entry {str(arch)[:200]}")
     name = arch["class"]
-    if name in CONTAINERS:
-        return CONTAINERS[name]([build(c) for c in arch.get("children", [])])
-    if name in ("SparseLinear", "ActSparseLinear"):
-        with torch.device("cpu"):  # placeholders that load_state_dict replaces on the CPU (not on meta)
-            return skeleton(arch["spec"])
-    if name in BUILDING_BLOCKS:
-        return BUILDING_BLOCKS[name][1](arch["args"])
+    try:
+        if name in CONTAINERS:
+            children = [build(c) for c in arch.get("children", [])]
+            names = arch.get("names")
+            if names is None:
+                return CONTAINERS[name](children)
+            if name != "Sequential" or not isinstance(names, list) or len(names) != len(children) or \
+                    not all(isinstance(n, str) for n in names):
+                raise ValueError("bad child names")
+            return nn.Sequential(OrderedDict(zip(names, children, strict=True)))
+        if name in ("SparseLinear", "ActSparseLinear"):
+            with torch.device("cpu"):  # placeholders that load_state_dict replaces on the CPU (not on meta)
+                return skeleton(arch["spec"])
+        if name in BUILDING_BLOCKS:
+            return BUILDING_BLOCKS[name][1](arch["args"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{DESCRIPTION}: bad {name!r} entry in the architecture ({type(e).__name__}: {e})") from None
     raise ValueError(f"{DESCRIPTION}: cannot rebuild a {name!r}; pass model= a skeleton to sf.load")
 
 
@@ -185,10 +207,17 @@ def _fill(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor])
         if (bname not in getattr(module, "_non_persistent_buffers_set", ()) or current is None
                 or bname in getattr(module, "derived_buffers", ())):
             raise ValueError(f"{WEIGHTS}: {BUFFER_PREFIX}{name} is not a non-persistent buffer of the model")
-        if t.shape != current.shape or t.dtype != current.dtype:
+        # (a model converted with .to(bf16) converts its rotary tables too, one built from a config
+        # has them in float32: floats are taken as saved, as assign=True takes the parameters)
+        same_kind = t.dtype == current.dtype or (t.is_floating_point() and current.is_floating_point())
+        if t.shape != current.shape or not same_kind:
             raise ValueError(f"{WEIGHTS}: {BUFFER_PREFIX}{name} has shape {tuple(t.shape)} and {t.dtype}, the "
                              f"model's has {tuple(current.shape)} and {current.dtype}")
         module._buffers[bname] = t
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:  # a model built on the meta device that the file does not fill
+        raise ValueError(f"{WEIGHTS} does not fill the model: nothing for {', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}")
     return model
 
 
@@ -217,9 +246,13 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
 
 def _save_config(model: nn.Module, directory: Path) -> None:
     """config.json naming the model's class, as transformers' own save_pretrained writes it (AutoModel
-    and sparseflow.prune.load_shrunk read `architectures`)."""
+    and sparseflow.prune.load_shrunk read `architectures`), and generation_config.json where the
+    model has one (its stop tokens and sampling settings)."""
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(directory)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -247,10 +280,17 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
         if structure:  # shrunk by structured pruning: heads or neurons removed, biases added
-            apply_structure(model, structure)
+            try:
+                apply_structure(model, structure)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise ValueError(f"{directory}/config.json: bad {STRUCTURE_KEY} ({type(e).__name__}: {e})") from None
     model = _fill(model, description, tensors)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights") and \
+            not isinstance(output, (SparseLinear, ActSparseLinear)):  # (a sparse lm_head holds its own weight)
         model.tie_weights()
+    if (Path(directory) / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     return model.eval()
 
 
@@ -259,7 +299,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent dense model (zeros where pruned): what other engines load."""
     out = {}
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
-    for key, t in model.state_dict().items():
+    for key, t in _folded_state_dict(model).items():  # (torch's own pruning folded into the weights)
         if not any(key.startswith(name + ".") for name in sparse):
             out[key] = t
     for name, m in sparse.items():
@@ -313,5 +353,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,
     for key, t in dense_state_dict(model).items():
         is_sparse_weight = key.endswith(".weight") and key[: -len(".weight")] in sparse_names
         weights[key] = compress(t, "bitmask" if format == "sparse-bitmask" else "2:4") if is_sparse_weight else t
-    config = model.config.to_dict() if getattr(model, "config", None) is not None else None
+    config = None
+    if getattr(model, "config", None) is not None:
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}  # (vLLM picks the class by it)
     write_compressed_tensors(weights, directory, format, config)

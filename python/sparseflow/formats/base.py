@@ -3,6 +3,7 @@ name -> tensor view that checkpoints use."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -141,3 +142,9 @@ class SparseFormat:
             f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
             f"density={self.density:.3f}, nbytes={self.nbytes}{extra})"
         )
+
+
+def param_names(cls: type) -> set[str]:
+    """The keyword parameters of cls.from_tensors besides shape, tensors and validate (block, n, m)."""
+    names = inspect.signature(cls.from_tensors).parameters
+    return {n for n in names if n not in ("shape", "tensors", "validate")}

@@ -14,7 +14,6 @@ C++. Any problem raises ValueError naming the entry."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 
 from .._version import __version__
 from ..formats import FORMATS, SparseFormat
-from ..formats.base import FLOAT_DTYPES
+from ..formats.base import FLOAT_DTYPES, param_names
 from ._safetensors import read_safetensors, read_safetensors_metadata, write_safetensors
 
 METADATA_KEY = "sparseflow"
@@ -47,12 +46,6 @@ Weights = dict[str, "SparseFormat | torch.Tensor"]
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _param_names(cls: type[SparseFormat]) -> set[str]:
-    """The keyword parameters of cls.from_tensors besides shape, tensors and validate (block, n, m)."""
-    names = inspect.signature(cls.from_tensors).parameters
-    return {n for n in names if n not in ("shape", "tensors", "validate")}
 
 
 # ---------------------------------------------------------------- save
@@ -143,7 +136,7 @@ def _check_entry(name: str, entry: Any) -> Spec:
         raise ValueError(f"{name}: a {fmt} weight needs a shape of 2 positive ints, got {shape!r}")
     if dtype not in FORMAT_DTYPES:
         raise ValueError(f"{name}: dtype {dtype!r} is not one of {sorted(FORMAT_DTYPES)}")
-    expected = _param_names(cls)
+    expected = param_names(cls)
     if set(params) != expected:
         raise ValueError(f"{name}: {fmt} needs params {sorted(expected)}, got {sorted(params)}")
     for key, value in params.items():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import Bitmask
+from ..formats.base import FLOAT_DTYPES
 from ..io.inputs import dense_weight, effective_tensor
 from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
@@ -18,7 +19,7 @@ from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
 from .crossover import above_crossover
-from .state_dict import as_kept, unexpected_of
+from .state_dict import as_kept, check_float, unexpected_of
 
 
 class ActSparseLinear(nn.Module):
@@ -67,6 +68,9 @@ class ActSparseLinear(nn.Module):
         """A module with placeholder buffers; load_state_dict fills (and validates) them."""
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
+        if dense_above is not None and (isinstance(dense_above, bool) or not isinstance(dense_above, int)
+                                        or dense_above < 0):
+            raise ValueError(f"dense_above must be None or an int >= 0, got {dense_above!r}")
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.out_features, mod.in_features = (int(s) for s in shape)
@@ -179,9 +183,14 @@ class ActSparseLinear(nn.Module):
             elif tuple(weight["weight_t"].shape) != (self.in_features, self.out_features):
                 raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
                                  f"got {tuple(weight['weight_t'].shape)}")
-        if "shift" in incoming and tuple(incoming["shift"].shape) != (self.in_features,):
-            raise ValueError(f"{prefix}shift must have shape ({self.in_features},), "
-                             f"got {tuple(incoming['shift'].shape)}")
+        main = "weight_t_values" if self.weight_format == "bitmask" else "weight_t"
+        weight = incoming.get(main, getattr(self, main))
+        if weight.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{prefix}{main} must be float32, bfloat16 or float16, got {weight.dtype}")
+        bias = as_kept(state_dict[prefix + "bias"], self.bias, loaded) if self.bias is not None and \
+            prefix + "bias" in state_dict else None
+        check_float(prefix, "shift", incoming.get("shift"), (self.in_features,), weight.dtype)
+        check_float(prefix, "bias", bias, (self.out_features,), weight.dtype)
         for n in persistent:
             if n in incoming:
                 setattr(self, n, incoming[n])
@@ -194,8 +203,8 @@ class ActSparseLinear(nn.Module):
         any_loaded = any(n in incoming for n in names)
         if all(n in incoming for n in names):
             self._unloaded = False
-        if self.bias is not None and prefix + "bias" in state_dict:
-            self.bias = nn.Parameter(as_kept(state_dict[prefix + "bias"], self.bias, loaded), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
         if self.dense_copy is not None and any_loaded:
             self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 

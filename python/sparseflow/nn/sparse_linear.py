@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FORMATS, SparseFormat, detect_pattern
+from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
 from .crossover import above_crossover
-from .state_dict import as_kept, unexpected_of
+from .state_dict import as_kept, check_float, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -80,6 +81,12 @@ class SparseLinear(nn.Module):
         """A module with placeholder buffers; load_state_dict fills (and validates) them."""
         if format_name != "dense" and format_name not in FORMATS:
             raise ValueError(f"unknown format {format_name!r}")
+        allowed = set() if format_name == "dense" else param_names(FORMATS[format_name])
+        if not isinstance(params, dict) or set(params) - allowed:
+            raise ValueError(f"{format_name} takes the parameters {sorted(allowed)}, got {params!r}")
+        if dense_above is not None and (isinstance(dense_above, bool) or not isinstance(dense_above, int)
+                                        or dense_above < 0):
+            raise ValueError(f"dense_above must be None or an int >= 0, got {dense_above!r}")
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.format_name, mod.format_params = format_name, dict(params)
@@ -167,13 +174,24 @@ class SparseLinear(nn.Module):
             tensors = {n.removeprefix("weight_"): incoming.get(n, getattr(self, n)) for n in names}
             FORMATS[self.format_name].from_tensors((self.out_features, self.in_features), tensors, validate=True,
                                                    **self.format_params)
+        bias_key = prefix + "bias"
+        bias = as_kept(state_dict[bias_key], self.bias, loaded) if self.bias is not None and bias_key in \
+            state_dict else None
+        main = "weight_dense" if self.format_name == "dense" else "weight_values"
+        weight = incoming.get(main, getattr(self, main))
+        if self.format_name == "dense" and main in incoming:
+            if weight.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{prefix}{main} must be float32, bfloat16 or float16, got {weight.dtype}")
+            check_float(prefix, main, weight, (self.out_features, self.in_features), weight.dtype)
+        if main in incoming or bias is not None:  # (placeholders are not checked against each other)
+            check_float(prefix, "bias", bias if bias is not None else (self.bias if loaded else None),
+                        (self.out_features,), weight.dtype)
         if len(incoming) == len(names):
             self._unloaded = False
         for n, t in incoming.items():
             setattr(self, n, t)
-        bias_key = prefix + "bias"
-        if self.bias is not None and bias_key in state_dict:
-            self.bias = nn.Parameter(as_kept(state_dict[bias_key], self.bias, loaded), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
         for n in names:
             if prefix + n not in state_dict and strict:
                 missing_keys.append(prefix + n)

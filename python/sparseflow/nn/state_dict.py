@@ -20,3 +20,13 @@ def as_kept(incoming: torch.Tensor, current: torch.Tensor | None, loaded: bool) 
         floating = t.is_floating_point() and current.is_floating_point()
         t = t.to(device=current.device, dtype=current.dtype if floating else t.dtype)
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def check_float(prefix: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """A loaded float tensor beside a weight (its bias, shift, dense weight) must have the shape and
+    the dtype the kernels take it with: refused at load, not at the first forward."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"{prefix}{name} must be {dtype} of shape {tuple(shape)} (as the weight), "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
