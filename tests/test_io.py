@@ -442,3 +442,18 @@ def test_result_files_are_replaced_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="too large"):
         write_result(path, '{"new": 2}')
     assert path.read_text() == '{"old": 1}' and sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
+
+
+def test_figures_are_saved_as_savefig_names_them(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparseflow.io._atomic import save_figure
+
+    fig = plt.figure()
+    assert save_figure(fig, tmp_path / "plot") == tmp_path / "plot.png"  # no suffix: the default format added
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert save_figure(fig, tmp_path / "a" / "p.svg") == tmp_path / "a" / "p.svg"
+    assert b"<svg" in (tmp_path / "a" / "p.svg").read_bytes()[:500]
+    plt.close(fig)

@@ -582,3 +582,27 @@ def test_a_file_that_leaves_buffers_unfilled_is_refused(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", kept, metadata)
     with pytest.raises(ValueError, match="does not fill the model: nothing for .*inv_freq"):
         sf.from_pretrained(tmp_path)
+
+
+def test_review_regressions_stay_fixed(tmp_path):
+    """Older Flatten entries (no args) load; a generation config transformers finds inconsistent is
+    saved as it is; a bias loaded before its weight into an empty module is taken; check_outputs
+    takes float inputs."""
+    from sparseflow.bench.model import check_outputs
+    from sparseflow.model_io import build
+
+    assert isinstance(build({"class": "Flatten", "args": {}}), nn.Flatten)
+    model = tiny_llama()
+    model.generation_config.temperature, model.generation_config.top_p = 0.6, 0.9  # without do_sample
+    sf.save_pretrained(model, tmp_path)
+    assert sf.from_pretrained(tmp_path).generation_config.temperature == 0.6
+    full = sf.SparseLinear.from_linear(nn.Linear(16, 8), "bitmask").to(torch.bfloat16)
+    empty = sf.SparseLinear.empty("bitmask", {}, (8, 16), bias=True)
+    state = full.state_dict()
+    empty.load_state_dict({"bias": state["bias"]}, strict=False)
+    empty.load_state_dict({k: v for k, v in state.items() if k != "bias"}, strict=False)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert torch.equal(empty(x), full(x))
+    mlp = pruned_mlp(torch.bfloat16)
+    sf.sparsify(mlp, format="bitmask", measure=False)
+    assert check_outputs(mlp, torch.randn(4, 96).to(torch.bfloat16))["ok"]

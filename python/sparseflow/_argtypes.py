@@ -30,7 +30,7 @@ def port(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    return _number(float, text, lambda v: v > 0 and v != float("inf"), "a finite number > 0")
+    return _number(float, text, lambda v: v > 0, "a number > 0 (inf: no limit)")
 
 
 def fraction(text: str) -> float:

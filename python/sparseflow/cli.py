@@ -52,13 +52,13 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'tensor':<48}{'shape':>13}{'pattern':>14}{'density':>9}{'format':>9}{'MiB':>8}  sparsify would choose")
+    print(f"{'tensor':<48}{'shape':>13}{'pattern':>14}{'density':>9}{'format':>20}{'MiB':>8}  sparsify would choose")
     for r in rows:
         choice = r["would_choose"] or "-"
         if "speedup" in r:
             choice += "  (" + ", ".join(f"m{m}: {s:.2f}x" for m, s in r["speedup"].items()) + ")"
         print(f"{r['name'][-48:]:<48}{'x'.join(map(str, r['shape'])):>13}{r['pattern']:>14}{r['density']:>9.3f}"
-              f"{r['format']:>9}{r['bytes'] / 2**20:>8.2f}  {choice}")
+              f"{r['format']:>20}{r['bytes'] / 2**20:>8.2f}  {choice}")
     return 0
 
 
@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--sparsify", help="sf.sparsify arguments for a dense model: inline JSON or a JSON file")
-    p.add_argument("--threads", type=positive_int, help="torch and kernel threads (default: torch's)")
+    p.add_argument("--threads", type=non_negative_int, help="torch and kernel threads (default or 0: torch's)")
     for flag, kind, default, what in (("--max-batch", positive_int, 8, "sequences decoded together"),
-                                      ("--queue-limit", non_negative_int, 32, "waiting requests before 429"),
+                                      ("--queue-limit", positive_int, 32, "waiting requests before 429"),
                                       ("--max-input-tokens", positive_int, 1024, "longer inputs get 413"),
                                       ("--max-new-tokens", positive_int, 256, "largest max_tokens"),
                                       ("--request-timeout", positive_float, 120.0, "seconds before 503")):

@@ -60,7 +60,7 @@ def _sparse_layers(tensors: dict, modules: dict) -> dict:
 
     out = dict(tensors)
     for name, spec in modules.items():
-        prefix = name + "."
+        prefix = f"{name}." if name else ""
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             if spec.get("type") == "SparseLinear":

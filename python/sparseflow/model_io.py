@@ -55,7 +55,7 @@ BUILDING_BLOCKS = {
     "Dropout": (lambda m: {"p": m.p}, lambda a: nn.Dropout(a["p"])),
     "GELU": (lambda m: {"approximate": m.approximate}, lambda a: nn.GELU(a["approximate"])),
     "Flatten": (lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim},
-                lambda a: nn.Flatten(a["start_dim"], a["end_dim"])),
+                lambda a: nn.Flatten(a.get("start_dim", 1), a.get("end_dim", -1))),  # ({} before 0.1.0's end)
     **{name: _no_args(getattr(nn, name)) for name in ("ReLU", "SiLU", "Tanh", "Sigmoid", "Identity")},
 }
 CONTAINERS = {"Sequential": lambda children: nn.Sequential(*children), "ModuleList": nn.ModuleList}
@@ -252,7 +252,9 @@ def _save_config(model: nn.Module, directory: Path) -> None:
     model.config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(directory)
+        # as it is: transformers' save_pretrained refuses settings it finds inconsistent (a temperature
+        # without sampling), which the model carries and generates with all the same
+        generation.to_json_file(directory / "generation_config.json")
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -963,7 +963,8 @@ def build_parser(default_json: str | Path | None = None, prog: str | None = None
         metavar="DT",
         help="bf16, fp32, fp16 (repeatable or comma list; default: bf16,fp32)",
     )
-    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (kernels use the same count)")
+    p.add_argument("--threads", type=non_negative_int,
+                   help="torch.set_num_threads (kernels use the same count; 0: torch's)")
     p.add_argument("--m", type=list_of(positive_int), metavar="M,...", help="rows of x for every shape (default 1)")
     p.add_argument(
         "--crossover-m",

@@ -121,7 +121,7 @@ def check_outputs(model: nn.Module, inputs: torch.Tensor) -> dict:
     with torch.no_grad():
         ours = _output(model(inputs)).double()
         same_dtype = _output(ref(inputs)).double()
-        ref64 = _output(ref.double()(inputs))
+        ref64 = _output(ref.double()(inputs.double() if inputs.is_floating_point() else inputs))
     scale = ref64.norm().item() or 1.0
     err, base = (ours - ref64).norm().item() / scale, (same_dtype - ref64).norm().item() / scale
     return {"ok": bool(err <= 2 * base + 1e-3), "rel_err": err, "dense_rel_err": base}
@@ -154,10 +154,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
         raise ValueError("bench model needs a transformers model with a vocabulary")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and max(args.context + 1, args.prefill) > limit:
-        raise ValueError(f"--context + 1 and --prefill must be at most the model's {limit} positions, "
-                         f"got {args.context} and {args.prefill}")
+    learned = [m.num_embeddings for n, m in model.named_modules() if isinstance(m, nn.Embedding) and "position" in n]
+    if learned and max(args.context + 1, args.prefill) > min(learned):  # (rotary positions have no such limit)
+        raise ValueError(f"--context + 1 and --prefill must be at most the model's {min(learned)} learned "
+                         f"positions, got {args.context} and {args.prefill}")
     variants = {"dense": densified(model), "sparse": model}
     ids = torch.randint(0, vocab, (1, args.context))
     prompt = torch.randint(0, vocab, (1, args.prefill))
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               "threads: they took cores from timed calls (dense torch suffers more), so these speedups are not "
               "this machine's; rerun on an idle machine", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result, "other_cores": busy}, indent=1))
+        print(json.dumps({"phases": result, "other_cores": busy}, indent=1))
     else:
         for phase, r in result.items():
             print(f"{phase:<8} dense {r['dense_ms']:8.2f} ms   sparse {r['sparse_ms']:8.2f} ms   {r['speedup']:.2f}x")

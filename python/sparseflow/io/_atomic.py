@@ -62,11 +62,19 @@ def write_result(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
-    """fig.savefig(path), atomically (the format from the path's suffix, as savefig would take it)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fmt = Path(path).suffix.lstrip(".") or "png"
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """fig.savefig(path), atomically: the format from the path's suffix, or matplotlib's default
+    format appended as savefig does. Returns the path written."""
+    import matplotlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".")
+    if not fmt:
+        fmt = matplotlib.rcParams["savefig.format"]
+        path = path.with_name(f"{path.name}.{fmt}")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    return path
 
 
 @contextlib.contextmanager

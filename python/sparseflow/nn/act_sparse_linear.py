@@ -189,8 +189,11 @@ class ActSparseLinear(nn.Module):
             raise ValueError(f"{prefix}{main} must be float32, bfloat16 or float16, got {weight.dtype}")
         bias = as_kept(state_dict[prefix + "bias"], self.bias, loaded) if self.bias is not None and \
             prefix + "bias" in state_dict else None
-        check_float(prefix, "shift", incoming.get("shift"), (self.in_features,), weight.dtype)
-        check_float(prefix, "bias", bias, (self.out_features,), weight.dtype)
+        real = main in incoming or loaded  # (a placeholder weight has no dtype to match: shapes only)
+        for name, t, shape in (("shift", incoming.get("shift"), (self.in_features,)), ("bias", bias,
+                                                                                    (self.out_features,))):
+            if t is not None:
+                check_float(prefix, name, t, shape, weight.dtype if real else t.dtype)
         for n in persistent:
             if n in incoming:
                 setattr(self, n, incoming[n])

@@ -183,9 +183,10 @@ class SparseLinear(nn.Module):
             if weight.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{prefix}{main} must be float32, bfloat16 or float16, got {weight.dtype}")
             check_float(prefix, main, weight, (self.out_features, self.in_features), weight.dtype)
-        if main in incoming or bias is not None:  # (placeholders are not checked against each other)
-            check_float(prefix, "bias", bias if bias is not None else (self.bias if loaded else None),
-                        (self.out_features,), weight.dtype)
+        real = main in incoming or loaded  # (a placeholder weight has no dtype to match: shapes only)
+        kept_bias = bias if bias is not None else (self.bias if loaded else None)
+        if kept_bias is not None:
+            check_float(prefix, "bias", kept_bias, (self.out_features,), weight.dtype if real else kept_bias.dtype)
         if len(incoming) == len(names):
             self._unloaded = False
         for n, t in incoming.items():
