@@ -676,3 +676,11 @@ def test_an_encoder_decoder_item_masks_each_stream_with_its_own_mask():
     stats = collect_stats(model, Calibration(model, [{**item, "decoder_attention_mask": decoder_mask}]), layers,
                           lambda n, lin: SquaredNorms(lin.in_features))
     assert stats["decoder.layers.0.fc1"].count == 17 and stats["encoder.layers.0.fc1"].count == 14
+    # cross-attention keys and values read the encoder's tokens: the encoder's mask, also at equal lengths
+    assert stats["decoder.layers.0.encoder_attn.k_proj"].count == stats["decoder.layers.0.encoder_attn.v_proj"].count \
+        == 14
+    assert stats["decoder.layers.0.encoder_attn.q_proj"].count == 17
+    short = {**item, "decoder_input_ids": item["decoder_input_ids"][:, :6],
+             "decoder_attention_mask": decoder_mask[:, :6]}
+    stats = collect_stats(model, Calibration(model, [short]), layers, lambda n, lin: SquaredNorms(lin.in_features))
+    assert stats["decoder.layers.0.encoder_attn.k_proj"].count == 14 and stats["decoder.layers.0.fc1"].count == 12

@@ -86,13 +86,26 @@ def token_mask_of(item) -> torch.Tensor | dict | None:
     return mask
 
 
-def mask_for(mask: torch.Tensor | dict | None, name: str) -> torch.Tensor | None:
-    """The token mask of the stream Linear `name` reads: the decoder's under a module named decoder.
-    (A decoder's cross-attention keys and values read the encoder's tokens; without a decoder mask
-    they are counted unmasked, padding included.)"""
-    if isinstance(mask, dict):
-        return mask["decoder" if "decoder" in name.split(".") else "encoder"]
-    return mask
+# A decoder's cross-attention keys and values read the encoder's tokens (BART/Marian/Whisper
+# encoder_attn, T5 EncDecAttention, BERT-generation crossattention).
+CROSS_ATTENTION = {"encoder_attn", "EncDecAttention", "crossattention", "cross_attn"}
+KEY_VALUE = {"k_proj", "v_proj", "k", "v", "key", "value"}
+
+
+def mask_for(mask: torch.Tensor | dict | None, name: str, x: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The token mask of the stream Linear `name` reads: the decoder's under a module named decoder,
+    except a cross-attention's keys and values, which read the encoder's tokens. With `x` (the
+    Linear's input), the other stream's mask is taken where only that one fits x's tokens."""
+    if not isinstance(mask, dict):
+        return mask
+    parts = name.split(".")
+    reads_encoder = bool(CROSS_ATTENTION & set(parts)) and parts[-1] in KEY_VALUE
+    stream = "decoder" if "decoder" in parts and not reads_encoder else "encoder"
+    chosen, other = mask[stream], mask["decoder" if stream == "encoder" else "encoder"]
+    if x is not None and chosen is not None and other is not None and tuple(x.shape[:-1]) != tuple(chosen.shape) \
+            and tuple(x.shape[:-1]) == tuple(other.shape):
+        return other  # (an unmasked stream stays unmasked: its tokens may match the other's in number)
+    return chosen
 
 
 class Calibration:
@@ -259,7 +272,7 @@ class _Hooks:
         def hook(module, inputs, output):
             acc = self.stats.get(name)
             if acc is not None:
-                acc.add(flat_rows(inputs[0], mask_for(self.mask, name)))
+                acc.add(flat_rows(inputs[0], mask_for(self.mask, name, inputs[0])))
             self.seen[name] = self.seen.get(name, 0) + 1
             if self.early_stop and all(self.seen.get(n, 0) >= c for n, c in self.calls.items()):
                 raise StopForward
