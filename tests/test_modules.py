@@ -606,3 +606,21 @@ def test_review_regressions_stay_fixed(tmp_path):
     mlp = pruned_mlp(torch.bfloat16)
     sf.sparsify(mlp, format="bitmask", measure=False)
     assert check_outputs(mlp, torch.randn(4, 96).to(torch.bfloat16))["ok"]
+
+
+def test_a_declared_layer_shape_must_fit_the_model(tmp_path):
+    """A checkpoint cannot declare a sparse layer of another shape than the model's layer there
+    (with keep_dense, the declared shape is what the rebuilt dense copy allocates)."""
+    from sparseflow.io._safetensors import read_safetensors, write_safetensors
+
+    model = tiny_llama()
+    sf.sparsify(model, format="bitmask", measure=False, prefill="dense")
+    sf.save_pretrained(model, tmp_path)
+    metadata, tensors = read_safetensors(tmp_path / "model.safetensors")
+    description = json.loads(metadata["sparseflow"])
+    spec = description["modules"]["model.layers.0.mlp.up_proj"]
+    assert spec["keep_dense"]
+    spec["shape"] = [1 << 20, spec["shape"][1]]
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"sparseflow": json.dumps(description)})
+    with pytest.raises(ValueError, match="up_proj is declared 1048576x64, the model's layer there is 128x64"):
+        sf.from_pretrained(tmp_path)

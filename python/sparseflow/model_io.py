@@ -184,11 +184,17 @@ def _fill(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor])
         if not isinstance(spec, dict):
             raise ValueError(f"{DESCRIPTION}: bad spec for {name!r}")
         try:
-            model.get_submodule(name)
+            current = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{DESCRIPTION}: the model has no module {name!r}") from None
+        layer = skeleton(spec)
+        if isinstance(current, nn.Linear) and (layer.out_features, layer.in_features) != (current.out_features,
+                                                                                       current.in_features):
+            # (the model's own layer says what fits there; a declared shape is also what a dense copy allocates)
+            raise ValueError(f"{DESCRIPTION}: {name} is declared {layer.out_features}x{layer.in_features}, the model's "
+                             f"layer there is {current.out_features}x{current.in_features}")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, skeleton(spec))
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
     buffers = {k[len(BUFFER_PREFIX):]: v for k, v in tensors.items() if k.startswith(BUFFER_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(BUFFER_PREFIX)}
     try:
