@@ -273,6 +273,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("isa") = "",
         "rows of x from which act_sparse_* run one GEMM for the batch (0: never)");
 
+  m.def("act_sparse_skip_share",
+        [](int dtype, int64_t rows, const std::string& isa) {
+          if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+          return table(isa).act_sparse_skip_share(static_cast<DType>(dtype), rows);
+        },
+        py::arg("dtype"), py::arg("rows"), py::arg("isa") = "",
+        "largest share of active inputs at which act_sparse_* run a batch of `rows` rows with the GEMM "
+        "that skips the inactive inputs (0: never)");
+
   m.def("zero_inactive",
         [](int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t out, int64_t ldo, uint32_t threshold_bits,
            int threads, const std::string& isa) {

@@ -387,6 +387,58 @@ def test_act_sparse_gemm_several_panels(isa, weight, N, M):
     check_act(x, w_t_sparse, w_t, 0.3, torch.randn(N, generator=gen).to(torch.bfloat16))
 
 
+def bf16_batch_gemm(isa):
+    from sparseflow._ext import _C
+    return isa == "avx512" and _C.cpu_features()["avx512bf16"] and os.environ.get("SPARSEFLOW_NO_BF16_DOT") != "1"
+
+
+def test_act_sparse_skip_share_by_isa(isa):
+    """Where a bf16 batch runs a GEMM (12 rows and more), the one that skips the inactive inputs takes
+    it up to an active share that grows with the rows (the block copies weigh less)."""
+    from sparseflow._ext import _C
+    shares = [_C.act_sparse_skip_share(1, rows) for rows in (1, 11, 12, 32, 128, 4096)]
+    if bf16_batch_gemm(isa):
+        assert shares[:2] == [0.0, 0.0] and 0.3 < shares[2] < shares[3] < shares[4] < shares[5] < 0.7
+    else:
+        assert shares == [0.0] * 6
+    assert _C.act_sparse_skip_share(0, 128) == 0.0 and _C.act_sparse_skip_share(2, 128) == 0.0
+
+
+@pytest.mark.parametrize("M,N,K", [(12, 300, 389), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K):
+    """Both batch GEMMs, each side of the active share that picks one: the skipping one (gemm_skip.h,
+    blocks of 128 x 128, lists padded to pairs with a zero row) and the one that multiplies the zeros
+    (gemm_kn.h). K and N not multiples of the blocks, bias, strided x, rows with nothing active,
+    everything inactive, NaN and inf."""
+    from sparseflow._ext import _C
+    gen = torch.Generator().manual_seed(M * 7 + N + K)
+    x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, 2 : 2 + K]  # row stride > K
+    w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    bias = torch.randn(N, generator=gen).to(torch.bfloat16)
+    share = _C.act_sparse_skip_share(1, M)
+    if bf16_batch_gemm(isa):
+        assert share > 0.3
+    magnitudes = x.abs().float().flatten()
+    for active in (0.25, 0.9):  # below and above the share at every M
+        threshold = magnitudes.quantile(1 - active).item()
+        measured = (~(x.abs() <= threshold)).float().mean().item()
+        assert (measured <= share) == (active < 0.5 and share > 0), (measured, share)
+        x[M // 2] = 0.0  # a row with nothing active
+        check_act(x, w_t_sparse, w_t, threshold, bias)
+    check_act(x, w_t_sparse, w_t, 1e9, bias)  # nothing active at all: y == bias
+    x[0, 0], x[M - 1, K - 1], x[M // 3, K // 2] = float("nan"), float("inf"), -float("inf")
+    for threshold in (magnitudes.quantile(0.75).item(), magnitudes.quantile(0.1).item()):
+        y = sf.ops.act_sparse_linear(x, w_t_sparse, threshold)
+        expect = act_sparse_linear_reference(x, w_t, threshold, None)
+        assert torch.equal(torch.isnan(y), torch.isnan(expect))
+        assert torch.equal(torch.isinf(y), torch.isinf(expect))
+        finite = torch.isfinite(expect)
+        scale = 1 + expect[finite].abs().max().item()
+        assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
+
+
 @pytest.mark.parametrize("M", [4, 16])  # the row kernel and the batch GEMM
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 @pytest.mark.parametrize("backend", ["", "batched"])

@@ -52,7 +52,9 @@ from .ops.cpu import kernel_takes_batch
 # 4: an act-sparse batch the C++ kernel runs itself is timed through the bound kernel, as the
 # module now calls it (was: through the custom op).
 # 5: GPU samples last until the queued work is done (were the launches' host time).
-SCHEMA = 5
+# 6: bf16 act-sparse batches skip their inactive inputs (csrc/cpu/kernels/gemm_skip.h): older
+# prefill timings of act-sparse layers measured the GEMM that multiplies them.
+SCHEMA = 6
 MAX_COPIES = 64  # cold copies of one weight at most (64 copies of a 1 MiB layer: 2x this L3)
 COMPUTE_ROWS, BATCH_COPIES = 64, 4  # from 64 rows of x, 4 copies (see ColdCopies)
 GPU_CALLS_PER_SAMPLE = 16  # queued back to back, so that one synchronisation per sample costs little

@@ -2,7 +2,8 @@
 // active unless |x[k]| <= threshold, compared in x's dtype (so NaN is always active, and inf unless
 // the threshold is inf there). The weight is stored transposed, so each active input reads one
 // contiguous row: the bytes read shrink with the activation density. With a bitmask w_t, weight and activation sparsity multiply.
-#include "cpu/kernels/gemm_kn.h"
+#include "cpu/kernels/batch_rows.h"
+#include "cpu/kernels/gemm_skip.h"
 #include "cpu/kernels/kernels.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -223,22 +224,19 @@ int64_t act_sparse_batch_rows(DType t) {
 #endif
 }
 
+double act_sparse_skip_share(DType t, int64_t rows) {
+#if defined(SF_ISA_avx512)
+  const int64_t from = gemm_kn_min_rows(t);
+  return from > 0 && rows >= from ? std::max(0.0, skip_max_active(rows)) : 0.0;
+#else
+  (void)t, (void)rows;
+  return 0.0;
+#endif
+}
+
 void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (gemm_kn_applies(io)) {  // a batch: one GEMM over the thresholded x (gemm_kn.h)
-    gemm_kn_bf16(io, threshold, [&](const std::vector<int64_t>&) {
-      return [&](int64_t) {
-        return [&](int64_t k, int64_t n0, int64_t ncols, uint16_t* buf) -> const uint16_t* {
-          const uint16_t* src = static_cast<const uint16_t*>(w_t.values) + k * w_t.ld + n0;
-          if (k + kKnPrefetchRows < w_t.rows) prefetch_range(src + kKnPrefetchRows * w_t.ld, ncols * 2);
-          if (ncols == kKnPanel) return src;
-          std::copy(src, src + ncols, buf);  // the last panel: buf is zero past ncols
-          return buf;
-        };
-      };
-    });
-    return;
-  }
+  if (act_sparse_batch_bf16(io, threshold, dense_rows_bf16(w_t))) return;  // a batch: one GEMM (gemm_skip.h)
 #endif
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
   const int64_t esize = element_size(io.dtype);
@@ -313,47 +311,7 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
 
 void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (gemm_kn_applies(io)) {  // a batch: one GEMM over the thresholded x (gemm_kn.h)
-    gemm_kn_bf16(io, threshold, [&](const std::vector<int64_t>& first_panels) {
-      // Each task's cursors: the index of each row's first value at the task's first column,
-      // found in one pass over each mask row for all tasks (panels then go left to right).
-      const size_t tasks = first_panels.size(), rows = static_cast<size_t>(w_t.rows);
-      std::vector<int64_t> starts(tasks * rows);
-      const int64_t chunk = 64;
-      parallel_for((w_t.rows + chunk - 1) / chunk, threads_for(io.threads, w_t.rows * w_t.mask_stride), [&](int64_t c) {
-        for (int64_t k = c * chunk; k < std::min(w_t.rows, (c + 1) * chunk); ++k) {
-          const uint8_t* mask = w_t.mask + k * w_t.mask_stride;
-          int64_t next = w_t.row_offsets[k], b = 0;
-          for (size_t t = 0; t < tasks; ++t) {
-            const int64_t skip = first_panels[t] * kKnPanel / 8;  // whole mask bytes before that column
-            for (; b + 8 <= skip; b += 8) {
-              uint64_t word;
-              std::memcpy(&word, mask + b, 8);
-              next += __builtin_popcountll(word);
-            }
-            for (; b < skip; ++b) next += __builtin_popcount(mask[b]);
-            starts[t * rows + static_cast<size_t>(k)] = next;
-          }
-        }
-      });
-      return [&w_t, rows, starts = std::move(starts)](int64_t t) {
-        std::vector<int64_t> cursor(starts.begin() + static_cast<int64_t>(t * rows),
-                                    starts.begin() + static_cast<int64_t>((t + 1) * rows));
-        return [&w_t, cursor = std::move(cursor)](int64_t k, int64_t n0, int64_t ncols, uint16_t* buf) mutable {
-          if (k + kKnPrefetchRows < w_t.rows) {
-            const int64_t ahead = k + kKnPrefetchRows;
-            prefetch_range(w_t.mask + ahead * w_t.mask_stride + n0 / 8, (ncols + 7) / 8);
-            prefetch_range(static_cast<const uint16_t*>(w_t.values) + cursor[static_cast<size_t>(ahead)], ncols * 2);
-          }
-          int64_t& next = cursor[static_cast<size_t>(k)];
-          next += expand_row(static_cast<const uint16_t*>(w_t.values) + next, w_t.nnz - next,
-                             w_t.mask + k * w_t.mask_stride + n0 / 8, w_t.mask_stride - n0 / 8, ncols, buf);
-          return static_cast<const uint16_t*>(buf);  // zero past ncols: expand_row writes ncols
-        };
-      };
-    });
-    return;
-  }
+  if (act_sparse_batch_bf16(io, threshold, bitmask_rows_bf16(w_t, io.threads))) return;
 #endif
   // Each thread sums its share of the active rows into a private accumulator over all N outputs;
   // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).

@@ -71,10 +71,10 @@ void pack_kn_pairs_bf16(const Row& row, int64_t K, int64_t p0, int64_t np, uint3
   }
 }
 
-// y = threshold(x) @ w_t + bias. `make_readers(first_panels)` is called once, with each task's
-// first panel, and returns reader_for(t): task t's reader, whose reader(k, n0, ncols, buf) gives
-// kKnPanel bf16 of row k from column n0 (ncols of them real, zeros after; it may write them to buf)
-// and is called for k = 0, 1, ... K-1 in order, panel after panel.
+// y = threshold(x) @ w_t + bias. `make_readers(first_cols)` is called once, with each task's
+// first column, and returns reader_for(t): task t's reader (batch_rows.h), whose row(k, n0, ncols,
+// width, buf) gives `width` bf16 of row k from column n0 (ncols of them real, zeros after) and is
+// called for k = 0, 1, ... K-1 in order, panel after panel; prefetch(k, n0, ncols) fetches them ahead.
 template <class MakeReaders>
 void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_readers) {
   const int64_t K = io.K, N = io.N, pairs = (K + 1) / 2;
@@ -87,9 +87,9 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_r
   const int threads = threads_for(io.threads, io.M * K * N);
   const int64_t panels = (N + kKnPanel - 1) / kKnPanel;
   const int64_t tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
-  std::vector<int64_t> first_panels(static_cast<size_t>(tasks));
-  for (int64_t t = 0; t < tasks; ++t) first_panels[static_cast<size_t>(t)] = t * panels / tasks;  // equal shares
-  const auto reader_for = make_readers(first_panels);
+  std::vector<int64_t> first_cols(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) first_cols[static_cast<size_t>(t)] = t * panels / tasks * kKnPanel;  // equal shares
+  const auto reader_for = make_readers(first_cols);
   parallel_for(tasks, threads, [&](int64_t t) {
     thread_local std::vector<uint32_t> wp_buf;
     thread_local std::vector<float> c_kept;
@@ -98,13 +98,16 @@ void gemm_kn_bf16(const LinearIO& io, float threshold, const MakeReaders& make_r
     uint32_t* wp = wp_buf.data();
     float* c = call_buffer(c_kept, c_once, static_cast<size_t>(io.M * kKnPanel));
     alignas(64) uint16_t row_buf[kKnPanel];
-    const int64_t first = first_panels[static_cast<size_t>(t)], end = (t + 1) * panels / tasks;
+    const int64_t first = t * panels / tasks, end = (t + 1) * panels / tasks;
     auto reader = reader_for(t);
     for (int64_t panel = first; panel < end; ++panel) {
       const int64_t n0 = panel * kKnPanel, ncols = std::min(kKnPanel, N - n0);
       std::fill(row_buf, row_buf + kKnPanel, uint16_t{0});
       std::fill(c, c + io.M * kKnPanel, 0.0f);
-      const auto row = [&](int64_t k) { return reader(k, n0, ncols, row_buf); };
+      const auto row = [&](int64_t k) {
+        if (k + kKnPrefetchRows < K) reader.prefetch(k + kKnPrefetchRows, n0, ncols);
+        return reader.row(k, n0, ncols, kKnPanel, row_buf);
+      };
       for (int64_t p0 = 0; p0 < pairs; p0 += kKnBlockPairs) {
         const int64_t np = std::min(kKnBlockPairs, pairs - p0);
         pack_kn_pairs_bf16(row, K, p0, np, wp);
