@@ -273,6 +273,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("isa") = "",
         "rows of x from which act_sparse_* run one GEMM for the batch (0: never)");
 
+  m.def("set_act_batch_gemm",
+        [](const std::string& mode) {
+          const char* names[] = {"auto", "skip", "zeros"};
+          for (int i = 0; i < 3; ++i)
+            if (mode == names[i]) return set_act_batch_gemm(static_cast<ActBatchGemm>(i));
+          throw std::invalid_argument("act batch GEMM must be 'auto', 'skip' or 'zeros', got '" + mode + "'");
+        },
+        py::arg("mode"),
+        "which GEMM runs activation-sparse bf16 batches, process-wide: 'auto' (by the active share), 'skip' "
+        "(skips the inactive inputs) or 'zeros' (multiplies their zeros); for tests and benchmarks");
+  m.def("act_batch_gemm", [] {
+    const char* names[] = {"auto", "skip", "zeros"};
+    return std::string(names[static_cast<int>(act_batch_gemm())]);
+  });
+
   m.def("act_sparse_skip_share",
         [](int dtype, int64_t rows, const std::string& isa) {
           if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");

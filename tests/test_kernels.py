@@ -404,13 +404,24 @@ def test_act_sparse_skip_share_by_isa(isa):
     assert _C.act_sparse_skip_share(0, 128) == 0.0 and _C.act_sparse_skip_share(2, 128) == 0.0
 
 
+@pytest.fixture(params=["auto", "skip", "zeros"])
+def act_batch_gemm(request):
+    """Runs a test with the activation-sparse batch GEMM chosen per call ('auto') and with each forced."""
+    from sparseflow._ext import _C
+    _C.set_act_batch_gemm(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_act_batch_gemm("auto")
+
+
 @pytest.mark.parametrize("M,N,K", [(12, 300, 389), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
-def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K):
-    """Both batch GEMMs, each side of the active share that picks one: the skipping one (gemm_skip.h,
-    blocks of 128 x 128, lists padded to pairs with a zero row) and the one that multiplies the zeros
-    (gemm_kn.h). K and N not multiples of the blocks, bias, strided x, rows with nothing active,
-    everything inactive, NaN and inf."""
+def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batch_gemm):
+    """Both batch GEMMs, each side of the active share that picks one ('auto') and each forced on
+    both: the skipping one (gemm_skip.h, blocks of 128 x 128, lists padded to pairs with a zero row)
+    and the one that multiplies the zeros (gemm_kn.h). K and N not multiples of the blocks, bias,
+    strided x, a row with nothing active, everything inactive, NaN and inf."""
     from sparseflow._ext import _C
     gen = torch.Generator().manual_seed(M * 7 + N + K)
     x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, 2 : 2 + K]  # row stride > K
@@ -437,6 +448,14 @@ def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K):
         finite = torch.isfinite(expect)
         scale = 1 + expect[finite].abs().max().item()
         assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
+
+
+def test_act_batch_gemm_switch():
+    from sparseflow._ext import _C
+    assert _C.act_batch_gemm() == "auto"
+    with pytest.raises(ValueError, match="'auto', 'skip' or 'zeros'"):
+        _C.set_act_batch_gemm("fast")
+    assert _C.act_batch_gemm() == "auto"
 
 
 @pytest.mark.parametrize("M", [4, 16])  # the row kernel and the batch GEMM

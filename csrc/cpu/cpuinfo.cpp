@@ -1,5 +1,7 @@
 #include "cpu/cpuinfo.h"
 
+#include <atomic>
+
 #include <cpuid.h>
 
 #include <cstdlib>
@@ -101,6 +103,12 @@ bool use_bf16_dot() {
   const char* off = std::getenv("SPARSEFLOW_NO_BF16_DOT");
   return cpu_features().avx512bf16 && (off == nullptr || *off == '\0' || *off == '0');
 }
+
+namespace {
+std::atomic<int> g_act_batch_gemm{0};
+}
+ActBatchGemm act_batch_gemm() { return static_cast<ActBatchGemm>(g_act_batch_gemm.load(std::memory_order_relaxed)); }
+void set_act_batch_gemm(ActBatchGemm mode) { g_act_batch_gemm.store(static_cast<int>(mode), std::memory_order_relaxed); }
 
 Isa active_isa() {
   const char* env = std::getenv("SPARSEFLOW_ISA");

@@ -143,17 +143,18 @@ void gemm_skip_bf16(const LinearIO& io, const ActiveLists& lists, const MakeRead
             _mm512_store_si512(block[r] + h, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(src + h)));
         }
         // The next block (of this panel, else of the task's next panel) is fetched into L2 while
-        // this one computes: without, each block's first touch waits on memory (-5-10%).
-        if (b + 1 < blocks) {
-          for (int64_t k = k0 + kSkipBlock; k < std::min(K, k0 + 2 * kSkipBlock); ++k) reader.prefetch(k, n0, ncols);
-        } else if (panel + 1 < end) {
-          const int64_t next_n0 = n0 + kSkipCols, next_cols = std::min(kSkipCols, N - next_n0);
-          for (int64_t k = 0; k < std::min(K, kSkipBlock); ++k) reader.prefetch(k, next_n0, next_cols);
-        }
-        for (int64_t m = 0; m < io.M; ++m) {
+        // this one computes, a few rows per row of x: without, each block's first touch waits on
+        // memory (-5-10%); all at once, a bitmask's rows came in late on two threads.
+        int64_t next_k0 = k0 + kSkipBlock, next_n0 = n0;
+        if (b + 1 == blocks) next_k0 = 0, next_n0 = panel + 1 < end ? n0 + kSkipCols : N;
+        const int64_t next_cols = std::min(kSkipCols, N - next_n0), ahead = next_cols > 0 ? std::min(kSkipBlock, K - next_k0) : 0;
+        const int64_t per_row = (ahead + io.M - 1) / io.M;
+        for (int64_t m = 0, fetched = 0; m < io.M; ++m) {
           const size_t slot = static_cast<size_t>(b * io.M + m);
           skip_row_bf16(block[0], lists.index.data() + slot * kSkipSlot, lists.value.data() + slot * kSkipSlot,
                         lists.count[slot], b == 0, c + m * kSkipCols);
+          for (const int64_t stop = std::min(ahead, fetched + per_row); fetched < stop; ++fetched)
+            reader.prefetch(next_k0 + fetched, next_n0, next_cols);
         }
       }
       store_y_bf16<kSkipCols>(io, n0, ncols, c, kSkipCols);
@@ -166,11 +167,17 @@ void gemm_skip_bf16(const LinearIO& io, const ActiveLists& lists, const MakeRead
 template <class MakeReaders>
 bool act_sparse_batch_bf16(const LinearIO& io, float threshold, const MakeReaders& make_readers) {
   if (!gemm_kn_applies(io)) return false;
+  const ActBatchGemm mode = act_batch_gemm();
+  if (mode == ActBatchGemm::zeros) {
+    gemm_kn_bf16(io, threshold, make_readers);
+    return true;
+  }
   thread_local ActiveLists kept;  // kept between calls unless prefill-sized (as call_buffer)
   ActiveLists once;
   ActiveLists& lists = io.M * io.K * 4 > (int64_t{16} << 20) ? once : kept;
   list_active_bf16(io, threshold, lists);
-  if (static_cast<double>(lists.entries) <= skip_max_active(io.M) * static_cast<double>(io.M * io.K))
+  if (mode == ActBatchGemm::skip ||
+      static_cast<double>(lists.entries) <= skip_max_active(io.M) * static_cast<double>(io.M * io.K))
     gemm_skip_bf16(io, lists, make_readers);
   else
     gemm_kn_bf16(io, threshold, make_readers);
