@@ -450,6 +450,17 @@ def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batc
         assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
 
 
+def test_act_sparse_batch_without_inputs(isa, act_batch_gemm):
+    """K == 0 after a call that left its accumulators full: y is the bias, not stale sums."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = act_case(16, 40, 300, torch.bfloat16, gen)
+    sf.ops.act_sparse_linear(x, w.t().contiguous(), 0.3)
+    bias = torch.randn(40, generator=gen).to(torch.bfloat16)
+    empty_x, empty_w = torch.ones(16, 0, dtype=torch.bfloat16), torch.ones(0, 40, dtype=torch.bfloat16)
+    y = sf.ops.act_sparse_linear(empty_x, empty_w, 0.3, bias)
+    assert torch.equal(y, bias.expand(16, 40))
+
+
 def test_act_batch_gemm_switch():
     from sparseflow._ext import _C
     assert _C.act_batch_gemm() == "auto"

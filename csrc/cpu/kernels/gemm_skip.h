@@ -135,6 +135,7 @@ void gemm_skip_bf16(const LinearIO& io, const ActiveLists& lists, const MakeRead
     for (int64_t panel = first; panel < end; ++panel) {
       const int64_t n0 = panel * kSkipCols, ncols = std::min(kSkipCols, N - n0);
       std::fill(row_buf, row_buf + kSkipCols, uint16_t{0});
+      if (blocks == 0) std::fill(c, c + io.M * kSkipCols, 0.0f);  // K == 0: y = bias
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t k0 = b * kSkipBlock, rows = std::min(kSkipBlock, K - k0);
         for (int64_t r = 0; r < rows; ++r) {
