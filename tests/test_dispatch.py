@@ -424,3 +424,15 @@ def test_cuda_graph_of_never_captures_what_synchronises(monkeypatch):
 
     with pytest.warns(RuntimeWarning, match="random generator may be unusable"):
         assert dispatch.cuda_graph_of([breaks_capture]) is None
+
+
+def test_machine_key_names_a_forced_act_batch_gemm():
+    """Timings taken with a batch GEMM forced (benchmarks) are never reused by the default choice."""
+    from sparseflow._ext import _C
+    default = dispatch.machine_key()
+    try:
+        _C.set_act_batch_gemm("zeros")
+        forced = dispatch.machine_key()
+    finally:
+        _C.set_act_batch_gemm("auto")
+    assert forced != default and forced.endswith("act-batch-zeros") and dispatch.machine_key() == default

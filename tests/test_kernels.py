@@ -408,11 +408,12 @@ def test_act_sparse_skip_share_by_isa(isa):
 def act_batch_gemm(request):
     """Runs a test with the activation-sparse batch GEMM chosen per call ('auto') and with each forced."""
     from sparseflow._ext import _C
+    before = _C.act_batch_gemm()
     _C.set_act_batch_gemm(request.param)
     try:
         yield request.param
     finally:
-        _C.set_act_batch_gemm("auto")
+        _C.set_act_batch_gemm(before)
 
 
 @pytest.mark.parametrize("M,N,K", [(12, 300, 389), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])

@@ -37,6 +37,38 @@ struct ActiveLists {
   std::vector<int32_t> count;
 };
 
+// Which of x[k : min(k + 32, k1)) are active (v: those 32 elements, zero past k1); thr as in
+// inactive_bits_bf16. The one compare both passes over x below share.
+inline __mmask32 active_bf16(const uint16_t* x, int64_t k, int64_t k1, int32_t thr, __m512i& v) {
+  const __mmask32 live = k + 32 <= k1 ? ~0u : _bzhi_u32(~0u, static_cast<unsigned>(k1 - k));
+  v = _mm512_maskz_loadu_epi16(live, x + k);
+  if (thr < 0) return live;
+  return _mm512_mask_cmpgt_epu16_mask(live, _mm512_and_si512(v, _mm512_set1_epi16(0x7fff)),
+                                      _mm512_set1_epi16(static_cast<int16_t>(thr)));
+}
+
+// The entries list_active_bf16 would write, pads included, without writing them: what decides
+// between the two GEMMs costs one read of x, not the lists.
+inline int64_t count_active_bf16(const LinearIO& io, float threshold) {
+  const int32_t thr = inactive_bits_bf16(threshold);
+  std::vector<int64_t> per_row(static_cast<size_t>(io.M));
+  parallel_for(io.M, threads_for(io.threads, io.M * io.K), [&](int64_t m) {
+    const uint16_t* x = static_cast<const uint16_t*>(io.x) + m * io.ldx;
+    int64_t total = 0;
+    for (int64_t k0 = 0; k0 < io.K; k0 += kSkipBlock) {
+      const int64_t k1 = std::min(io.K, k0 + kSkipBlock);
+      int n = 0;
+      __m512i v;
+      for (int64_t k = k0; k < k1; k += 32) n += popcount32(active_bf16(x, k, k1, thr, v));
+      total += n + n % 2;
+    }
+    per_row[static_cast<size_t>(m)] = total;
+  });
+  int64_t entries = 0;
+  for (const int64_t n : per_row) entries += n;
+  return entries;
+}
+
 inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& out) {
   const int32_t thr = inactive_bits_bf16(threshold);
   out.blocks = (io.K + kSkipBlock - 1) / kSkipBlock;
@@ -49,8 +81,7 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
                                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   parallel_for(io.M, threads_for(io.threads, io.M * io.K), [&](int64_t m) {
     const uint16_t* x = static_cast<const uint16_t*>(io.x) + m * io.ldx;
-    const __m512i iota = _mm512_load_si512(kIota), magnitude = _mm512_set1_epi16(0x7fff),
-                  limit = _mm512_set1_epi16(static_cast<int16_t>(thr));
+    const __m512i iota = _mm512_load_si512(kIota);
     int64_t total = 0;
     for (int64_t b = 0; b < out.blocks; ++b) {
       const size_t slot = static_cast<size_t>(b * io.M + m);
@@ -59,10 +90,8 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
       const int64_t k0 = b * kSkipBlock, k1 = std::min(io.K, k0 + kSkipBlock);
       int n = 0;
       for (int64_t k = k0; k < k1; k += 32) {
-        const __mmask32 live = k + 32 <= k1 ? ~0u : _bzhi_u32(~0u, static_cast<unsigned>(k1 - k));
-        const __m512i v = _mm512_maskz_loadu_epi16(live, x + k);
-        const __mmask32 active =
-            thr < 0 ? live : _mm512_mask_cmpgt_epu16_mask(live, _mm512_and_si512(v, magnitude), limit);
+        __m512i v;
+        const __mmask32 active = active_bf16(x, k, k1, thr, v);
         const __m512i at = _mm512_add_epi16(iota, _mm512_set1_epi16(static_cast<int16_t>(k - k0)));
         _mm512_storeu_si512(index + n, _mm512_maskz_compress_epi16(active, at));  // vpcompressw to memory is slow on Zen 4
         _mm512_storeu_si512(value + n, _mm512_maskz_compress_epi16(active, v));
@@ -173,15 +202,18 @@ bool act_sparse_batch_bf16(const LinearIO& io, float threshold, const MakeReader
     gemm_kn_bf16(io, threshold, make_readers);
     return true;
   }
-  thread_local ActiveLists kept;  // kept between calls unless prefill-sized (as call_buffer)
-  ActiveLists once;
-  ActiveLists& lists = io.M * io.K * 4 > (int64_t{16} << 20) ? once : kept;
-  list_active_bf16(io, threshold, lists);
-  if (mode == ActBatchGemm::skip ||
-      static_cast<double>(lists.entries) <= skip_max_active(io.M) * static_cast<double>(io.M * io.K))
-    gemm_skip_bf16(io, lists, make_readers);
-  else
+  if (mode == ActBatchGemm::automatic &&
+      static_cast<double>(count_active_bf16(io, threshold)) > skip_max_active(io.M) * static_cast<double>(io.M * io.K)) {
     gemm_kn_bf16(io, threshold, make_readers);
+    return true;
+  }
+  // The lists are kept between calls unless prefill-sized (as call_buffer): 4 bytes per entry.
+  const int64_t list_bytes = (io.K + kSkipBlock - 1) / kSkipBlock * io.M * (kSkipSlot * 4 + 4);
+  thread_local ActiveLists kept;
+  ActiveLists once;
+  ActiveLists& lists = list_bytes > (int64_t{16} << 20) ? once : kept;
+  list_active_bf16(io, threshold, lists);
+  gemm_skip_bf16(io, lists, make_readers);
   return true;
 }
 #endif
