@@ -157,21 +157,15 @@ void gemm_skip_bf16(const LinearIO& io, const ActiveLists& lists, const MakeRead
     std::fill(block[kSkipBlock], block[kSkipBlock] + kSkipCols, uint16_t{0});
     float* c = call_buffer(c_kept, c_once, static_cast<size_t>(io.M * kSkipCols + 16));
     c = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(c), 64));  // aligned loads and stores
-    alignas(64) uint16_t row_buf[kSkipCols];
     const __m512i order = skip_copy_order();
     const int64_t first = t * panels / tasks, end = (t + 1) * panels / tasks;
     auto reader = reader_for(t);
     for (int64_t panel = first; panel < end; ++panel) {
       const int64_t n0 = panel * kSkipCols, ncols = std::min(kSkipCols, N - n0);
-      std::fill(row_buf, row_buf + kSkipCols, uint16_t{0});
       if (blocks == 0) std::fill(c, c + io.M * kSkipCols, 0.0f);  // K == 0: y = bias
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t k0 = b * kSkipBlock, rows = std::min(kSkipBlock, K - k0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t* src = reader.row(k0 + r, n0, ncols, kSkipCols, row_buf);
-          for (int64_t h = 0; h < kSkipCols; h += 32)
-            _mm512_store_si512(block[r] + h, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(src + h)));
-        }
+        for (int64_t r = 0; r < rows; ++r) reader.permuted(k0 + r, n0, ncols, kSkipCols, order, block[r]);
         // The next block (of this panel, else of the task's next panel) is fetched into L2 while
         // this one computes, a few rows per row of x: without, each block's first touch waits on
         // memory (-5-10%); all at once, a bitmask's rows came in late on two threads.
