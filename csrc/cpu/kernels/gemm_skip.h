@@ -76,9 +76,11 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
   const int32_t thr = inactive_bits_bf16(threshold);
   out.blocks = (io.K + kSkipBlock - 1) / kSkipBlock;
   const size_t slots = static_cast<size_t>(out.blocks * io.M);
-  out.index.resize(slots * kSkipSlot);
-  out.value.resize(slots * kSkipSlot);
-  out.count.resize(slots);
+  if (out.index.size() < slots * kSkipSlot) {  // never shrunk: growing back would zero the new part again
+    out.index.resize(slots * kSkipSlot);
+    out.value.resize(slots * kSkipSlot);
+  }
+  if (out.count.size() < slots) out.count.resize(slots);
   alignas(64) static const uint16_t kIota[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   parallel_for(out.blocks, threads_for(io.threads, io.M * io.K), [&](int64_t b) {
@@ -103,7 +105,7 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
     }
   });
   out.entries = 0;
-  for (const int32_t n : out.count) out.entries += n;
+  for (size_t i = 0; i < slots; ++i) out.entries += out.count[i];
 }
 
 // The copy's column order within each 32: unpacklo then takes columns 0-15, unpackhi 16-31.
