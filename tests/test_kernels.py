@@ -451,6 +451,18 @@ def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batc
         assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
 
 
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
+    """The skipping GEMM keeps its lists between calls and never shrinks them: a large batch, a
+    smaller one (fewer blocks, fewer rows: stale lists lie past its own), then the large one again."""
+    gen = torch.Generator().manual_seed(11)
+    for M, N, K in [(64, 200, 700), (20, 130, 150), (64, 200, 700), (33, 70, 300)]:
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
+        w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+        check_act(x, w_t_sparse, w_t, x.abs().float().median().item(), torch.randn(N, generator=gen).to(torch.bfloat16))
+
+
 def test_act_sparse_batch_without_inputs(isa, act_batch_gemm):
     """K == 0 after a call that left its accumulators full: y is the bias, not stale sums."""
     gen = torch.Generator().manual_seed(3)
