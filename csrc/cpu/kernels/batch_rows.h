@@ -63,21 +63,12 @@ struct BitmaskRowsBf16 {
       const char* ahead = reinterpret_cast<const char*>(values() + cursor[static_cast<size_t>(k + kNear)]);
       for (int64_t b = 0; b < ncols; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);  // ncols / 2 values at 50%
     }
-    int64_t& next = cursor[static_cast<size_t>(k)];
-    const uint16_t* v = values() + next;
-    const uint8_t* mask = w->mask + k * w->mask_stride + n0 / 8;
-    for (int64_t h = 0; h < width; h += 32) {
-      uint32_t bits = 0;
-      if (h + 32 <= ncols)
-        std::memcpy(&bits, mask + h / 8, 4);
-      else if (h < ncols)  // the last panel: mask bytes past the row's end are not read
-        bits = mask_bits(mask, w->mask_stride - n0 / 8, h, 32) & _bzhi_u32(~0u, static_cast<unsigned>(ncols - h));
-      const int cnt = popcount32(bits);
-      const __m512i packed = _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, static_cast<unsigned>(cnt)), v);
-      _mm512_store_si512(dst + h, _mm512_permutexvar_epi16(order, _mm512_maskz_expand_epi16(bits, packed)));
-      v += cnt;
-    }
-    next = v - values();
+    cursor[static_cast<size_t>(k)] += expand_row_chunks(
+        values() + cursor[static_cast<size_t>(k)], w->mask + k * w->mask_stride + n0 / 8, w->mask_stride - n0 / 8, ncols,
+        [&](int64_t h, __m512i lanes, __mmask32 live) {
+          _mm512_store_si512(dst + h, _mm512_permutexvar_epi16(order, _mm512_maskz_mov_epi16(live, lanes)));
+        });
+    for (int64_t h = round_up(ncols, 32); h < width; h += 32) _mm512_store_si512(dst + h, _mm512_setzero_si512());
   }
   const uint16_t* values() const { return static_cast<const uint16_t*>(w->values); }
 };

@@ -302,6 +302,30 @@ inline void with_element(DType t, const F& f) {
     f(uint16_t{});
 }
 
+#if defined(SF_ISA_avx512)
+// A bitmask row of 16-bit values expanded 32 columns at a time: f(k, lanes, live) for k = 0, 32,
+// ... below cols, with lanes the columns k to k + 31 (0 where the mask is clear) and live the
+// lanes before cols. Masked loads take only the values used. Returns the number of values taken.
+template <class F>
+int64_t expand_row_chunks(const uint16_t* v, const uint8_t* mask, int64_t stride, int64_t cols, const F& f) {
+  const uint16_t* const v0 = v;
+  for (int64_t k = 0; k < cols; k += 32) {
+    uint32_t bits;
+    __mmask32 live = ~0u;
+    if (k + 32 <= cols) {
+      std::memcpy(&bits, mask + k / 8, 4);
+    } else {  // the last chunk: mask bytes past the row's end are not read
+      bits = mask_bits(mask, stride, k, 32);
+      live = _bzhi_u32(~0u, static_cast<unsigned>(cols - k));
+    }
+    const int cnt = popcount32(bits);
+    f(k, _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, static_cast<unsigned>(cnt)), v)), live);
+    v += cnt;
+  }
+  return v - v0;
+}
+#endif
+
 // One dense row from a bitmask row: out[k] = the next value of v where bit k of `mask` is set, 0
 // elsewhere, for k < cols (bits at and past cols are zero). `avail` values exist from v on: vector
 // loads read past the row's last value only while they stay inside that buffer. Returns the number
@@ -313,18 +337,12 @@ int64_t expand_row(const T* v, int64_t avail, const uint8_t* mask, int64_t strid
   int64_t k = 0;
   (void)avail;  // masked loads never touch memory past the values they take
   if constexpr (sizeof(T) == 2) {
-    for (; k + 32 <= cols; k += 32) {
-      uint32_t bits;
-      std::memcpy(&bits, mask + k / 8, 4);
-      const int cnt = popcount32(bits);
-      _mm512_storeu_si512(out + k, _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v)));
-      v += cnt;
-    }
-    if (k < cols) {
-      const uint32_t bits = mask_bits(mask, stride, k, 32);
-      const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, popcount32(bits)), v));
-      _mm512_mask_storeu_epi16(out + k, _bzhi_u32(~0u, static_cast<unsigned>(cols - k)), wv);
-    }
+    return expand_row_chunks(reinterpret_cast<const uint16_t*>(v), mask, stride, cols, [&](int64_t at, __m512i lanes, __mmask32 live) {
+      if (live == ~0u)
+        _mm512_storeu_si512(out + at, lanes);
+      else
+        _mm512_mask_storeu_epi16(out + at, live, lanes);
+    });
   } else {
     for (; k + 16 <= cols; k += 16) {
       uint16_t bits;
