@@ -1,3 +1,4 @@
+import contextlib
 import os
 import threading
 
@@ -59,3 +60,14 @@ def run_in_threads(fn, threads: int = 4) -> None:
     for t in pool:
         t.join()
     assert not errors, errors
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) for a block (the kernels take torch's thread count), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

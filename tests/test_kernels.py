@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_2x, max_err, run_in_threads
+from conftest import assert_close_2x, max_err, run_in_threads, torch_threads
 from torch import nn
 
 import sparseflow as sf
@@ -461,6 +461,50 @@ def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
         w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
         w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
         check_act(x, w_t_sparse, w_t, x.abs().float().median().item(), torch.randn(N, generator=gen).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_batch_lists_too_large_to_keep(isa, weight):
+    """1100 rows of 4096 with the skipping GEMM forced: their lists (18 MB) exceed the 16 MiB each
+    thread keeps, so the batch runs in two parts (1016 rows, then 84)."""
+    from sparseflow._ext import _C
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1100, 4096, generator=gen).to(torch.bfloat16)
+    w_t = (torch.randn(4096, 300, generator=gen) * (torch.rand(4096, 300, generator=gen) < 0.5)).to(torch.bfloat16)
+    before = _C.act_batch_gemm()
+    _C.set_act_batch_gemm("skip")
+    try:
+        with torch_threads(2):
+            check_act(x, sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t, w_t, 0.6, None)
+    finally:
+        _C.set_act_batch_gemm(before)
+
+
+def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
+    """Each kernel thread builds its own lists for each call: calls of different shapes from several
+    Python threads at once, each on two kernel threads, never read another call's lists."""
+    from sparseflow._ext import _C
+    gen = torch.Generator().manual_seed(17)
+    cases = []
+    for M, N, K in [(64, 300, 700), (40, 130, 260), (96, 257, 1000)]:
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
+        for w in (w_t, sf.Bitmask.from_dense(w_t)):
+            cases.append((x, w))
+    before = _C.act_batch_gemm()
+    _C.set_act_batch_gemm("skip")
+    try:
+        with torch_threads(2):
+            expected = [sf.ops.act_sparse_linear(x, w, 0.6) for x, w in cases]
+
+            def worker():
+                for _ in range(10):
+                    for (x, w), expect in zip(cases, expected):
+                        assert torch.equal(sf.ops.act_sparse_linear(x, w, 0.6), expect)
+
+            run_in_threads(worker, threads=3)
+    finally:
+        _C.set_act_batch_gemm(before)
 
 
 def test_act_sparse_batch_without_inputs(isa, act_batch_gemm):

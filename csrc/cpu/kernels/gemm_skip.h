@@ -6,8 +6,12 @@
 // block prefetched while this one computes. Each row of x lists its active inputs per block
 // (index, value); consecutive entries are paired in registers (vpunpcklwd/hwd of two weight rows)
 // for vdpbf16ps. The copy permutes each 32 columns so that the unpacks yield them in order.
+// Every thread builds the lists of the whole batch itself: read by every thread, lists written by
+// one cost more to move between cores than to build again from x (see gemm_skip_bf16).
 // Inactive inputs are finite (|x| <= threshold): skipping them is exact for a finite weight.
 #pragma once
+#include <atomic>
+
 #include "cpu/kernels/gemm_kn.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -32,7 +36,7 @@ inline double skip_max_active(int64_t M) { return M > 0 ? kSkipMaxActive - kSkip
 // (b * M + m) * kSkipSlot + i holds the input's index within the block and its bf16 bits. Counts
 // are even: an odd list ends with index kSkipBlock (a zero row) and value 0.
 struct ActiveLists {
-  int64_t blocks = 0, entries = 0;
+  int64_t blocks = 0;
   std::vector<uint16_t> index, value;
   std::vector<int32_t> count;
 };
@@ -69,9 +73,9 @@ inline int64_t count_active_bf16(const LinearIO& io, float threshold) {
   return entries;
 }
 
-// One task per block of inputs, its rows of x in order, so that each task writes its lists one
-// after the other. (Row by row, each list lay M * 256 bytes past the last, in the same L1 set:
-// building the lists took 7% of a 2048x2048 layer's time at 128 rows, now under 2%.)
+// Block by block, its rows of x in order, so that the lists are written one after the other.
+// (Row by row, each list lay M * 256 bytes past the last, in the same L1 set: building the lists
+// took 7% of a 2048x2048 layer's time at 128 rows, under 2% so.)
 inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& out) {
   const int32_t thr = inactive_bits_bf16(threshold);
   out.blocks = (io.K + kSkipBlock - 1) / kSkipBlock;
@@ -83,8 +87,8 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
   if (out.count.size() < slots) out.count.resize(slots);
   alignas(64) static const uint16_t kIota[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
-  parallel_for(out.blocks, threads_for(io.threads, io.M * io.K), [&](int64_t b) {
-    const __m512i iota = _mm512_load_si512(kIota);
+  const __m512i iota = _mm512_load_si512(kIota);
+  for (int64_t b = 0; b < out.blocks; ++b) {
     const int64_t k0 = b * kSkipBlock, k1 = std::min(io.K, k0 + kSkipBlock);
     for (int64_t m = 0; m < io.M; ++m) {
       const uint16_t* x = static_cast<const uint16_t*>(io.x) + m * io.ldx;
@@ -103,9 +107,7 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
       if (n % 2) index[n] = kSkipBlock, value[n++] = 0;
       out.count[slot] = n;
     }
-  });
-  out.entries = 0;
-  for (size_t i = 0; i < slots; ++i) out.entries += out.count[i];
+  }
 }
 
 // The copy's column order within each 32: unpacklo then takes columns 0-15, unpackhi 16-31.
@@ -136,18 +138,32 @@ inline void skip_row_bf16(const uint16_t* block, const uint16_t* index, const ui
   for (int j = 0; j < V; ++j) _mm512_store_ps(c + 16 * j, acc[j]);
 }
 
-// y = threshold(x) @ w_t + bias from `lists` (list_active_bf16); readers as in batch_rows.h.
+// y = threshold(x) @ w_t + bias, `entries` list entries in all (count_active_bf16); readers as
+// in batch_rows.h. Each thread builds the lists on its first task of the call, into a buffer of its
+// own: shared lists, written by one core and read by all, took 2x as long to build (their lines
+// still held by the other core) and slowed the products that read them, on 2 threads 512x2048:
+// 0.64-0.96x of dense, own lists 0.96-1.12x. Building them costs each thread a pass over x, which
+// every thread reads anyway.
 template <class MakeReaders>
-void gemm_skip_bf16(const LinearIO& io, const ActiveLists& lists, const MakeReaders& make_readers) {
-  const int64_t K = io.K, N = io.N, blocks = lists.blocks;
+void gemm_skip_bf16(const LinearIO& io, float threshold, int64_t entries, const MakeReaders& make_readers) {
+  const int64_t K = io.K, N = io.N, blocks = (K + kSkipBlock - 1) / kSkipBlock;
   if (io.nonfinite) std::fill(io.nonfinite, io.nonfinite + io.M, uint8_t{0});  // NaN/inf are active: as dense
-  const int threads = threads_for(io.threads, lists.entries * N);
+  const int threads = threads_for(io.threads, entries * N);
   const int64_t panels = (N + kSkipCols - 1) / kSkipCols;
   const int64_t tasks = std::min<int64_t>(panels, int64_t{threads} * 4);
   std::vector<int64_t> first_cols(static_cast<size_t>(tasks));
   for (int64_t t = 0; t < tasks; ++t) first_cols[static_cast<size_t>(t)] = t * panels / tasks * kSkipCols;
   const auto reader_for = make_readers(first_cols);
+  // `call` tells a thread whether the lists it keeps are this call's.
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
   parallel_for(tasks, threads, [&](int64_t t) {
+    thread_local ActiveLists lists;
+    thread_local uint64_t lists_call = 0;
+    if (lists_call != call) {
+      list_active_bf16(io, threshold, lists);
+      lists_call = call;
+    }
     struct alignas(64) Block {
       uint16_t rows[kSkipBlock + 1][kSkipCols];  // the last row stays zero (the pad of odd lists)
     };
@@ -197,18 +213,26 @@ bool act_sparse_batch_bf16(const LinearIO& io, float threshold, const MakeReader
     gemm_kn_bf16(io, threshold, make_readers);
     return true;
   }
+  const int64_t entries = count_active_bf16(io, threshold);
   if (mode == ActBatchGemm::automatic &&
-      static_cast<double>(count_active_bf16(io, threshold)) > skip_max_active(io.M) * static_cast<double>(io.M * io.K)) {
+      static_cast<double>(entries) > skip_max_active(io.M) * static_cast<double>(io.M * io.K)) {
     gemm_kn_bf16(io, threshold, make_readers);
     return true;
   }
-  // The lists are kept between calls unless prefill-sized (as call_buffer): 4 bytes per entry.
-  const int64_t list_bytes = (io.K + kSkipBlock - 1) / kSkipBlock * io.M * (kSkipSlot * 4 + 4);
-  thread_local ActiveLists kept;
-  ActiveLists once;
-  ActiveLists& lists = list_bytes > (int64_t{16} << 20) ? once : kept;
-  list_active_bf16(io, threshold, lists);
-  gemm_skip_bf16(io, lists, make_readers);
+  // Each thread keeps its lists between calls, up to kKeepBytes: a batch whose lists would take
+  // more runs in parts of fewer rows (a part copies the weight's blocks again: under 3% of its
+  // time from 128 rows on, as kSkipCopyRows / M says; 16 MiB hold 128 rows of K = 32512).
+  constexpr int64_t kKeepBytes = int64_t{16} << 20;
+  const int64_t row_bytes = (io.K + kSkipBlock - 1) / kSkipBlock * (kSkipSlot * 4 + 4);
+  const int64_t part_rows = std::max<int64_t>(1, kKeepBytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t m0 = 0; m0 < io.M; m0 += part_rows) {
+    LinearIO part = io;
+    part.M = std::min(part_rows, io.M - m0);
+    part.x = static_cast<const uint16_t*>(io.x) + m0 * io.ldx;
+    part.y = static_cast<uint16_t*>(io.y) + m0 * io.ldy;
+    if (io.nonfinite) part.nonfinite = io.nonfinite + m0;
+    gemm_skip_bf16(part, threshold, entries * part.M / std::max<int64_t>(1, io.M), make_readers);
+  }
   return true;
 }
 #endif
