@@ -465,8 +465,8 @@ def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
 
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_act_sparse_batch_lists_too_large_to_keep(isa, weight):
-    """1100 rows of 4096 with the skipping GEMM forced: their lists (18 MB) exceed the 16 MiB each
-    thread keeps, so the batch runs in two parts (1016 rows, then 84)."""
+    """1100 rows of 4096 with the skipping GEMM forced, on two threads: each thread's lists (18 MB)
+    would exceed its share of the 16 MiB kept, so the batch runs in three parts of 366-367 rows."""
     from sparseflow._ext import _C
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1100, 4096, generator=gen).to(torch.bfloat16)

@@ -219,15 +219,20 @@ bool act_sparse_batch_bf16(const LinearIO& io, float threshold, const MakeReader
     gemm_kn_bf16(io, threshold, make_readers);
     return true;
   }
-  // Each thread keeps its lists between calls, up to kKeepBytes: a batch whose lists would take
-  // more runs in parts of fewer rows (a part copies the weight's blocks again: under 3% of its
-  // time from 128 rows on, as kSkipCopyRows / M says; 16 MiB hold 128 rows of K = 32512).
-  constexpr int64_t kKeepBytes = int64_t{16} << 20;
+  // Each thread keeps its lists between calls (a fresh buffer page-faults on every call): a batch
+  // runs in parts of rows small enough that all threads' lists come to kKeepBytes, or to 128
+  // rows' worth each where that is more (a part copies the weight's blocks again: under 3% of
+  // its time from 128 rows on, as kSkipCopyRows / M says). Parts are of equal size, so none is
+  // left with a few rows.
+  constexpr int64_t kKeepBytes = int64_t{16} << 20, kMinPartRows = 128;
   const int64_t row_bytes = (io.K + kSkipBlock - 1) / kSkipBlock * (kSkipSlot * 4 + 4);
-  const int64_t part_rows = std::max<int64_t>(1, kKeepBytes / std::max<int64_t>(1, row_bytes));
-  for (int64_t m0 = 0; m0 < io.M; m0 += part_rows) {
+  const int64_t part_rows =
+      std::max(kMinPartRows, kKeepBytes / std::max<int64_t>(1, io.threads) / std::max<int64_t>(1, row_bytes));
+  const int64_t parts = (io.M + part_rows - 1) / part_rows;
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t m0 = p * io.M / parts;
     LinearIO part = io;
-    part.M = std::min(part_rows, io.M - m0);
+    part.M = (p + 1) * io.M / parts - m0;
     part.x = static_cast<const uint16_t*>(io.x) + m0 * io.ldx;
     part.y = static_cast<uint16_t*>(io.y) + m0 * io.ldy;
     if (io.nonfinite) part.nonfinite = io.nonfinite + m0;
