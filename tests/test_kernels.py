@@ -499,7 +499,7 @@ def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
 
             def worker():
                 for _ in range(10):
-                    for (x, w), expect in zip(cases, expected):
+                    for (x, w), expect in zip(cases, expected, strict=True):
                         assert torch.equal(sf.ops.act_sparse_linear(x, w, 0.6), expect)
 
             run_in_threads(worker, threads=3)
