@@ -141,9 +141,9 @@ inline void skip_row_bf16(const uint16_t* block, const uint16_t* index, const ui
 // y = threshold(x) @ w_t + bias, `entries` list entries in all (count_active_bf16); readers as
 // in batch_rows.h. Each thread builds the lists on its first task of the call, into a buffer of its
 // own: shared lists, written by one core and read by all, took 2x as long to build (their lines
-// still held by the other core) and slowed the products that read them, on 2 threads 512x2048:
-// 0.64-0.96x of dense, own lists 0.96-1.12x. Building them costs each thread a pass over x, which
-// every thread reads anyway.
+// still held by the other core) and slowed the products that read them: on 2 threads, 512x2048,
+// 128 rows, 0.57-0.96x of dense with a dense weight, own lists 0.96-1.12x (RESULTS.md, session 14).
+// Building them costs each thread a pass over x, which every thread reads anyway.
 template <class MakeReaders>
 void gemm_skip_bf16(const LinearIO& io, float threshold, int64_t entries, const MakeReaders& make_readers) {
   const int64_t K = io.K, N = io.N, blocks = (K + kSkipBlock - 1) / kSkipBlock;
