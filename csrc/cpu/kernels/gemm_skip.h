@@ -32,11 +32,12 @@ constexpr double kSkipCopyRows = 3.6;
 
 inline double skip_max_active(int64_t M) { return M > 0 ? kSkipMaxActive - kSkipCopyRows / static_cast<double>(M) : 0.0; }
 
+inline int64_t skip_blocks(int64_t K) { return (K + kSkipBlock - 1) / kSkipBlock; }  // blocks of inputs
+
 // Active inputs of every row of x, block by block: entry i of (block b, row m) at
 // (b * M + m) * kSkipSlot + i holds the input's index within the block and its bf16 bits. Counts
 // are even: an odd list ends with index kSkipBlock (a zero row) and value 0.
 struct ActiveLists {
-  int64_t blocks = 0;
   std::vector<uint16_t> index, value;
   std::vector<int32_t> count;
 };
@@ -78,8 +79,8 @@ inline int64_t count_active_bf16(const LinearIO& io, float threshold) {
 // took 7% of a 2048x2048 layer's time at 128 rows, under 2% so.)
 inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& out) {
   const int32_t thr = inactive_bits_bf16(threshold);
-  out.blocks = (io.K + kSkipBlock - 1) / kSkipBlock;
-  const size_t slots = static_cast<size_t>(out.blocks * io.M);
+  const int64_t blocks = skip_blocks(io.K);
+  const size_t slots = static_cast<size_t>(blocks * io.M);
   if (out.index.size() < slots * kSkipSlot) {  // never shrunk: growing back would zero the new part again
     out.index.resize(slots * kSkipSlot);
     out.value.resize(slots * kSkipSlot);
@@ -88,7 +89,7 @@ inline void list_active_bf16(const LinearIO& io, float threshold, ActiveLists& o
   alignas(64) static const uint16_t kIota[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   const __m512i iota = _mm512_load_si512(kIota);
-  for (int64_t b = 0; b < out.blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b) {
     const int64_t k0 = b * kSkipBlock, k1 = std::min(io.K, k0 + kSkipBlock);
     for (int64_t m = 0; m < io.M; ++m) {
       const uint16_t* x = static_cast<const uint16_t*>(io.x) + m * io.ldx;
@@ -146,7 +147,7 @@ inline void skip_row_bf16(const uint16_t* block, const uint16_t* index, const ui
 // Building them costs each thread a pass over x, which every thread reads anyway.
 template <class MakeReaders>
 void gemm_skip_bf16(const LinearIO& io, float threshold, int64_t entries, const MakeReaders& make_readers) {
-  const int64_t K = io.K, N = io.N, blocks = (K + kSkipBlock - 1) / kSkipBlock;
+  const int64_t K = io.K, N = io.N, blocks = skip_blocks(K);
   if (io.nonfinite) std::fill(io.nonfinite, io.nonfinite + io.M, uint8_t{0});  // NaN/inf are active: as dense
   const int threads = threads_for(io.threads, entries * N);
   const int64_t panels = (N + kSkipCols - 1) / kSkipCols;
@@ -225,7 +226,7 @@ bool act_sparse_batch_bf16(const LinearIO& io, float threshold, const MakeReader
   // its time from 128 rows on, as kSkipCopyRows / M says). Parts are of equal size, so none is
   // left with a few rows.
   constexpr int64_t kKeepBytes = int64_t{16} << 20, kMinPartRows = 128;
-  const int64_t row_bytes = (io.K + kSkipBlock - 1) / kSkipBlock * (kSkipSlot * 4 + 4);
+  const int64_t row_bytes = skip_blocks(io.K) * (kSkipSlot * 4 + 4);
   const int64_t part_rows =
       std::max(kMinPartRows, kKeepBytes / std::max<int64_t>(1, io.threads) / std::max<int64_t>(1, row_bytes));
   const int64_t parts = (io.M + part_rows - 1) / part_rows;
