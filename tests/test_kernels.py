@@ -2,6 +2,7 @@
 CPU has (the `isa` fixture), with the 2x-of-torch-dense tolerance idiom."""
 
 
+import contextlib
 import os
 import warnings
 
@@ -404,16 +405,23 @@ def test_act_sparse_skip_share_by_isa(isa):
     assert _C.act_sparse_skip_share(0, 128) == 0.0 and _C.act_sparse_skip_share(2, 128) == 0.0
 
 
+@contextlib.contextmanager
+def act_batch_gemm_mode(mode: str):
+    """The activation-sparse batch GEMM set to `mode` ('auto', 'skip' or 'zeros') for a block, then back."""
+    from sparseflow._ext import _C
+    before = _C.act_batch_gemm()
+    _C.set_act_batch_gemm(mode)
+    try:
+        yield mode
+    finally:
+        _C.set_act_batch_gemm(before)
+
+
 @pytest.fixture(params=["auto", "skip", "zeros"])
 def act_batch_gemm(request):
     """Runs a test with the activation-sparse batch GEMM chosen per call ('auto') and with each forced."""
-    from sparseflow._ext import _C
-    before = _C.act_batch_gemm()
-    _C.set_act_batch_gemm(request.param)
-    try:
+    with act_batch_gemm_mode(request.param):
         yield request.param
-    finally:
-        _C.set_act_batch_gemm(before)
 
 
 @pytest.mark.parametrize("M,N,K", [(12, 300, 389), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
@@ -467,23 +475,16 @@ def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
 def test_act_sparse_batch_lists_too_large_to_keep(isa, weight):
     """1100 rows of 4096 with the skipping GEMM forced, on two threads: each thread's lists (18 MB)
     would exceed its share of the 16 MiB kept, so the batch runs in three parts of 366-367 rows."""
-    from sparseflow._ext import _C
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1100, 4096, generator=gen).to(torch.bfloat16)
     w_t = (torch.randn(4096, 300, generator=gen) * (torch.rand(4096, 300, generator=gen) < 0.5)).to(torch.bfloat16)
-    before = _C.act_batch_gemm()
-    _C.set_act_batch_gemm("skip")
-    try:
-        with torch_threads(2):
-            check_act(x, sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t, w_t, 0.6, None)
-    finally:
-        _C.set_act_batch_gemm(before)
+    with act_batch_gemm_mode("skip"), torch_threads(2):
+        check_act(x, sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t, w_t, 0.6, None)
 
 
 def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
     """Each kernel thread builds its own lists for each call: calls of different shapes from several
     Python threads at once, each on two kernel threads, never read another call's lists."""
-    from sparseflow._ext import _C
     gen = torch.Generator().manual_seed(17)
     cases = []
     for M, N, K in [(64, 300, 700), (40, 130, 260), (96, 257, 1000)]:
@@ -491,20 +492,15 @@ def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
         w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
         for w in (w_t, sf.Bitmask.from_dense(w_t)):
             cases.append((x, w))
-    before = _C.act_batch_gemm()
-    _C.set_act_batch_gemm("skip")
-    try:
-        with torch_threads(2):
-            expected = [sf.ops.act_sparse_linear(x, w, 0.6) for x, w in cases]
+    with act_batch_gemm_mode("skip"), torch_threads(2):
+        expected = [sf.ops.act_sparse_linear(x, w, 0.6) for x, w in cases]
 
-            def worker():
-                for _ in range(10):
-                    for (x, w), expect in zip(cases, expected, strict=True):
-                        assert torch.equal(sf.ops.act_sparse_linear(x, w, 0.6), expect)
+        def worker():
+            for _ in range(10):
+                for (x, w), expect in zip(cases, expected, strict=True):
+                    assert torch.equal(sf.ops.act_sparse_linear(x, w, 0.6), expect)
 
-            run_in_threads(worker, threads=3)
-    finally:
-        _C.set_act_batch_gemm(before)
+        run_in_threads(worker, threads=3)
 
 
 def test_act_sparse_batch_without_inputs(isa, act_batch_gemm):
