@@ -358,10 +358,10 @@ def test_act_sparse_gemm_path(isa, weight, M, N, K):
 
 def test_act_sparse_batch_rows_by_isa(isa):
     """The act-sparse batched backend hands a batch to the C++ kernel exactly where the kernel runs
-    one GEMM for it: bf16 on AVX-512 with BF16 dot products, from 12 rows."""
+    it its own way: bf16 on AVX-512 with BF16 dot products, from 2 rows (gemm_union.h)."""
     from sparseflow._ext import _C
     bf16_dot = isa == "avx512" and _C.cpu_features()["avx512bf16"] and os.environ.get("SPARSEFLOW_NO_BF16_DOT") != "1"
-    assert _C.act_sparse_batch_rows(1) == (12 if bf16_dot else 0)
+    assert _C.act_sparse_batch_rows(1) == (2 if bf16_dot else 0)
     assert _C.act_sparse_batch_rows(0) == 0 and _C.act_sparse_batch_rows(2) == 0
     with pytest.raises(ValueError, match="dtype code"):
         _C.act_sparse_batch_rows(7)
@@ -372,6 +372,41 @@ def test_act_sparse_batch_rows_by_isa(isa):
         y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.3, backend="batched")
         xm = torch.where(x.abs() <= 0.3, torch.zeros((), dtype=x.dtype), x)  # compared in bf16, as torch does
         assert_close_2x(y, xm.double() @ ref_w.double(), xm @ ref_w)
+
+
+# (M, N, K): the small-batch kernel (gemm_union.h) runs 2-11 rows with a dense weight, 2-32 with a
+# bitmask; its accumulators go in chunks of columns (up to 4 rows: 16384 columns, 8 rows: 512)
+UNION_SHAPES = [(2, 33, 1), (2, 300, 70), (3, 1100, 515), (4, 16500, 40), (5, 257, 300), (8, 1100, 129),
+                (11, 97, 1000), (12, 300, 389), (17, 513, 64), (32, 130, 261)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+@pytest.mark.parametrize("M,N,K", UNION_SHAPES)
+def test_act_sparse_small_batch(isa, weight, M, N, K, threads):
+    """A few rows of x, each row of w_t read once for all of them: the union of the active inputs
+    (not a multiple of the 8-row groups, split between the threads), bias, strided x, a row with
+    nothing active, nothing and everything active, NaN and inf meeting the weight's zeros as in
+    dense."""
+    gen = torch.Generator().manual_seed(M * 31 + N + K)
+    x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, 2 : 2 + K]  # row stride > K
+    w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    bias = torch.randn(N, generator=gen).to(torch.bfloat16)
+    with torch_threads(threads):
+        for threshold in (0.0, 0.7, 1.6):  # everything, about half, about a tenth of the inputs active
+            check_act(x, w_t_sparse, w_t, threshold, bias)
+        x[M // 2] = 0.0  # a row with nothing active
+        check_act(x, w_t_sparse, w_t, 0.7, None)
+        check_act(x, w_t_sparse, w_t, 1e9, bias)  # nothing active at all: y == bias
+        x[0, 0], x[M - 1, K - 1], x[M // 3, K // 2] = float("nan"), float("inf"), -float("inf")
+        y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.7)
+        expect = act_sparse_linear_reference(x, w_t, 0.7, None)
+        assert torch.equal(torch.isnan(y), torch.isnan(expect))
+        assert torch.equal(torch.isinf(y), torch.isinf(expect))
+        finite = torch.isfinite(expect)  # (with K = 1 nothing is)
+        scale = 1 + (expect[finite].abs().max().item() if finite.any() else 0.0)
+        assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
 
 
 @pytest.mark.parametrize("M", [12, 13, 15, 17])  # rows past the last 6: 0, 1, 3, 5

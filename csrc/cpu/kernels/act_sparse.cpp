@@ -4,6 +4,7 @@
 // contiguous row: the bytes read shrink with the activation density. With a bitmask w_t, weight and activation sparsity multiply.
 #include "cpu/kernels/batch_rows.h"
 #include "cpu/kernels/gemm_skip.h"
+#include "cpu/kernels/gemm_union.h"
 #include "cpu/kernels/kernels.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -121,21 +122,10 @@ void axpy_bitmask_row(float* acc, const BitmaskView& w, int64_t k, float x, DTyp
 #if defined(SF_ISA_avx512)
 // bf16 with BF16 dot products: two active rows a, b at a time. unpacklo/hi_epi16 interleave their
 // weights into (a, b) pairs that one vdpbf16ps multiplies by the pair (x_a, x_b): no conversion
-// to f32 and one accumulator update per two rows. Within each 32-column chunk the accumulator
-// then holds columns in unpack's lane order (0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31);
-// unpermute_chunks puts them back in order at the end.
+// to f32 and one accumulator update per two rows. The accumulator then holds each 32 columns in
+// unpack's lane order; unpermute_chunks (common.h) puts them back in order at the end.
 inline __m512i bf16_pair(float xa, float xb) {
   return _mm512_set1_epi32(static_cast<int>(f32_to_bf16(xa) | (static_cast<uint32_t>(f32_to_bf16(xb)) << 16)));
-}
-
-inline void unpermute_chunks(float* acc, int64_t len32) {
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t n = 0; n < len32; n += 32) {
-    const __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
-    _mm512_storeu_ps(acc + n, _mm512_permutex2var_ps(lo, first, hi));
-    _mm512_storeu_ps(acc + n + 16, _mm512_permutex2var_ps(lo, second, hi));
-  }
 }
 
 // acc[0:len] (padded to 32, pair order) += P pairs of dense bf16 rows times their x pairs; with
@@ -154,15 +144,6 @@ void axpy_pairs_dense_bf16(float* acc, int64_t len, const uint16_t* const* rows,
     _mm512_storeu_ps(acc + n, lo);
     _mm512_storeu_ps(acc + n + 16, hi);
   }
-}
-
-// The next 32 expanded bf16 weights of a bitmask row whose values continue at v.
-inline __m512i expand_next(const uint8_t* mask, int64_t stride, int64_t n, const uint16_t*& v) {
-  const uint32_t bits = mask_bits(mask, stride, n, 32);
-  const int cnt = popcount32(bits);
-  const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v));
-  v += cnt;
-  return wv;
 }
 
 // acc (all columns, padded to 32, pair order) += P pairs of bitmask rows of w_t times their x
@@ -217,7 +198,7 @@ int64_t column_chunk(const LinearIO& io) {
 
 int64_t act_sparse_batch_rows(DType t) {
 #if defined(SF_ISA_avx512)
-  return gemm_kn_min_rows(t);
+  return gemm_kn_min_rows(t) > 0 ? kUnionMinRows : 0;  // gemm_union.h, then the batch GEMMs
 #else
   (void)t;
   return 0;
@@ -236,7 +217,9 @@ double act_sparse_skip_share(DType t, int64_t rows) {
 
 void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (act_sparse_batch_bf16(io, threshold, dense_rows_bf16(w_t))) return;  // a batch: one GEMM (gemm_skip.h)
+  // a batch: each row of w_t read once (gemm_union.h), or one GEMM (gemm_skip.h)
+  if (act_sparse_union_bf16(io, threshold, UnionDenseRows{w_t}) || act_sparse_batch_bf16(io, threshold, dense_rows_bf16(w_t)))
+    return;
 #endif
   const int64_t chunk = column_chunk(io), tasks = (io.N + chunk - 1) / chunk;
   const int64_t esize = element_size(io.dtype);
@@ -311,7 +294,9 @@ void act_sparse_dense(const DenseView& w_t, float threshold, const LinearIO& io)
 
 void act_sparse_bitmask(const BitmaskView& w_t, float threshold, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (act_sparse_batch_bf16(io, threshold, bitmask_rows_bf16(w_t, io.threads))) return;
+  if (act_sparse_union_bf16(io, threshold, UnionBitmaskRows{w_t}) ||
+      act_sparse_batch_bf16(io, threshold, bitmask_rows_bf16(w_t, io.threads)))
+    return;
 #endif
   // Each thread sums its share of the active rows into a private accumulator over all N outputs;
   // a second pass adds the accumulators (splitting N instead would need per-chunk value offsets).

@@ -324,6 +324,15 @@ int64_t expand_row_chunks(const uint16_t* v, const uint8_t* mask, int64_t stride
   }
   return v - v0;
 }
+
+// The next 32 expanded bf16 weights of a bitmask row whose values continue at v.
+inline __m512i expand_next(const uint8_t* mask, int64_t stride, int64_t n, const uint16_t*& v) {
+  const uint32_t bits = mask_bits(mask, stride, n, 32);
+  const int cnt = popcount32(bits);
+  const __m512i wv = _mm512_maskz_expand_epi16(bits, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), v));
+  v += cnt;
+  return wv;
+}
 #endif
 
 // One dense row from a bitmask row: out[k] = the next value of v where bit k of `mask` is set, 0
@@ -400,6 +409,18 @@ inline __m512 cvt16_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi
 inline __m512 cvt16_f16(__m256i h) { return _mm512_cvtph_ps(h); }
 // acc += pairwise bf16 products of a and b (vdpbf16ps: exact products, float32 accumulation)
 inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+// Floats accumulated against vpunpcklwd/hwd pairs of two bf16 rows hold each 32 columns in the
+// unpacks' lane order (0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31): back in order, in place.
+inline void unpermute_chunks(float* acc, int64_t len32) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t n = 0; n < len32; n += 32) {
+    const __m512 lo = _mm512_loadu_ps(acc + n), hi = _mm512_loadu_ps(acc + n + 16);
+    _mm512_storeu_ps(acc + n, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + n + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
 // Rounds 16 floats to bf16 as f32_to_bf16 does (nearest even, NaN kept quiet).
 inline __m256i round_bf16x16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
