@@ -18,7 +18,7 @@ namespace sparseflow::cpu::SF_ISA {
 
 #if defined(SF_ISA_avx512)
 constexpr int64_t kUnionMinRows = 2;  // one row: the row kernel reads only its active rows
-constexpr int kUnionPairs = 4;        // row pairs per pass over the accumulators
+constexpr int kUnionPairs = 4;        // row pairs per pass over the accumulators (8: no faster)
 constexpr int64_t kUnionGroup = 2 * kUnionPairs;
 
 // A thread walks its accumulators in chunks of columns, all its rows per chunk, so that a chunk's
@@ -121,12 +121,14 @@ template <class Rows>
 void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, int live, const typename Rows::Cursor* ahead,
                       int ahead_live, int64_t ahead_c0, int64_t c0, int64_t c1, const uint16_t* x, int64_t ldx,
                       int64_t M, float* c, int64_t ldc, bool first) {
+  typename Rows::Cursor at[2 * kUnionPairs];  // in registers: stores to c might alias cur
+  for (int j = 0; j < 2 * kUnionPairs; ++j) at[j] = cur[j];
   for (int64_t n = c0; n < c1; n += 32) {
     for (int j = 0; j < ahead_live; ++j) rows.prefetch(ahead[j], ahead_c0 + (n - c0), n - c0);
     __m512i pairs[2 * kUnionPairs];
     for (int p = 0; p < kUnionPairs; ++p) {
-      const __m512i a = 2 * p < live ? rows.next(cur[2 * p], n) : _mm512_setzero_si512();
-      const __m512i b = 2 * p + 1 < live ? rows.next(cur[2 * p + 1], n) : _mm512_setzero_si512();
+      const __m512i a = 2 * p < live ? rows.next(at[2 * p], n) : _mm512_setzero_si512();
+      const __m512i b = 2 * p + 1 < live ? rows.next(at[2 * p + 1], n) : _mm512_setzero_si512();
       pairs[2 * p] = _mm512_unpacklo_epi16(a, b);
       pairs[2 * p + 1] = _mm512_unpackhi_epi16(a, b);
     }
@@ -143,6 +145,7 @@ void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, int live, co
       _mm512_store_ps(cm + 16, hi);
     }
   }
+  for (int j = 0; j < live; ++j) cur[j] = at[j];
 }
 
 // y[:, n0:n1] = the sum of the threads' accumulators (parts of M x ldc floats), in column order,
