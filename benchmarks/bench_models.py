@@ -4,9 +4,10 @@ dense, 2:4, 50% unstructured, 50% activation-sparse, and 50% weight + 50% activa
     python benchmarks/bench_models.py [--hidden 2048 --intermediate 8192 --layers 4] [--json PATH]
 
 Decode is timed as one new token with a KV cache of `--context` tokens (median of interleaved
-steps); prefill as one forward over `--prefill` tokens. Every variant's logits are first checked
-against a float64 plain-torch reference of itself (bench.model.check_outputs: masked dense weights,
-thresholded inputs), by the 2x idiom."""
+steps), for one sequence and for each batch of `--decode-batch` sequences decoded together (a
+server's batch: as many rows of x per layer); prefill as one forward over `--prefill` tokens.
+Every variant's logits are first checked against a float64 plain-torch reference of itself
+(bench.model.check_outputs: masked dense weights, thresholded inputs), by the 2x idiom."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--decode-batch", type=int, nargs="*", default=[4, 8],
+                   help="batches of sequences also decoded together (default: %(default)s)")
     p.add_argument("--prefill-path", choices=["batched", "auto", "dense"], default="batched",
                    help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
     p.add_argument("--json", default="benchmarks/results/models.json")
@@ -78,6 +81,8 @@ def main(argv=None):
     if not all(c["ok"] for c in checks.values()):
         raise SystemExit("a variant does not match its reference: not timed")
     decode = median_interleaved({k: decode_step_fn(m, ids) for k, m in models.items()}, args.rounds)
+    batched = {b: median_interleaved({k: decode_step_fn(m, torch.randint(0, args.vocab, (b, args.context)))
+                                      for k, m in models.items()}, args.rounds) for b in args.decode_batch}
     prompt = torch.randint(0, args.vocab, (1, args.prefill))
 
     def prefill(m):
@@ -91,16 +96,21 @@ def main(argv=None):
     mb = {k: sum(t.numel() * t.element_size() for t in [*m.buffers(), *m.parameters()]) / 2**20
           for k, m in models.items()}  # resident weights, dense copies included
     rows = [{"variant": k, "decode_ms": decode[k] * 1e3, "decode_tok_s": 1 / decode[k],
-             "decode_speedup": decode["dense"] / decode[k], "prefill_ms": pre[k] * 1e3,
+             "decode_speedup": decode["dense"] / decode[k],
+             **{f"decode_b{b}_tok_s": b / t[k] for b, t in batched.items()},
+             **{f"decode_b{b}_speedup": t["dense"] / t[k] for b, t in batched.items()}, "prefill_ms": pre[k] * 1e3,
              "prefill_speedup": pre["dense"] / pre[k], "resident_mb": mb[k],
              "logits_rel_err": checks[k]["rel_err"] if k in checks else None} for k in models]
     print(f"Llama-shaped decoder: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"bf16, {info['threads']} threads, {info['cpu']} ({info['isa_in_use']}), context {args.context}, "
           f"prefill path {args.prefill_path}")
-    print(f"{'variant':<30}{'decode ms':>10}{'tok/s':>8}{'speedup':>9}{'prefill ms':>12}{'speedup':>9}{'MB':>8}")
+    print(f"{'variant':<30}{'decode ms':>10}{'tok/s':>8}{'speedup':>9}"
+          + "".join(f"{f'batch {b} tok/s':>15}{'speedup':>9}" for b in batched)
+          + f"{'prefill ms':>12}{'speedup':>9}{'MB':>8}")
     for r in rows:
         print(f"{r['variant']:<30}{r['decode_ms']:>10.2f}{r['decode_tok_s']:>8.1f}{r['decode_speedup']:>8.2f}x"
-              f"{r['prefill_ms']:>12.1f}{r['prefill_speedup']:>8.2f}x{r['resident_mb']:>8.0f}")
+              + "".join(f"{r[f'decode_b{b}_tok_s']:>15.1f}{r[f'decode_b{b}_speedup']:>8.2f}x" for b in batched)
+              + f"{r['prefill_ms']:>12.1f}{r['prefill_speedup']:>8.2f}x{r['resident_mb']:>8.0f}")
     result = {"date": datetime.date.today().isoformat(), "machine": info, "python": platform.python_version(),
               "args": vars(args), "rows": rows}
     if args.json:

@@ -29,11 +29,13 @@ def test_bench_models_checks_and_times_every_variant(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "models.json"
     script("bench_models").main(["--hidden", "128", "--intermediate", "256", "--layers", "1", "--vocab", "256",
-                                 "--context", "8", "--prefill", "16", "--rounds", "2", "--json", str(out)])
+                                 "--context", "8", "--prefill", "16", "--rounds", "2", "--decode-batch", "3",
+                                 "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "2:4", "unstructured 50%", "activation 50%",
                                             "weight 50% + activation 50%"]
-    assert all(r["decode_ms"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert all(r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["decode_b3_tok_s"] > 0 for r in rows)
+    assert rows[0]["decode_b3_speedup"] == 1.0 and "decode_b4_tok_s" not in rows[0]
     assert all(r["logits_rel_err"] is not None for r in rows[1:])
 
 
