@@ -374,10 +374,10 @@ def test_act_sparse_batch_rows_by_isa(isa):
         assert_close_2x(y, xm.double() @ ref_w.double(), xm @ ref_w)
 
 
-# (M, N, K): the small-batch kernel (gemm_union.h) runs 2-11 rows with a dense weight, 2-32 with a
+# (M, N, K): the small-batch kernel (gemm_union.h) runs 2-11 rows with a dense weight, 2-24 with a
 # bitmask; its accumulators go in chunks of columns (up to 4 rows: 16384 columns, 8 rows: 512)
 UNION_SHAPES = [(2, 33, 1), (2, 300, 70), (3, 1100, 515), (4, 16500, 40), (5, 257, 300), (8, 1100, 129),
-                (11, 97, 1000), (12, 300, 389), (17, 513, 64), (32, 130, 261)]
+                (11, 97, 1000), (12, 300, 389), (17, 513, 64), (24, 130, 261)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -94,10 +94,11 @@ struct UnionDenseRows {
 };
 
 // Rows of a bitmask w_t, expanded 32 columns at a time; a cursor walks its row left to right.
-// The batch GEMMs expand every block of the weight again for each panel: up to 32 rows they are
-// slower (12 rows: 0.61-0.70x of dense against 0.84-0.92x here; 32: 0.83-0.99x against 0.78-0.98x).
+// The batch GEMMs expand every block of the weight again for each panel: up to 24 rows they are
+// slower (12 rows: 0.61-0.70x of dense against 0.84-0.92x here, 24: 0.61-0.68x against
+// 0.71-0.76x); at 32 this is (0.78-0.93x against 0.83-0.99x).
 struct UnionBitmaskRows {
-  static constexpr int64_t kMaxRows = 32;
+  static constexpr int64_t kMaxRows = 24;
   const BitmaskView& w;
   struct Cursor {
     const uint8_t* mask;
