@@ -409,6 +409,19 @@ def test_act_sparse_small_batch(isa, weight, M, N, K, threads):
         assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
 
 
+@pytest.mark.parametrize("weight", ["dense", "bitmask"])
+def test_act_sparse_small_batch_buffers_kept_between_calls(isa, weight):
+    """The small-batch kernel keeps its copy of x between calls: a call with fewer active inputs
+    must not multiply what an earlier one left there (inf, here) into its last, partial group."""
+    gen = torch.Generator().manual_seed(3)
+    w_t = (torch.randn(70, 40, generator=gen) * (torch.rand(70, 40, generator=gen) < 0.5)).to(torch.bfloat16)
+    w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
+    sf.ops.act_sparse_linear(torch.full((4, 70), float("inf"), dtype=torch.bfloat16), w_t_sparse, 0.5)
+    x = torch.randn(4, 70, generator=gen).to(torch.bfloat16)
+    x[:, 5:32], x[:, 64:] = 0.0, 0.0  # 37 active inputs, the last 32 of them in one vector: the
+    check_act(x, w_t_sparse, w_t, 0.0, None)  # compress of that vector ends before the group does
+
+
 @pytest.mark.parametrize("M", [12, 13, 15, 17])  # rows past the last 6: 0, 1, 3, 5
 @pytest.mark.parametrize("N", [257, 513, 800])  # several 256-column panels, so several tasks
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
