@@ -472,7 +472,8 @@ def act_batch_gemm(request):
         yield request.param
 
 
-@pytest.mark.parametrize("M,N,K", [(12, 300, 389), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
+# 12 rows: the first the batch GEMMs take with a dense weight (a bitmask's, gemm_union.h up to 24)
+@pytest.mark.parametrize("M,N,K", [(12, 300, 389), (25, 100, 300), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batch_gemm):
     """Both batch GEMMs, each side of the active share that picks one ('auto') and each forced on
@@ -512,7 +513,7 @@ def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
     """The skipping GEMM keeps its lists between calls and never shrinks them: a large batch, a
     smaller one (fewer blocks, fewer rows: stale lists lie past its own), then the large one again."""
     gen = torch.Generator().manual_seed(11)
-    for M, N, K in [(64, 200, 700), (20, 130, 150), (64, 200, 700), (33, 70, 300)]:
+    for M, N, K in [(64, 200, 700), (26, 130, 150), (64, 200, 700), (33, 70, 300)]:  # 26: past gemm_union.h
         x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
         w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
         w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
