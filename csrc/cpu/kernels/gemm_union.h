@@ -151,30 +151,18 @@ void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, int live, co
   for (int j = 0; j < live; ++j) cur[j] = at[j];
 }
 
-// y[:, n0:n1] = the sum of the threads' accumulators (parts of M x ldc floats), in column order,
-// + bias, rounded to bf16.
-inline void union_store_bf16(const LinearIO& io, const float* part, int64_t parts, int64_t ldc, int64_t n0, int64_t n1) {
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+// y[:, n0:n1] = the sum of the threads' accumulators (parts of M x ldc floats, added into the
+// first, which is put in column order) + bias, rounded to bf16.
+inline void union_store_bf16(const LinearIO& io, float* part, int64_t parts, int64_t ldc, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 32) {
-    const auto live = [&](int64_t at) {
-      return static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::clamp<int64_t>(io.N - at, 0, 16))));
-    };
-    const __m512 b0 = io.bias ? cvt16_bf16(_mm256_maskz_loadu_epi16(live(n), static_cast<const uint16_t*>(io.bias) + n))
-                              : _mm512_setzero_ps();
-    const __m512 b1 = io.bias ? cvt16_bf16(_mm256_maskz_loadu_epi16(live(n + 16), static_cast<const uint16_t*>(io.bias) + n + 16))
-                              : _mm512_setzero_ps();
     for (int64_t m = 0; m < io.M; ++m) {
-      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-      for (int64_t t = 0; t < parts; ++t) {
-        const float* cm = part + (t * io.M + m) * ldc + n;
-        lo = _mm512_add_ps(lo, _mm512_load_ps(cm));
-        hi = _mm512_add_ps(hi, _mm512_load_ps(cm + 16));
-      }
-      uint16_t* y = static_cast<uint16_t*>(io.y) + m * io.ldy + n;
-      _mm256_mask_storeu_epi16(y, live(n), round_bf16x16(_mm512_add_ps(_mm512_permutex2var_ps(lo, first, hi), b0)));
-      _mm256_mask_storeu_epi16(y + 16, live(n + 16), round_bf16x16(_mm512_add_ps(_mm512_permutex2var_ps(lo, second, hi), b1)));
+      float* c = part + m * ldc + n;
+      for (int64_t t = 1; t < parts; ++t)
+        for (int j = 0; j < 32; j += 16)
+          _mm512_store_ps(c + j, _mm512_add_ps(_mm512_load_ps(c + j), _mm512_load_ps(c + t * io.M * ldc + j)));
+      unpermute_chunks(c, 32);
     }
+    store_y_bf16<32>(io, n, std::min<int64_t>(32, io.N - n), part + n, ldc);
   }
 }
 
