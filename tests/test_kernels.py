@@ -290,6 +290,18 @@ def check_act(x, w_t_sparse, w_t_dense, threshold, bias):
     assert_close_2x(y, ref64, dense)
 
 
+def check_act_nonfinite(x, w_t_sparse, w_t_dense, threshold):
+    """bf16 x holding NaN/inf: they are active and meet the weight's zeros as in dense, so NaN and
+    inf land where the reference's do; the finite outputs match it."""
+    y = sf.ops.act_sparse_linear(x, w_t_sparse, threshold)
+    expect = act_sparse_linear_reference(x, w_t_dense, threshold, None)
+    assert torch.equal(torch.isnan(y), torch.isnan(expect))
+    assert torch.equal(torch.isinf(y), torch.isinf(expect))
+    finite = torch.isfinite(expect)  # (with K = 1 maybe none)
+    scale = 1 + (expect[finite].abs().max().item() if finite.any() else 0.0)
+    assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -400,13 +412,7 @@ def test_act_sparse_small_batch(isa, weight, M, N, K, threads):
         check_act(x, w_t_sparse, w_t, 0.7, None)
         check_act(x, w_t_sparse, w_t, 1e9, bias)  # nothing active at all: y == bias
         x[0, 0], x[M - 1, K - 1], x[M // 3, K // 2] = float("nan"), float("inf"), -float("inf")
-        y = sf.ops.act_sparse_linear(x, w_t_sparse, 0.7)
-        expect = act_sparse_linear_reference(x, w_t, 0.7, None)
-        assert torch.equal(torch.isnan(y), torch.isnan(expect))
-        assert torch.equal(torch.isinf(y), torch.isinf(expect))
-        finite = torch.isfinite(expect)  # (with K = 1 nothing is)
-        scale = 1 + (expect[finite].abs().max().item() if finite.any() else 0.0)
-        assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
+        check_act_nonfinite(x, w_t_sparse, w_t, 0.7)
 
 
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
@@ -499,13 +505,7 @@ def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batc
     check_act(x, w_t_sparse, w_t, 1e9, bias)  # nothing active at all: y == bias
     x[0, 0], x[M - 1, K - 1], x[M // 3, K // 2] = float("nan"), float("inf"), -float("inf")
     for threshold in (magnitudes.quantile(0.75).item(), magnitudes.quantile(0.1).item()):
-        y = sf.ops.act_sparse_linear(x, w_t_sparse, threshold)
-        expect = act_sparse_linear_reference(x, w_t, threshold, None)
-        assert torch.equal(torch.isnan(y), torch.isnan(expect))
-        assert torch.equal(torch.isinf(y), torch.isinf(expect))
-        finite = torch.isfinite(expect)
-        scale = 1 + expect[finite].abs().max().item()
-        assert torch.allclose(y[finite].float(), expect[finite].float(), rtol=2e-2, atol=1e-2 * scale)
+        check_act_nonfinite(x, w_t_sparse, w_t, threshold)
 
 
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
