@@ -36,6 +36,7 @@ inline int64_t union_chunk_cols(int64_t M, int64_t cols) {
 struct UnionInputs {
   std::vector<int32_t> index;
   std::vector<uint16_t> x;
+  std::vector<uint16_t> zeros;  // the row a partial last group reads for its dead rows (never written)
   int64_t count = 0, ld = 0;
 };
 
@@ -88,6 +89,8 @@ struct UnionDenseRows {
     const uint16_t* row;
   };
   Cursor start(int64_t k) const { return {static_cast<const uint16_t*>(w.values) + k * w.ld}; }
+  int64_t zeros_size() const { return round_up(w.cols, 32); }
+  Cursor zeros(const uint16_t* z) const { return {z}; }
   __m512i next(Cursor& c, int64_t n) const {
     const __mmask32 live = n + 32 <= w.cols ? ~0u : _bzhi_u32(~0u, static_cast<unsigned>(w.cols - n));
     return _mm512_maskz_loadu_epi16(live, c.row + n);
@@ -109,6 +112,8 @@ struct UnionBitmaskRows {
   Cursor start(int64_t k) const {
     return {w.mask + k * w.mask_stride, static_cast<const uint16_t*>(w.values) + w.row_offsets[k]};
   }
+  int64_t zeros_size() const { return (w.mask_stride + 1) / 2; }
+  Cursor zeros(const uint16_t* z) const { return {reinterpret_cast<const uint8_t*>(z), z}; }  // no value is read
   __m512i next(Cursor& c, int64_t n) const { return expand_next(c.mask, w.mask_stride, n, c.values); }
   // Column col, `step` columns into a chunk: a chunk takes at most a line of values per 32 columns.
   void prefetch(const Cursor& c, int64_t col, int64_t step) const {
@@ -117,21 +122,25 @@ struct UnionBitmaskRows {
   }
 };
 
-// c[m][c0:c1] (+)= the `live` rows of one group (the rest zeros) times x's pairs for them, for
-// each row m of x; the rows read next (`ahead`, from column ahead_c0) are fetched meanwhile. c
-// holds each 32 columns in the unpacks' lane order.
+// c[m][c0:c1] (+)= one group's rows times x's pairs for them, for each row m of x; the rows of
+// the next group (`ahead`, from column ahead_c0) are fetched meanwhile. c holds each 32 columns in
+// the unpacks' lane order. The group's rows are read without branches, the loop unrolled,
+// cursors and pairs in registers: skipping a partial group's missing rows kept them in memory,
+// 4-28% slower with a bitmask weight at 2-24 rows. A partial last group reads rows of zeros
+// (Rows::zeros) against the zeros of x's padding.
 template <class Rows>
-void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, int live, const typename Rows::Cursor* ahead,
-                      int ahead_live, int64_t ahead_c0, int64_t c0, int64_t c1, const uint16_t* x, int64_t ldx,
-                      int64_t M, float* c, int64_t ldc, bool first) {
-  typename Rows::Cursor at[2 * kUnionPairs];  // in registers: stores to c might alias cur
-  for (int j = 0; j < 2 * kUnionPairs; ++j) at[j] = cur[j];
+void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, const typename Rows::Cursor* ahead,
+                      int64_t ahead_c0, int64_t c0, int64_t c1, const uint16_t* x, int64_t ldx, int64_t M, float* c,
+                      int64_t ldc, bool first) {
+  typename Rows::Cursor at[kUnionGroup];  // in registers: stores to c might alias cur
+  for (int j = 0; j < kUnionGroup; ++j) at[j] = cur[j];
   for (int64_t n = c0; n < c1; n += 32) {
-    for (int j = 0; j < ahead_live; ++j) rows.prefetch(ahead[j], ahead_c0 + (n - c0), n - c0);
+    if (ahead)
+      for (int j = 0; j < kUnionGroup; ++j) rows.prefetch(ahead[j], ahead_c0 + (n - c0), n - c0);
     __m512i pairs[2 * kUnionPairs];
+#pragma GCC unroll 8
     for (int p = 0; p < kUnionPairs; ++p) {
-      const __m512i a = 2 * p < live ? rows.next(at[2 * p], n) : _mm512_setzero_si512();
-      const __m512i b = 2 * p + 1 < live ? rows.next(at[2 * p + 1], n) : _mm512_setzero_si512();
+      const __m512i a = rows.next(at[2 * p], n), b = rows.next(at[2 * p + 1], n);
       pairs[2 * p] = _mm512_unpacklo_epi16(a, b);
       pairs[2 * p + 1] = _mm512_unpackhi_epi16(a, b);
     }
@@ -148,7 +157,7 @@ void union_group_bf16(const Rows& rows, typename Rows::Cursor* cur, int live, co
       _mm512_store_ps(cm + 16, hi);
     }
   }
-  for (int j = 0; j < live; ++j) cur[j] = at[j];
+  for (int j = 0; j < kUnionGroup; ++j) cur[j] = at[j];
 }
 
 // y[:, n0:n1] = the sum of the threads' accumulators (parts of M x ldc floats, added into the
@@ -175,6 +184,8 @@ void gemm_union_bf16(const LinearIO& io, float threshold, const Rows& rows) {
   thread_local UnionInputs kept;
   UnionInputs& in = kept;  // the calling thread's, which the workers read (a thread_local named in the task would be theirs)
   union_inputs_bf16(io, threshold, in);
+  if (static_cast<int64_t>(in.zeros.size()) < rows.zeros_size()) in.zeros.assign(static_cast<size_t>(rows.zeros_size()), 0);
+  const uint16_t* zeros = in.zeros.data();
   if (io.nonfinite) std::fill(io.nonfinite, io.nonfinite + io.M, uint8_t{0});  // computed as dense: no fix-up
   const int64_t groups = in.ld / kUnionGroup;
   const int64_t parts = std::min<int64_t>(threads_for(io.threads, io.M * in.ld * N), std::max<int64_t>(groups, 1));
@@ -186,21 +197,19 @@ void gemm_union_bf16(const LinearIO& io, float threshold, const Rows& rows) {
   const int64_t cols = round_up(N, 32), chunk = union_chunk_cols(io.M, cols);
   parallel_for(groups > 0 ? parts : 0, static_cast<int>(parts), [&](int64_t t) {
     const int64_t g0 = t * groups / parts, g1 = (t + 1) * groups / parts, first = g0 * kUnionGroup;
-    const int64_t rows_of_task = std::min(in.count, g1 * kUnionGroup) - first;
     thread_local std::vector<typename Rows::Cursor> cursors;  // of the task's rows, kUnionGroup per group
     cursors.resize(static_cast<size_t>((g1 - g0) * kUnionGroup));
-    for (int64_t i = 0; i < rows_of_task; ++i) cursors[static_cast<size_t>(i)] = rows.start(in.index[static_cast<size_t>(first + i)]);
-    const auto live = [&](int64_t g) { return static_cast<int>(std::clamp<int64_t>(in.count - g * kUnionGroup, 0, kUnionGroup)); };
+    for (int64_t i = 0; i < (g1 - g0) * kUnionGroup; ++i)
+      cursors[static_cast<size_t>(i)] = first + i < in.count ? rows.start(in.index[static_cast<size_t>(first + i)]) : rows.zeros(zeros);
     float* c = part + t * io.M * ldc;
     for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
       const int64_t c1 = std::min(cols, c0 + chunk);
       for (int64_t g = g0; g < g1; ++g) {
         // fetched meanwhile: the next group's rows in this chunk, or the first group's in the next
         const bool last = g + 1 == g1;
-        const auto* ahead = last ? cursors.data() : cursors.data() + (g + 1 - g0) * kUnionGroup;
-        const int ahead_live = last ? (c1 < cols ? live(g0) : 0) : live(g + 1);
-        union_group_bf16(rows, cursors.data() + (g - g0) * kUnionGroup, live(g), ahead, ahead_live, last ? c1 : c0, c0,
-                         c1, in.x.data() + g * kUnionGroup, in.ld + 32, io.M, c, ldc, g == g0);
+        const auto* ahead = !last ? cursors.data() + (g + 1 - g0) * kUnionGroup : c1 < cols ? cursors.data() : nullptr;
+        union_group_bf16(rows, cursors.data() + (g - g0) * kUnionGroup, ahead, last ? c1 : c0, c0, c1,
+                         in.x.data() + g * kUnionGroup, in.ld + 32, io.M, c, ldc, g == g0);
       }
     }
   });
