@@ -30,6 +30,19 @@ inline int64_t union_chunk_cols(int64_t M, int64_t cols) {
   return std::min(cols, std::max<int64_t>(128, bytes / (4 * M) / 32 * 32));
 }
 
+// Floats from one row of the accumulators to the next (cols: N rounded up to 32). Never a
+// multiple of 4 KiB: a store to one row then stalled the load of the next (4K aliasing: dense
+// weight, 8 rows, 2048x2048 ran at 0.72x of dense, and at 1.28x 64 bytes past one). Up to 4 rows
+// (chunks in L2), 64 bytes past one. Above, a chunk lies in L1, and its rows start a chunk and a
+// line apart modulo the L1's 64 sets, so that they fill the sets evenly: 64 bytes past a multiple
+// of 4 KiB, the 16 rows of a 256-column chunk crowded up to 16 lines into a set of 8 ways (+2-19%
+// at 8-24 rows, bitmask weight). The step in lines is odd: 64 rows differ in their low 12 bits.
+inline int64_t union_ldc(int64_t M, int64_t cols) {
+  if (M <= 4) return cols + 16;
+  const int64_t lines = cols / 16, step = union_chunk_cols(M, cols) / 16 + 1;
+  return 16 * (lines + ((step - lines) % 64 + 64) % 64);
+}
+
 // The `count` inputs active in some row of x (their union), in order, and x at those inputs, row
 // by row: ld (count rounded up to a group) entries, zero past count and where inactive, in rows
 // ld + 32 apart (the compresses store whole vectors). Kept between calls: nothing is zeroed twice.
@@ -178,9 +191,7 @@ inline void union_store_bf16(const LinearIO& io, float* part, int64_t parts, int
 // y = threshold(x) @ w_t + bias for kUnionMinRows <= M <= Rows::kMaxRows.
 template <class Rows>
 void gemm_union_bf16(const LinearIO& io, float threshold, const Rows& rows) {
-  // ldc: 64 bytes past a multiple of 32 floats, so that the rows of c do not share the low 12
-  // address bits (a store to one row then stalled the load of the next: 4K aliasing)
-  const int64_t N = io.N, ldc = round_up(N, 32) + 16;
+  const int64_t N = io.N, ldc = union_ldc(io.M, round_up(N, 32));
   thread_local UnionInputs kept;
   UnionInputs& in = kept;  // the calling thread's, which the workers read (a thread_local named in the task would be theirs)
   union_inputs_bf16(io, threshold, in);
