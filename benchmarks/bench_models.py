@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--decode-batch", type=int, nargs="*", default=[4, 8],
+    p.add_argument("--decode-batch", type=int, nargs="*", default=[4, 8, 16],
                    help="batches of sequences also decoded together (default: %(default)s)")
     p.add_argument("--prefill-path", choices=["batched", "auto", "dense"], default="batched",
                    help="sf.sparsify(prefill=...): what runs above a layer's crossover (default: %(default)s)")
