@@ -98,6 +98,10 @@ def minilm_section(quick: bool, step) -> list[dict]:
     calibration = [dict(tok(calib_sentences[i : i + 8], padding=True, return_tensors="pt")) for i in range(0, 32, 8)]
     dense_emb = models.embed(model, tok, eval_sentences)
     batch = tok(eval_sentences[:32], padding=True, return_tensors="pt")
+    one = tok(eval_sentences[:1], return_tensors="pt")
+    # timed at the rows of x the encodings below give each layer (a token is a row): a coarser
+    # m_range sends a sentence's rows to whichever path won at the nearest row count measured
+    m_range = (1, one["input_ids"].numel(), batch["input_ids"].numel())
     rows = []
     for label, pattern, fmt in (("MiniLM Wanda 2:4", "2:4", "2:4"), ("MiniLM Wanda 50%", "unstructured", "bitmask")):
         step(f"{label}: prune")
@@ -108,14 +112,12 @@ def minilm_section(quick: bool, step) -> list[dict]:
         top1 = ((emb @ emb.T).fill_diagonal_(-2).argmax(1) == (dense_emb @ dense_emb.T).fill_diagonal_(-2).argmax(1))
         step(f"{label}: sparsify and check")
         sparse = copy.deepcopy(masked)
-        report = sparsify(sparse, format=fmt, include=[r.name for r in pruned if r.sparsity > 0],
-                                   m_range=(1, 512))
+        report = sparsify(sparse, format=fmt, include=[r.name for r in pruned if r.sparsity > 0], m_range=m_range)
         with torch.no_grad():
             exact = copy.deepcopy(masked).double()(**batch).last_hidden_state
             ok, err, base = within_2x(sparse(**batch).last_hidden_state, exact, masked(**batch).last_hidden_state,
                                       1e-5)
         step(f"{label}: time encoding")
-        one = tok(eval_sentences[:1], return_tensors="pt")
 
         def enc(m, b):
             def run():
