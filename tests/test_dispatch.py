@@ -12,7 +12,7 @@ import sparseflow as sf
 from sparseflow import dispatch
 from sparseflow.bench import timing
 from sparseflow.bench.timing import Stats
-from sparseflow.sparsify import crossover
+from sparseflow.sparsify import crossover, refine_crossover
 
 
 @pytest.fixture
@@ -184,7 +184,8 @@ def mlp():
 
 
 def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, monkeypatch):
-    # kernel: 2x at 1 row, 0.5x at 16 and 128; batched path: 0.8x at 16, 0.9x at 128
+    # kernel: 2x at 1 row, 0.5x at 2 and 128; batched path: 0.8x at 2, 0.9x at 128 (rows 1 and 2 are
+    # adjacent: nothing to bisect, so each layer is timed once per row count, in order)
     def time_of(name, call):
         if name == "dense":
             return 100
@@ -195,14 +196,63 @@ def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, m
     fake = FakeCompare(time_of)
     monkeypatch.setattr(dispatch, "compare_blocks", fake)
     m = mlp()
-    report = sf.sparsify(m, format="bitmask", m_range=(1, 16, 128))
+    report = sf.sparsify(m, format="bitmask", m_range=(1, 2, 128))
+    assert len(fake.calls) == 6
     for layer, module in zip(report.layers, (m[0], m[2]), strict=True):
         assert module.dense_above == 1
         assert layer.backend == "cpp+batched" and "above 1 rows" in layer.note
-        assert layer.speedup == pytest.approx({1: 2.0, 16: 0.8, 128: 100 / 111})
+        assert layer.speedup == pytest.approx({1: 2.0, 2: 0.8, 128: 100 / 111})
     x = torch.randn(20, 96)
     with torch.no_grad():
         assert torch.allclose(m(x), mlp()(x), atol=1e-4)  # 20 rows: the batched path, same result
+
+
+def test_refine_crossover_bisects_where_the_winner_changes():
+    # the kernel wins below 40 rows, the batched path from 40 on
+    def at(m):
+        calls.append(m)
+        return (1.5, 1.0) if m < 40 else (0.8, 0.9)
+
+    for m_range in ((1, 16, 128), (16, 128)):
+        calls = []
+        kernel, batched = {m: at(m)[0] for m in m_range}, {m: at(m)[1] for m in m_range}
+        calls.clear()
+        rows = refine_crossover(kernel, batched, m_range, at)
+        assert calls == [45, 27, 35]  # geometric middles of 16..128, 16..45, 27..45
+        assert rows == (*m_range[:-1], 27, 35, 45, 128)
+        assert crossover(kernel, batched, rows) == 35  # was 16
+        assert set(kernel) == set(batched) == set(rows)
+    rows = refine_crossover(kernel, batched, rows, at, steps=8)  # goes on from 35..45 to the exact row
+    assert crossover(kernel, batched, rows) == 39 and 40 in rows and len(rows) <= 5 + 8
+
+    def never(m):
+        raise AssertionError(f"timed at {m} rows: nothing to bisect")
+
+    assert refine_crossover({1: 2.0, 16: 1.5}, {16: 0.8}, (1, 16), never) == (1, 16)  # the kernel always wins
+    assert refine_crossover({16: 0.5, 128: 0.3}, {16: 0.8, 128: 0.9}, (16, 128), never) == (16, 128)  # loses at once
+    assert refine_crossover({1: 2.0, 2: 0.5}, {2: 0.8}, (1, 2), never) == (1, 2)  # adjacent row counts
+    assert refine_crossover({}, {}, (1, 16, 128), never) == (1, 16, 128)  # nothing measured
+    assert refine_crossover({1: 2.0, 16: 0.5}, {16: 0.8}, (1, 16), lambda m: (None, None)) == (1, 16)  # not timed
+
+
+def test_sparsify_places_the_crossover_between_its_row_counts(cache_dir, monkeypatch):
+    # measured: the kernel 2x up to 24 rows and 0.5x above, the batched path 0.8x everywhere
+    asked = []
+
+    def measure_paths(w, cands, rows, **_kw):
+        asked.extend(rows)
+        (label,) = cands
+        return {"kernel": {label: {m: 2.0 if m <= 24 else 0.5 for m in rows}},
+                "batched": {label: {m: 0.8 for m in rows if m > 1}}}
+
+    monkeypatch.setattr(dispatch, "measure_paths", measure_paths)
+    m = mlp()
+    report = sf.sparsify(m, format="bitmask", m_range=(1, 16, 128))
+    assert asked == [1, 16, 128, 45, 27, 21] * 2
+    for layer, module in zip(report.layers, (m[0], m[2]), strict=True):
+        assert module.dense_above == 21  # the last row count bisected where the kernel won (27 lost)
+        assert sorted(layer.speedup) == [1, 16, 21, 27, 45, 128]
+        assert layer.speedup[21] == 2.0 and layer.speedup[27] == 0.8
 
 
 def test_sparsify_remeasure_times_again(cache_dir, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
@@ -174,6 +175,44 @@ def crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
     return None
 
 
+# Timings that place a crossover more finely: between two row counts of m_range where the winner
+# changes, the crossover is bisected (geometrically) this many times. A coarse m_range sent, say,
+# a sentence's 12 rows to the batched path because it won at 512 (MiniLM, fp32: 0.63x of dense
+# against 1.27x on the kernel, demo, session 16).
+REFINE_STEPS = 3
+
+
+def refine_crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...],
+                     measure_at, steps: int = REFINE_STEPS) -> tuple[int, ...]:
+    """Bisects between the last row count where the kernel measured faster and the first where the
+    batched path did (see crossover), `steps` times at most, timing both at the geometric middle:
+    measure_at(m) -> (kernel speedup, batched speedup), either None where not measured. Adds those
+    to `kernel` and `batched` and returns m_range with the row counts it measured."""
+    rows = sorted(set(m_range))
+    for _ in range(steps):
+        flip = next((i for i, m in enumerate(rows) if m in kernel and m in batched and batched[m] > kernel[m]), None)
+        if not flip:  # the kernel wins everywhere, or loses from the first row count: nothing to bisect
+            break
+        lo, hi = rows[flip - 1], rows[flip]
+        if hi - lo < 2:
+            break
+        mid = min(max(round(math.sqrt(lo * hi)), lo + 1), hi - 1)
+        k, b = measure_at(mid)
+        if k is None or b is None:
+            break
+        kernel[mid], batched[mid] = k, b
+        rows = sorted({*rows, mid})
+    return tuple(rows)
+
+
+def _paths_at(w: torch.Tensor, label: str, fmt, **kwargs):
+    """refine_crossover's measure_at for one format of a weight."""
+    def at(m: int) -> tuple[float | None, float | None]:
+        timed = dispatch.measure_paths(w, {label: fmt}, (m,), **kwargs)
+        return timed["kernel"][label].get(m), timed["batched"][label].get(m)
+    return at
+
+
 # prefill="auto" keeps a dense copy where a layer's path measured below this fraction of dense's
 # speed: closer ratios are within this machine's timing noise (+-3% between runs of the same case).
 # An activation-sparse batch does dense's arithmetic and more (the threshold, and repacking the
@@ -226,7 +265,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       pattern it does not allow, or that sparseflow cannot hold (float64, empty, meta weights), stays
       dense with a note. Either way the sparse kernel is also timed against the batched path
       (decompression in cache-sized chunks + dense GEMM): from the first row count where the batched
-      path is faster, the layer runs it (`dense_above`).
+      path is faster, the layer runs it (`dense_above`). Between two row counts where the winner
+      changes, the crossover is bisected with a few more timings (REFINE_STEPS), which the report
+      lists with the others.
     m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
@@ -350,7 +391,11 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        plan = plan_rows(speed[label], timed["batched"][label], m_range, prefill)
+        rows = m_range
+        if measure:
+            rows = refine_crossover(speed[label], timed["batched"][label], m_range, _paths_at(
+                w, label, cands[label], use_cache=use_cache, remeasure=remeasure, graphs=cuda_graphs))
+        plan = plan_rows(speed[label], timed["batched"][label], rows, prefill)
         new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
                            keep_dense=plan.keep_dense)
         reports.append(LayerReport(**base, choice=label, backend=plan.backend,
