@@ -176,9 +176,9 @@ def crossover(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
 
 
 # Timings that place a crossover more finely: between two row counts of m_range where the winner
-# changes, the crossover is bisected (geometrically) this many times. A coarse m_range sent, say,
-# a sentence's 12 rows to the batched path because it won at 512 (MiniLM, fp32: 0.63x of dense
-# against 1.27x on the kernel, demo, session 16).
+# changes, the crossover is bisected (geometrically) this many times. Unrefined, m_range=(1, 512)
+# sent a MiniLM sentence's 12 rows to the batched path, which won at 512: 0.63x of dense, against
+# 1.27x on the kernel (fp32, 50% unstructured).
 REFINE_STEPS = 3
 
 
