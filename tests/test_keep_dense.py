@@ -175,15 +175,17 @@ def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
         asked.append((tuple(dense_w.shape), tuple(w_t.shape), weight_format, sparsity, rows))
         if dense_w.shape[0] == 24:  # the small last layer: slower than dense at decode
             return {"kernel": {1: 0.8, 16: 0.7, 128: 0.6}, "batched": {16: 0.9, 128: 0.95}}
-        return {"kernel": {1: 2.0, 16: 0.95, 128: 0.9}, "batched": {16: 1.0, 128: 0.93}}
+        return {"kernel": {m: 2.0 if m == 1 else 0.95 if m <= 16 else 0.9 for m in rows},
+                "batched": {m: 1.0 if m <= 16 else 0.93 for m in rows if m > 1}}
 
     monkeypatch.setattr(dispatch, "measure_act", fake_measure_act)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(72, 40), nn.ReLU(), pruned(40, 24, seed=1)).eval()
     calib = [torch.randn(8, 72) for _ in range(2)]
     report = sf.sparsify(model, activation_sparsity=0.5, calibration=calib, prefill=prefill)
-    assert asked == [((40, 72), (72, 40), "dense", 0.5, (1, 16, 128)), ((24, 40), (40, 24), "bitmask", 0.5,
-                                                                         (1, 16, 128))]
+    layer = ((40, 72), (72, 40), "dense", 0.5)
+    assert asked == [(*layer, (1, 16, 128)), (*layer, (4,)), (*layer, (2,)),  # the crossover bisected in 1..16
+                     ((24, 40), (40, 24), "bitmask", 0.5, (1, 16, 128))]
     act, dense_layer = model[0], model[2]
     assert isinstance(act, sf.ActSparseLinear) and isinstance(dense_layer, nn.Linear)
     assert report.layers[1].choice == "dense" and "act-sparse measured slower (0.80x)" in report.layers[1].note
@@ -191,10 +193,12 @@ def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
     first = report.layers[0]
     if prefill == "batched":
         assert act.dense_copy is None and first.backend == "cpp+batched"
-        assert first.speedup == {1: 2.0, 16: 1.0, 128: 0.93} and first.bytes_after == first.bytes_before == 72 * 40 * 4
+        assert first.speedup == {1: 2.0, 2: 1.0, 4: 1.0, 16: 1.0, 128: 0.93}
+        assert first.bytes_after == first.bytes_before == 72 * 40 * 4
     else:
         assert torch.equal(act.dense_copy, act.weight_t.t()) and first.backend == "cpp+dense"
-        assert first.speedup == {1: 2.0, 16: 1.0, 128: 1.0} and first.bytes_after == 2 * first.bytes_before
+        assert first.speedup == {1: 2.0, 2: 1.0, 4: 1.0, 16: 1.0, 128: 1.0}
+        assert first.bytes_after == 2 * first.bytes_before
     x = torch.randn(130, 72)
     with torch.no_grad():
         y = model(x)

@@ -205,11 +205,14 @@ def refine_crossover(kernel: dict[int, float], batched: dict[int, float], m_rang
     return tuple(rows)
 
 
-def _paths_at(w: torch.Tensor, label: str, fmt, **kwargs):
-    """refine_crossover's measure_at for one format of a weight."""
+def _measure_at(measure, *args, label: str | None = None, **kwargs):
+    """refine_crossover's measure_at: measure(*args, (m,), **kwargs) at one row count m, with
+    dispatch.measure_paths (its timings are per format: `label`) or dispatch.measure_act."""
     def at(m: int) -> tuple[float | None, float | None]:
-        timed = dispatch.measure_paths(w, {label: fmt}, (m,), **kwargs)
-        return timed["kernel"][label].get(m), timed["batched"][label].get(m)
+        timed = measure(*args, (m,), **kwargs)
+        kernel, batched = (timed["kernel"], timed["batched"]) if label is None else (timed["kernel"][label],
+                                                                                     timed["batched"][label])
+        return kernel.get(m), batched.get(m)
     return at
 
 
@@ -266,8 +269,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       dense with a note. Either way the sparse kernel is also timed against the batched path
       (decompression in cache-sized chunks + dense GEMM): from the first row count where the batched
       path is faster, the layer runs it (`dense_above`). Between two row counts where the winner
-      changes, the crossover is bisected with a few more timings (REFINE_STEPS), which the report
-      lists with the others.
+      changes, the crossover is bisected with a few more timings (REFINE_STEPS; activation-sparse
+      layers too), which the report lists with the others.
     m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
@@ -353,7 +356,10 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                                speedup={m: 1.0 for m in m_range},
                                                note=f"act-sparse measured slower ({first:.2f}x)"))
                     continue
-                plan = plan_rows(timed["kernel"], timed["batched"], m_range, prefill, SLOWER_ACT)
+                rows = refine_crossover(timed["kernel"], timed["batched"], m_range, _measure_at(
+                    dispatch.measure_act, w, new.w_t(), wf, float(target), use_cache=use_cache, remeasure=remeasure,
+                    graphs=cuda_graphs))
+                plan = plan_rows(timed["kernel"], timed["batched"], rows, prefill, SLOWER_ACT)
                 if plan.dense_above is None:  # the row kernel is for decode: unmeasured batches take the batch path
                     above = max(m_range) if max(m_range) > 1 else new.dense_above
                     plan = replace(plan, dense_above=above, note=f"batched above {above} rows (not measured there)")
@@ -393,8 +399,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             continue
         rows = m_range
         if measure:
-            rows = refine_crossover(speed[label], timed["batched"][label], m_range, _paths_at(
-                w, label, cands[label], use_cache=use_cache, remeasure=remeasure, graphs=cuda_graphs))
+            rows = refine_crossover(speed[label], timed["batched"][label], m_range, _measure_at(
+                dispatch.measure_paths, w, {label: cands[label]}, label=label, use_cache=use_cache,
+                remeasure=remeasure, graphs=cuda_graphs))
         plan = plan_rows(speed[label], timed["batched"][label], rows, prefill)
         new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
                            keep_dense=plan.keep_dense)
