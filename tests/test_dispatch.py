@@ -486,3 +486,20 @@ def test_machine_key_names_a_forced_act_batch_gemm():
     finally:
         _C.set_act_batch_gemm("auto")
     assert forced != default and forced.endswith("act-batch-zeros") and dispatch.machine_key() == default
+
+
+@pytest.mark.parametrize("kernel_takes_batch", [True, False])
+def test_measure_act_times_a_batch_the_kernel_runs_itself_once(cache_dir, monkeypatch, kernel_takes_batch):
+    """Where the batched path calls the act-sparse kernel itself, the two paths are one call: timed
+    once, the same speedup for both (two timings of one call drew crossovers from noise)."""
+    fake = FakeCompare(lambda name, call: 100 if name == "dense" else 50 if name == "kernel" else 80)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
+    monkeypatch.setattr(dispatch, "kernel_takes_batch", lambda dtype, rows: kernel_takes_batch and rows >= 2)
+    w = torch.randn(32, 48, dtype=torch.bfloat16)
+    got = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 16))
+    if kernel_takes_batch:
+        assert fake.calls == [["dense", "kernel"]] * 2
+        assert got == {"kernel": {1: 2.0, 16: 2.0}, "batched": {16: 2.0}}
+    else:
+        assert fake.calls == [["dense", "kernel"], ["batched", "dense", "kernel"]]
+        assert got == {"kernel": {1: 2.0, 16: 2.0}, "batched": {16: 1.25}}
