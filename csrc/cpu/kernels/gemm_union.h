@@ -113,8 +113,8 @@ struct UnionDenseRows {
 
 // Rows of a bitmask w_t, expanded 32 columns at a time; a cursor walks its row left to right.
 // The batch GEMMs expand every block of the weight again for each panel: up to 24 rows they are
-// slower (12 rows: 0.61-0.70x of dense against 0.84-0.92x here, 24: 0.61-0.68x against
-// 0.71-0.76x); at 32 this is (0.78-0.93x against 0.83-0.99x).
+// slower (12 rows: 0.61-0.70x of dense against 1.00-1.11x here, 24: 0.61-0.68x against
+// 0.96-1.07x); from 25 to 40 rows the two measured level (32: 0.89-1.00x against 0.94-1.11x).
 struct UnionBitmaskRows {
   static constexpr int64_t kMaxRows = 24;
   const BitmaskView& w;
