@@ -208,15 +208,16 @@ def test_sparsify_uses_the_batched_path_from_its_measured_crossover(cache_dir, m
 
 
 def test_refine_crossover_bisects_where_the_winner_changes():
-    # the kernel wins below 40 rows, the batched path from 40 on
+    def speeds(m):  # the kernel wins below 40 rows, the batched path from 40 on
+        return (1.5, 1.0) if m < 40 else (0.8, 0.9)
+
     def at(m):
         calls.append(m)
-        return (1.5, 1.0) if m < 40 else (0.8, 0.9)
+        return speeds(m)
 
     for m_range in ((1, 16, 128), (16, 128)):
         calls = []
-        kernel, batched = {m: at(m)[0] for m in m_range}, {m: at(m)[1] for m in m_range}
-        calls.clear()
+        kernel, batched = {m: speeds(m)[0] for m in m_range}, {m: speeds(m)[1] for m in m_range}
         rows = refine_crossover(kernel, batched, m_range, at)
         assert calls == [45, 27, 35]  # geometric middles of 16..128, 16..45, 27..45
         assert rows == (*m_range[:-1], 27, 35, 45, 128)

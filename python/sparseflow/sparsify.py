@@ -397,11 +397,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        rows = m_range
-        if measure:
-            rows = refine_crossover(speed[label], timed["batched"][label], m_range, _measure_at(
-                dispatch.measure_paths, w, {label: cands[label]}, label=label, use_cache=use_cache,
-                remeasure=remeasure, graphs=cuda_graphs))
+        rows = refine_crossover(speed[label], timed["batched"][label], m_range, _measure_at(  # (unmeasured: no flip)
+            dispatch.measure_paths, w, {label: cands[label]}, label=label, use_cache=use_cache, remeasure=remeasure,
+            graphs=cuda_graphs))
         plan = plan_rows(speed[label], timed["batched"][label], rows, prefill)
         new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
                            keep_dense=plan.keep_dense)
