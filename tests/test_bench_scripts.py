@@ -50,6 +50,14 @@ def test_gpu_models_runs_on_the_cpu_for_a_check(tmp_path):
     assert all("decode_graph_ms" not in r for r in result["rows"])  # graphs only on a GPU
 
 
+def test_gpu_layer_paths_runs_on_the_cpu_for_a_check(tmp_path):
+    out = tmp_path / "paths.json"
+    script("gpu_layer_paths").main(["--device", "cpu", "--shapes", "96x64", "--rows", "24", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["sparsify_timing"] for r in results] == ["as graphs", "eagerly"]
+    assert all({"F.linear dense", "module", "cpp", "batched"} <= set(r["eager_us"]) for r in results)
+
+
 def test_bench_formats_writes_its_table(tmp_path):
     out = tmp_path / "formats.json"
     script("bench_formats").main(["--rows", "64", "--cols", "128", "--repeats", "1", "--json", str(out)])

@@ -173,9 +173,41 @@ def test_crafted_indices_raise_before_any_decompression(fmt):
 def test_batched_backend_names():
     assert table.batched_backend("cpu", 2) == "batched"
     assert table.batched_backend("cpu", 1) == "reference"  # no batched row for one row of x
-    assert table.batched_backend("cuda", 128) == "reference"
-    rows = {b.format for b in table.backends("linear", device="cpu") if b.name == "batched"}
-    assert rows == {"bitmask", "csr", "bsr", "nm"}
+    assert table.batched_backend("cuda", 128) == "batched"
+    assert table.batched_backend("cuda", 1) == "reference"
+    for device in ("cpu", "cuda"):
+        rows = {b.format for b in table.backends("linear", device=device) if b.name == "batched"}
+        assert rows == {"bitmask", "csr", "bsr", "nm"}
+        rows = {b.format for b in table.backends("act_sparse_linear", device=device) if b.name == "batched"}
+        assert rows == {"dense", "bitmask"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr4x16", "2:4"])
+def test_gpu_batched_rows_arithmetic(fmt, dtype):
+    """The GPU batched rows are torch code that runs on any device: checked here on the CPU (the GPU
+    suite runs them on a GPU), against float64 with the 2x idiom, NaN/inf spread as in dense."""
+    from sparseflow.ops import gpu
+    from sparseflow.ops.reference import act_sparse_mask
+
+    gen = torch.Generator().manual_seed(11)
+    w = FORMATS[fmt](weight(70, 45, dtype, 0.5, gen, specials=False))
+    w_dense = w.to_dense()
+    x = torch.randn(9, 45, generator=gen).to(dtype)
+    bias = torch.randn(70, generator=gen).to(dtype)
+    for b in (None, bias):
+        ref64 = F.linear(x.double(), w_dense.double(), None if b is None else b.double())
+        assert_close_2x(gpu.decompress_linear(x, w, b), ref64, F.linear(x, w_dense, b))
+        w_t = w_dense.t().contiguous()
+        x[:, ::5] = torch.tensor(0.25, dtype=dtype)  # at the threshold: inactive
+        xs = torch.where(act_sparse_mask(x, 0.25), x, torch.zeros((), dtype=dtype))
+        ref64 = xs.double() @ w_t.double() + (0 if b is None else b.double())
+        for w_arg in (w_t, sf.Bitmask.from_dense(w_t)):
+            assert_close_2x(gpu.act_sparse_batched(x, w_arg, 0.25, b), ref64, F.linear(xs, w_dense, b))
+    x[0, 3], x[1, 7], x[2, 9] = float("nan"), float("inf"), -float("inf")
+    dense = F.linear(x, w_dense)
+    assert torch.equal(torch.isnan(gpu.decompress_linear(x, w, None)), torch.isnan(dense))
+    assert torch.equal(torch.isnan(gpu.act_sparse_batched(x, w_dense.t(), 0.25, None)), torch.isnan(dense))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ for the row counts a model will see, and remember the result on disk.
 
 Each format is timed two ways: its sparse kernel (the table's default backend) and, for more than
 one row of x, the batched path a SparseLinear runs above its crossover (ops.table.batched_backend:
-chunked C++ decompression + dense GEMM on the CPU). Activation-sparse layers are timed the same
+chunked C++ decompression + dense GEMM on the CPU, torch's on a GPU). Activation-sparse layers are timed the same
 two ways, for a given fraction of skipped inputs (measure_act). The cache key holds everything a timing depends
 on (CPU model, ISA level, threads, torch and sparseflow versions, dtype, shape, format, density,
 skipped inputs, rows, path), so a hit costs no timing; `remeasure=True` times again and overwrites. On the
@@ -54,7 +54,9 @@ from .ops.cpu import kernel_takes_batch
 # 5: GPU samples last until the queued work is done (were the launches' host time).
 # 6: bf16 act-sparse batches skip their inactive inputs (csrc/cpu/kernels/gemm_skip.h): older
 # prefill timings of act-sparse layers measured the GEMM that multiplies them.
-SCHEMA = 6
+# 7: a GPU layer's batched path is torch decompression + cuBLAS in x's dtype (was: the float32
+# reference).
+SCHEMA = 7
 MAX_COPIES = 64  # cold copies of one weight at most (64 copies of a 1 MiB layer: 2x this L3)
 COMPUTE_ROWS, BATCH_COPIES = 64, 4  # from 64 rows of x, 4 copies (see ColdCopies)
 GPU_CALLS_PER_SAMPLE = 16  # queued back to back, so that one synchronisation per sample costs little

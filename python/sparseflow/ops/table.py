@@ -4,9 +4,9 @@ here plus its file.
 A row says which op and weight format it computes, on which device type and dtypes, for which
 shapes (`applies(w, m)`, m = rows of x), and whether it can run in this process (`available`).
 Dispatch takes the first row that fits, so rows are listed fastest first; `reference` is last and
-always fits. `batched` (CPU, many rows of x: the weight decompressed in cache-sized chunks for
-torch's dense GEMM) comes after `cpp`: which of the two is faster at a given row count is measured
-per layer (sf.sparsify), and the modules ask for it by name above their crossover (see BATCHED)."""
+always fits. `batched` (many rows of x: the weight decompressed, on the CPU in cache-sized chunks,
+for a dense GEMM) comes after the kernels: which is faster at a given row count is measured per
+layer (sf.sparsify), and the modules ask for it by name above their crossover (see BATCHED)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ BACKENDS: list[Backend] = [
             available=gpu.cuda_ext_ready),
     Backend("act_sparse_linear", "dense", "cuda", "triton", gpu.triton_act_sparse_dense,
             available=gpu.triton_ready),
+    *(Backend("linear", f, "cuda", "batched", gpu.decompress_linear, applies=_batched,
+              available=torch.cuda.is_available)
+      for f in ("bitmask", "csr", "bsr", "nm")),
+    *(Backend("act_sparse_linear", f, "cuda", "batched", gpu.act_sparse_batched, applies=_batched,
+              available=torch.cuda.is_available)
+      for f in ("dense", "bitmask")),
     # ---- plain torch, any device ----
     *(Backend("linear", f, d, "reference", _ref_linear)
       for f in ("bitmask", "csr", "bsr", "nm") for d in ("cpu", "cuda")),
@@ -90,9 +96,9 @@ BACKENDS: list[Backend] = [
 ]
 
 
-# What a layer runs above its measured crossover (many rows of x), per device type: the batched
-# CPU path, else decompress + dense in torch (on a GPU, torch's decompression is fast).
-BATCHED = {"cpu": "batched"}
+# What a layer runs above its measured crossover (many rows of x), per device type: on the CPU the
+# weight decompressed in cache-sized chunks by C++, on a GPU by torch, each for a dense GEMM.
+BATCHED = {"cpu": "batched", "cuda": "batched"}
 
 
 def rows_of(x: torch.Tensor) -> int:
