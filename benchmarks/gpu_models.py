@@ -58,22 +58,23 @@ def prune(model: nn.Module, pattern: str) -> None:
 
 
 def variants(base, calibration, with_bitmask: bool, m_range: tuple[int, ...], cuda_graphs: bool):
-    """The model in each variant, sparsified as a user would (measured on this device at m_range)."""
-    out, twins = {"dense": base}, {}
+    """The model in each variant, sparsified as a user would (measured on this device at m_range),
+    the masked dense twins of the weight-sparse ones, and each variant's sparsify report."""
+    out, twins, reports = {"dense": base}, {}, {}
     patterns = [("2:4", "2:4")] + ([("unstructured 50%", "bitmask")] if with_bitmask else [])
     for label, fmt in patterns:
         twin = copy.deepcopy(base)
         prune(twin, "2:4" if fmt == "2:4" else "unstructured")
         m = copy.deepcopy(twin)
-        sf.sparsify(m, format=fmt, m_range=m_range, cuda_graphs=cuda_graphs)
+        reports[label] = sf.sparsify(m, format=fmt, m_range=m_range, cuda_graphs=cuda_graphs)
         out[label], twins[label] = m, twin
     m = copy.deepcopy(base)
     report = sf.sparsify(m, activation_sparsity=0.5, calibration=calibration, m_range=m_range,
                          cuda_graphs=cuda_graphs)
     kept = sum(r.choice.startswith("act-sparse") for r in report.layers)
     print(f"activation 50%: {kept} of {len(report.layers)} layers measured faster activation-sparse")
-    out["activation 50%"] = m
-    return out, twins
+    out["activation 50%"], reports["activation 50%"] = m, report
+    return out, twins, reports
 
 
 def graphed(model, tok):
@@ -138,7 +139,8 @@ def main(argv=None):
     base = build(args, device)
     gen = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, args.vocab, (1, 64), generator=gen).to(device) for _ in range(4)]
-    models, twins = variants(base, calibration, not args.no_bitmask, (1, args.prefill), not args.eager_dispatch)
+    models, twins, reports = variants(base, calibration, not args.no_bitmask, (1, args.prefill),
+                                      not args.eager_dispatch)
     tok = torch.randint(0, args.vocab, (1, 1), generator=gen).to(device)
     prompt = torch.randint(0, args.vocab, (1, args.prefill), generator=gen).to(device)
 
@@ -166,7 +168,8 @@ def main(argv=None):
              "logits_rel_err": errors.get(k)} for k in models]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": gpu,
-              "torch": torch.__version__, "sparseflow": sf.__version__, "args": vars(args), "rows": rows}
+              "torch": torch.__version__, "sparseflow": sf.__version__, "args": vars(args), "rows": rows,
+              "reports": {k: json.loads(r.to_json()) for k, r in reports.items()}}  # each layer's plan
     write(result, args.json)  # before the graphs: a failed capture can leave the device unusable
     if device.type == "cuda":
         replays = {k: graphed(m, tok) for k, m in models.items()}

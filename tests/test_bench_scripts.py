@@ -48,6 +48,9 @@ def test_gpu_models_runs_on_the_cpu_for_a_check(tmp_path):
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert {r["variant"] for r in result["rows"]} == {"dense", "2:4", "unstructured 50%", "activation 50%"}
     assert all("decode_graph_ms" not in r for r in result["rows"])  # graphs only on a GPU
+    reports = json.loads(out.read_text())["reports"]
+    assert set(reports) == {"2:4", "unstructured 50%", "activation 50%"}
+    assert all(layer["backend"] for r in reports.values() for layer in r["layers"])
 
 
 def test_gpu_layer_paths_runs_on_the_cpu_for_a_check(tmp_path):
