@@ -3,6 +3,7 @@ entries of an older schema are never reused) and the crossover sparsify derives 
 and batched-path timings."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import sparseflow as sf
 from sparseflow import dispatch
 from sparseflow.bench import timing
 from sparseflow.bench.timing import Stats
+from sparseflow.ops import table
 from sparseflow.sparsify import crossover, refine_crossover
 
 
@@ -303,6 +305,27 @@ def test_measure_act_times_both_paths_and_caches_per_skipped_fraction(cache_dir,
     out = dispatch.measure_act(w, bitmask, "bitmask", 0.5, (1,))
     assert 1.0 < out["kernel"][1] < 100  # the bytes limit, not the impossible ratio, and not cached
     assert not any("act-bitmask" in k for k in json.loads((cache_dir / "dispatch.json").read_text())["entries"])
+
+
+def test_a_kernel_path_that_is_the_batched_row_is_timed_once(cache_dir, monkeypatch):
+    """On a GPU, formats without a kernel for many rows (bitmask past the GEMV's rows, CSR) run the
+    batched row by default: their two paths are one call there, timed once (two timings of it would
+    draw a crossover from noise). Simulated here with C++ rows that apply to one row of x only."""
+    rows = [replace(b, applies=lambda w, m: m == 1) if b.device == "cpu" and b.name == "cpp" else b
+            for b in table.BACKENDS]
+    monkeypatch.setattr(table, "BACKENDS", rows)
+    fake = FakeCompare(lambda name, call: 100 if name == "dense" else 50 + call)
+    monkeypatch.setattr(dispatch, "compare_blocks", fake)
+    w, cands = case()
+    assert not dispatch.default_is_batched("linear", cands["bitmask"], w, 1)
+    assert dispatch.default_is_batched("linear", cands["bitmask"], w, 16)
+    out = dispatch.measure_paths(w, cands, (1, 16))
+    assert fake.calls == [["bitmask|kernel", "dense"], ["bitmask|kernel", "dense"]]
+    assert out["batched"]["bitmask"] == {16: out["kernel"]["bitmask"][16]}
+    fake.calls.clear()
+    out = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 16))
+    assert fake.calls == [["dense", "kernel"], ["dense", "kernel"]]
+    assert out["batched"] == {16: out["kernel"][16]}
 
 
 def test_measure_act_times_the_real_op(cache_dir):

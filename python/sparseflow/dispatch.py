@@ -322,18 +322,43 @@ def measure_paths(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], ro
             return [lambda x, w=w: linear(x, w, backend=backend) for w in copies[label](x.shape[0])]
         return make
 
+    # (label, rows) where the kernel path is the batched row itself: timed once (see default_is_batched)
+    same = {(label, m) for label, w in candidates.items() for m in rows
+            if "batched" in paths and "kernel" in paths and default_is_batched("linear", w, dense_w, m)}
+
     def cases_at(m: int) -> dict:
         backends = {"kernel": "", "batched": table.batched_backend(dense_w.device.type, m) if m > 1 else None}
         return {f"{label}|{path}": (case_key(w, label, m, path, graphs), dense_bytes / w.nbytes,
                                     maker(label, backends[path]))
-                for label, w in candidates.items() for path in paths if backends[path] is not None}
+                for label, w in candidates.items() for path in paths
+                if backends[path] is not None and not (path == "batched" and (label, m) in same)}
 
     try:
         timed = _measure_rows(dense_w, rows, cases_at, reps, use_cache, remeasure, graphs)
     finally:
         for c in copies.values():
             c.release()
-    return {path: {label: timed.get(f"{label}|{path}", {}) for label in candidates} for path in paths}
+    out = {path: {label: dict(timed.get(f"{label}|{path}", {})) for label in candidates} for path in paths}
+    for label, m in same:
+        if m in out["kernel"][label]:
+            out["batched"][label][m] = out["kernel"][label][m]
+    return out
+
+
+def default_is_batched(op: str, w, dense_w: torch.Tensor, m: int) -> bool:
+    """Whether the op's default backend for m rows of x (dense_w's device and dtype) is the batched
+    row a layer runs above its crossover: on a GPU, formats without a kernel for many rows (bitmask
+    past the GEMV's rows, CSR) take it. Its kernel and batched timings are then one timing: two of
+    the same call would draw a crossover from noise alone."""
+    if m <= 1:
+        return False
+    x = torch.empty(0, device=dense_w.device, dtype=dense_w.dtype)  # select reads x's device and dtype only
+    fmt = "dense" if isinstance(w, torch.Tensor) else w.format_name
+    try:
+        row = table.select(op, fmt, x, w, m)
+    except RuntimeError:  # no row takes this dtype: the op will say so when timed
+        return False
+    return row.name == table.batched_backend(dense_w.device.type, m)
 
 
 def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],
@@ -383,9 +408,11 @@ def measure_act(dense_w: torch.Tensor, w_t, weight_format: str, sparsity: float,
             return [lambda x, c=c: run(x, threshold, backend, *c) for c in bound_copies(x.shape[0])]
         return on
 
-    # Row counts where the batched path calls the kernel itself (kernel_takes_batch): one timing
-    # serves both, so that no crossover is drawn between two timings of the same call.
-    same = {m for m in rows if m > 1 and dense_w.device.type == "cpu" and kernel_takes_batch(dense_w.dtype, m)}
+    # Row counts where the batched path calls the kernel itself (kernel_takes_batch), or where the
+    # kernel path is the batched row (default_is_batched): one timing serves both, so that no
+    # crossover is drawn between two timings of the same call.
+    same = {m for m in rows if m > 1 and (default_is_batched("act_sparse_linear", w_t, dense_w, m) or (
+        dense_w.device.type == "cpu" and kernel_takes_batch(dense_w.dtype, m)))}
 
     def cases_at(m: int) -> dict:
         batched = table.batched_backend(dense_w.device.type, m) if m > 1 and m not in same else None

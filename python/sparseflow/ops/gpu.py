@@ -199,11 +199,12 @@ def torch_semi_structured_linear(x2, w, bias):
 
 
 # ---- batched: many rows of x -------------------------------------------------------------------
-# What a layer runs above its measured crossover on a GPU: the weight decompressed by torch, then
-# cuBLAS in x's dtype, exactly dense F.linear's arithmetic (and NaN/inf propagation) on the masked
-# weight. The reference rows, which do the same in float32, took 2.1 ms for a 14336x4096 2:4 layer at
-# 512 rows on an H200, against 86 us for F.linear. N:M and dense decompression never read sizes on
-# the host, so those rows run inside CUDA graphs; bitmask, CSR and BSR decompression do.
+# What a layer runs above its measured crossover on a GPU, and the default where a format has no
+# kernel for that many rows: the weight decompressed by torch, then cuBLAS in x's dtype, exactly
+# dense F.linear's arithmetic (and NaN/inf propagation) on the masked weight. The reference rows,
+# which do the same in float32, took 2.1 ms for a 14336x4096 2:4 layer at 512 rows on an H200,
+# against 88-92 us for F.linear. N:M and dense decompression never read sizes on the host, so those
+# rows run inside CUDA graphs; bitmask, CSR and BSR decompression do.
 def decompress_linear(x2, w, bias):
     return F.linear(x2, w.to_dense(), bias)
 

@@ -6,7 +6,8 @@ shapes (`applies(w, m)`, m = rows of x), and whether it can run in this process 
 Dispatch takes the first row that fits, so rows are listed fastest first; `reference` is last and
 always fits. `batched` (many rows of x: the weight decompressed, on the CPU in cache-sized chunks,
 for a dense GEMM) comes after the kernels: which is faster at a given row count is measured per
-layer (sf.sparsify), and the modules ask for it by name above their crossover (see BATCHED)."""
+layer (sf.sparsify), and the modules ask for it by name above their crossover (see BATCHED). On a
+GPU it is also the default where a format has no kernel for that many rows."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class Backend:
     op: str                   # "linear" | "act_sparse_linear"
     format: str               # weight format: "bitmask" | "csr" | "bsr" | "nm" | "dense"
     device: str               # "cpu" | "cuda"
-    name: str                 # "cpp" | "triton" | "cuda" | "torch" | "reference"
+    name: str                 # "cpp" | "batched" | "triton" | "cuda" | "torch" | "reference"
     fn: Callable              # linear: fn(x2d, w, bias); act_sparse_linear: fn(x2d, w_t, threshold, bias)
     dtypes: tuple = ALL_DTYPES
     applies: Callable = field(default=_always)    # (w, m) -> bool
