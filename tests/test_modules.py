@@ -176,7 +176,7 @@ def test_another_layers_buffers_are_refused_not_read_out_of_bounds(kind):
     other = {k: v for k, v in b.state_dict().items() if k != "bias"}
     for requires_grad in (False, True):  # the bound kernel's path and the op's
         x = torch.randn(5, 32, requires_grad=requires_grad)
-        with pytest.raises(ValueError, match="the layer's buffers"):
+        with pytest.raises(ValueError, match="the weight's buffers"):
             torch.func.functional_call(a, other, (x,))
     own = {k: v.clone() for k, v in a.state_dict().items()}  # valid buffers of the right shape still run
     x = torch.randn(5, 32)

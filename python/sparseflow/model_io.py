@@ -101,7 +101,7 @@ def build(arch: dict) -> nn.Module:
                 return skeleton(arch["spec"])
         if name in BUILDING_BLOCKS:
             return BUILDING_BLOCKS[name][1](arch["args"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # (torch: negative or huge sizes)
         raise ValueError(f"{DESCRIPTION}: bad {name!r} entry in the architecture ({type(e).__name__}: {e})") from None
     raise ValueError(f"{DESCRIPTION}: cannot rebuild a {name!r}; pass model= a skeleton to sf.load")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
@@ -157,6 +158,11 @@ def capture_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], calibr
         if not chunks:
             raise ValueError(f"calibration never reached layer {name!r}")
         x = torch.cat(chunks)
+        if not x.shape[0]:
+            raise ValueError(f"calibration gave layer {name!r} no rows of input")
+        if not bool(torch.isfinite(x).all()):  # an inf would make its mode (the shift) and its bias inf
+            raise ValueError(f"calibration inputs of layer {name!r} hold inf or NaN: thresholds need finite "
+                             "activations")
         if x.shape[0] > max_rows:
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
         out[name] = x
@@ -312,6 +318,10 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     if activation_sparsity is not None:
         if calibration is None:
             raise ValueError("activation_sparsity needs calibration batches to set the thresholds")
+        targets = activation_sparsity.values() if isinstance(activation_sparsity, dict) else [activation_sparsity]
+        for t in targets:  # checked before any layer is replaced
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t < 1.0:
+                raise ValueError(f"activation sparsity must be a fraction in [0, 1), got {t!r}")
         acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent], calibration)
     reports = []
     for name, lin in layers:

@@ -11,6 +11,7 @@ than the CPU, rows above the layer's crossover, and inputs the op must reject wi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,12 +43,26 @@ def eager_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return plain_eager(x, bias) and x.is_cpu and not needs_grad(x, bias)
 
 
+def stamp(buffers: Iterable[torch.Tensor | None]) -> tuple:
+    """Each buffer's address and version counter: what a validated, bound weight is known by. A
+    new place or size of a buffer moves its address, an in-place edit (say of a CSR's row_ptr)
+    bumps its version, and either way the weight is validated and bound again. Inference tensors
+    keep no version counter: their address alone. RuntimeError for a tensor without storage (one
+    batched by vmap)."""
+    out = []
+    for t in buffers:
+        if t is not None:
+            out.append(t.data_ptr())
+            out.append(-1 if t.is_inference() else t._version)
+    return tuple(out)
+
+
 class BoundKernel:
     """A weight's bound kernel, rebuilt whenever the weight's memory changes: a module's buffers
-    replaced (load_state_dict, .to(), a new tensor assigned), or a format object's tensors moved in
-    place (share_memory_(), which pickling for torch.multiprocessing does, or .data =). The key holds
-    each buffer's address only: the storages bound are held, so no other tensor can take their
-    addresses while they are bound, and any change of place or size of a buffer moves it. Only
+    replaced (load_state_dict, .to(), a new tensor assigned), edited in place, or a format object's
+    tensors moved in place (share_memory_(), which pickling for torch.multiprocessing does, or .data
+    =). The key is each buffer's stamp (address and version): the storages bound are held, so no
+    other tensor can take their addresses while they are bound. Only
     valid weights with contiguous CPU buffers are bound (a copy made here would go stale; a
     placeholder must never reach a kernel). None where the row dispatch picks has no `bind`. Copies
     and pickles of the module drop it (a closure over raw pointers must not travel)."""
@@ -68,8 +83,8 @@ class BoundKernel:
 
     def check_valid(self, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
                     shape: tuple[int, int]) -> None:
-        """A ValueError where the buffers do not make a valid weight of `shape`, checked once per set
-        of buffer addresses (their storages held meanwhile, so no other tensor takes them). A module's
+        """A ValueError where the buffers do not make a valid weight of `shape`, checked once per
+        stamp of the buffers (their storages held meanwhile, so no other tensor takes them). A module's
         own buffers were validated when made or loaded, but functional_call or an assignment can hand
         it another layer's, and the kernels trust sizes and indices. Skipped while compiling or
         tracing (no data) and for tensors without storage (batched by vmap)."""
@@ -77,26 +92,33 @@ class BoundKernel:
             return
         buffers = [t for t in buffers if t is not None]
         try:
-            key = tuple(t.data_ptr() for t in buffers)
+            key = stamp(buffers)
         except RuntimeError:
             return
         if self._valid is not None and self._valid[0] == key:
             return
         w = weight()
         if tuple(w.shape) != tuple(shape):
-            raise ValueError(f"the layer's buffers make a weight of shape {tuple(w.shape)}, not {tuple(shape)}")
+            raise ValueError(f"the weight's buffers make a weight of shape {tuple(w.shape)}, not {tuple(shape)}")
         if not isinstance(w, torch.Tensor):
             try:
                 with torch._C._DisableFuncTorch():  # inside torch.func transforms: on the plain buffers
                     w._validate()
             except (ValueError, TypeError, RuntimeError) as e:
-                raise ValueError(f"the layer's buffers do not make a valid {self.format} weight: {e}") from e
+                raise ValueError(f"the weight's buffers do not make a valid {self.format} weight: {e}") from e
+        if self.op == "act_sparse_linear":
+            values = w if isinstance(w, torch.Tensor) else w.values
+            with torch._C._DisableFuncTorch():
+                finite = values.device.type == "meta" or not values.numel() or bool(torch.isfinite(values).all())
+            if not finite:  # the paths that skip an inactive input's row and those that multiply it would differ
+                raise ValueError("act_sparse_linear needs a finite weight: w_t holds inf or NaN (an inactive input "
+                                 "skips its weight row, so the result would depend on the path)")
         self._valid = (key, [t.untyped_storage() for t in buffers])
 
     def get(self, x: torch.Tensor, buffers: Iterable[torch.Tensor | None], weight: Callable[[], object],
             shape: tuple[int, int]) -> Callable | None:
         try:
-            key = tuple(t.data_ptr() for t in buffers if t is not None)
+            key = stamp(buffers)
         except RuntimeError:  # a tensor with no storage (batched by vmap): the op path handles it
             return None
         if key != self._key:
@@ -175,25 +197,49 @@ def unbind(*weights) -> None:
                 del w.__dict__[attr]  # object.__delattr__ is refused: formats are immutable
 
 
-def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "linear") -> Callable | None:
-    """fast_kernel for a format object, its BoundKernel kept on the object (formats are immutable;
-    the cache is not part of its value, and the cycle it makes with the kernel's closure is collected
-    with it)."""
+# A dense w_t's BoundKernel, kept while the tensor lives (a tensor has no attribute to keep it on):
+# by id, with a weak reference that tells a live tensor from a later one of the same id (a
+# WeakKeyDictionary would compare tensors with ==).
+_DENSE_KERNELS: dict[int, tuple[weakref.ref, BoundKernel]] = {}
+
+
+def kernel_of(w, op: str = "linear") -> tuple[BoundKernel, tuple]:
+    """The BoundKernel kept for a weight the functional ops take, and the weight's buffers: on a
+    format object (formats are immutable; the cache is not part of its value, and the cycle it makes
+    with the kernel's closure is collected with it), or beside a dense w_t tensor."""
+    if isinstance(w, torch.Tensor):
+        if torch.compiler.is_compiling():  # no data to bind or check: a fresh one, never kept
+            return BoundKernel(op, "dense"), (w,)
+        entry = _DENSE_KERNELS.get(id(w))
+        if entry is None or entry[0]() is not w:
+            if entry is None:
+                weakref.finalize(w, _DENSE_KERNELS.pop, id(w), None)
+            entry = _DENSE_KERNELS[id(w)] = (weakref.ref(w), BoundKernel(op, "dense"))
+        return entry[1], (w,)
     attr = BOUND_ATTR + op
     found = w.__dict__.get(attr)
     if found is None:
         found = (BoundKernel(op, w.format_name), tuple(w.tensors().values()))
         object.__setattr__(w, attr, found)
-    kernel, buffers = found
+    return found
+
+
+def check_weight(w, op: str = "linear") -> None:
+    """A ValueError unless w (a format object, or a dense w_t) is a valid weight for op, checked
+    once per stamp of its buffers: what every path of the functional ops runs first, since the
+    kernels trust its sizes and indices (a format made with validate=False, or edited in place)."""
+    kernel, buffers = kernel_of(w, op)
+    kernel.check_valid(buffers, lambda: w, tuple(w.shape))
+
+
+def bound_for_format(x: torch.Tensor, w, bias: torch.Tensor | None, op: str = "linear") -> Callable | None:
+    """fast_kernel for a format object or a dense w_t, with the BoundKernel kept for it (kernel_of)."""
+    kernel, buffers = kernel_of(w, op)
     k = w.shape[1] if op == "linear" else w.shape[0]
     n = w.shape[0] if op == "linear" else w.shape[1]
     return fast_kernel(kernel, x, bias, k, n, buffers, lambda: w, tuple(w.shape))
 
 
 def bound_act_sparse(x: torch.Tensor, w_t, bias: torch.Tensor | None) -> Callable | None:
-    """The bound act-sparse kernel of a Bitmask w_t (kept on it) or a dense w_t (bound per call:
-    a tensor has no place to keep it, and binding a dense one costs a few microseconds)."""
-    if not isinstance(w_t, torch.Tensor):
-        return bound_for_format(x, w_t, bias, "act_sparse_linear")
-    k, n = w_t.shape
-    return fast_kernel(BoundKernel("act_sparse_linear", "dense"), x, bias, k, n, (w_t,), lambda: w_t, (k, n))
+    """The bound act-sparse kernel of a Bitmask or dense w_t."""
+    return bound_for_format(x, w_t, bias, "act_sparse_linear")

@@ -96,7 +96,8 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
         keep = v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
         kernel, args = _C.act_sparse_bitmask, (ptr(v), ptr(mask), ptr(offs), k, n, mask.shape[1], v.numel())
     else:
-        keep = (w := w_t if w_t.stride(1) == 1 else w_t.contiguous(),)
+        rows_apart = k < 2 or w_t.stride(0) >= n  # (not an expanded tensor whose rows overlap)
+        keep = (w := w_t if w_t.stride(1) == 1 and rows_apart else w_t.contiguous(),)
         kernel, args = _C.act_sparse_dense, (ptr(w), k, n, w.stride(0))
 
     code = dtype_code(w_t.dtype)

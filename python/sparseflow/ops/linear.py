@@ -12,7 +12,7 @@ from torch.autograd import forward_ad
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
 from . import table
-from .bound import bound_act_sparse, bound_for_format, needs_grad, plain_eager
+from .bound import bound_act_sparse, bound_for_format, check_weight, needs_grad, plain_eager
 from .reference import act_sparse_linear_reference
 
 LIB = "sparseflow"
@@ -171,6 +171,7 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
         fn = bound_for_format(x, w, bias)
         if fn is not None:
             return fn(x, bias)
+    check_weight(w)
     return linear_from_buffers(x, w.format_name, w.tensors(), w.params(), w.shape, bias, backend)
 
 
@@ -252,6 +253,7 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
         fn = bound_act_sparse(x, w_t, bias)
         if fn is not None:
             return fn(x, threshold, bias)
+    check_weight(w_t, "act_sparse_linear")
     bias = None if bias is None else bias.contiguous()
     if isinstance(w_t, Bitmask):
         return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold, bias, backend)
