@@ -157,3 +157,13 @@ def test_an_architecture_entry_torch_cannot_build_is_a_value_error(tmp_path, chi
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
     with pytest.raises(ValueError, match="bad .* entry in the architecture"):
         sf.load(tmp_path)
+
+
+def test_the_functional_ops_checks_compile_without_graph_breaks():
+    """The checks that run before the op (kept beside a dense w_t, on a format object) stay out of
+    a compiled graph: fullgraph compiles, and gives the eager answer."""
+    w_t = torch.randn(64, 32)
+    x = torch.randn(3, 64)
+    for w in (w_t, sf.Bitmask.from_dense(w_t * (torch.rand(64, 32) > 0.5))):
+        compiled = torch.compile(lambda x, w=w: sf.ops.act_sparse_linear(x, w, 0.5) * 2, fullgraph=True)
+        torch.testing.assert_close(compiled(x), sf.ops.act_sparse_linear(x, w, 0.5) * 2)
