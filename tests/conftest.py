@@ -71,3 +71,12 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pruned_linear(k: int = 64, n: int = 32, keep: float = 0.5, seed: int = 0) -> torch.nn.Linear:
+    """A Linear(k, n) whose weight keeps about `keep` of its entries (magnitude-free, seeded)."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(n, k) < keep)
+    return lin

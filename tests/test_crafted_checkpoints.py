@@ -9,20 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import pruned_linear
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import sparseflow as sf
 from sparseflow import model_io
-
-
-def pruned(k=64, n=32, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, n)
-    with torch.no_grad():
-        lin.weight.mul_(torch.rand(n, k) > 0.5)
-    return lin
 
 
 def saved(tmp_path, module):
@@ -42,7 +35,7 @@ def write(path, description, tensors):
 
 
 def test_a_saved_buffer_cannot_replace_a_validated_weight_buffer(tmp_path):
-    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned(), "bitmask"))
+    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned_linear(), "bitmask"))
     description, tensors = read(path)
     bad = tensors["0.weight_row_offsets"].clone()
     bad[1:] += 1 << 40  # rows far past the values: a kernel trusting these would read out of bounds
@@ -58,7 +51,7 @@ def test_a_saved_non_persistent_buffer_must_fit_the_models(tmp_path):
     class WithTable(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = sf.SparseLinear.from_linear(pruned(), "bitmask")
+            self.lin = sf.SparseLinear.from_linear(pruned_linear(), "bitmask")
             self.register_buffer("table", torch.arange(4.0), persistent=False)
 
         def forward(self, x):
@@ -76,7 +69,7 @@ def test_a_saved_non_persistent_buffer_must_fit_the_models(tmp_path):
 
 
 def test_a_refused_act_sparse_load_changes_nothing():
-    m = sf.ActSparseLinear.from_linear(pruned(), 0.1, weight_format="bitmask")
+    m = sf.ActSparseLinear.from_linear(pruned_linear(), 0.1, weight_format="bitmask")
     x = torch.randn(3, 64)
     with torch.no_grad():
         before = m(x)
@@ -87,7 +80,7 @@ def test_a_refused_act_sparse_load_changes_nothing():
     assert int(m.weight_t_row_offsets[-1]) == m.weight_t_values.numel()
     with torch.no_grad():
         assert torch.equal(m(x), before)
-    dense = sf.ActSparseLinear.from_linear(pruned(), 0.1)
+    dense = sf.ActSparseLinear.from_linear(pruned_linear(), 0.1)
     with pytest.raises(ValueError, match="weight_t must have shape"):
         dense.load_state_dict({**dense.state_dict(), "weight_t": torch.zeros(3, 3)})
     assert dense.weight_t.shape == (64, 32)
@@ -96,12 +89,12 @@ def test_a_refused_act_sparse_load_changes_nothing():
 @pytest.mark.parametrize("threshold", [-1.0, float("nan")])
 def test_act_sparse_thresholds_must_be_non_negative(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold must be >= 0"):
-        sf.ActSparseLinear.from_linear(pruned(), threshold)
-    module = sf.ActSparseLinear.from_linear(pruned(), 0.1)
+        sf.ActSparseLinear.from_linear(pruned_linear(), threshold)
+    module = sf.ActSparseLinear.from_linear(pruned_linear(), 0.1)
     with pytest.raises(ValueError, match="threshold must be >= 0"):  # an assignment is checked too
         module.threshold = threshold
     assert module.threshold == 0.1
-    path = saved(tmp_path, sf.ActSparseLinear.from_linear(pruned(), 0.1))
+    path = saved(tmp_path, sf.ActSparseLinear.from_linear(pruned_linear(), 0.1))
     description, tensors = read(path)
     description["architecture"]["children"][0]["spec"]["threshold"] = threshold
     write(path, description, tensors)
@@ -110,7 +103,8 @@ def test_act_sparse_thresholds_must_be_non_negative(tmp_path, threshold):
 
 
 def test_strict_loading_reports_keys_a_sparse_module_does_not_hold():
-    for m in (sf.SparseLinear.from_linear(pruned(), "bitmask"), sf.ActSparseLinear.from_linear(pruned(), 0.1)):
+    for m in (sf.SparseLinear.from_linear(pruned_linear(), "bitmask"),
+              sf.ActSparseLinear.from_linear(pruned_linear(), 0.1)):
         with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
             m.load_state_dict({**m.state_dict(), "extra": torch.zeros(1)})
         m.load_state_dict({**m.state_dict(), "extra": torch.zeros(1)}, strict=False)
@@ -120,7 +114,7 @@ def test_building_blocks_are_not_allocated_before_the_file_is_read(tmp_path):
     """A 2 KB file declaring a 65536 x 65536 nn.Linear: the model is built on the meta device, so
     loading fails on the missing tensor instead of allocating 16 GiB first (the subprocess has 3 GiB
     of address space)."""
-    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned(), "bitmask"))
+    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned_linear(), "bitmask"))
     description, tensors = read(path)
     description["architecture"]["children"][1] = {"class": "Linear", "args": {
         "in_features": 65536, "out_features": 65536, "bias": False, "dtype": "torch.float32"}}
@@ -165,7 +159,7 @@ def test_values_in_the_padding_past_the_matrix_are_refused():
 
 
 def test_deeply_nested_descriptions_are_refused(tmp_path):
-    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned(), "bitmask"))
+    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned_linear(), "bitmask"))
     _, tensors = read(path)
     save_file(tensors, path / model_io.WEIGHTS, metadata={"sparseflow": "[" * 100000 + "]" * 100000})
     with pytest.raises(ValueError, match="damaged sparseflow description"):

@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pruned_linear
 from torch import nn
 
 import sparseflow as sf
@@ -20,19 +21,11 @@ FORMATS = {
 }
 
 
-def pruned_linear(n=32, k=64, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, n)
-    with torch.no_grad():
-        lin.weight.mul_(torch.rand(n, k) > 0.6)
-    return lin
-
-
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_a_layer_whose_index_buffer_is_edited_in_place_is_validated_again(fmt):
     """A layer bound once and then edited in place keeps its buffers' addresses: the version counter
     tells the kernel to validate again (it read out of bounds before)."""
-    layer = sf.SparseLinear.from_linear(pruned_linear(), format=fmt)
+    layer = sf.SparseLinear.from_linear(pruned_linear(keep=0.4), format=fmt)
     x = torch.randn(3, 64)
     layer(x)  # validated and bound
     with torch.no_grad():
@@ -43,7 +36,7 @@ def test_a_layer_whose_index_buffer_is_edited_in_place_is_validated_again(fmt):
 
 
 def test_an_in_place_edit_that_keeps_the_weight_valid_is_used():
-    lin = pruned_linear()
+    lin = pruned_linear(keep=0.4)
     layer = sf.SparseLinear.from_linear(lin, format="csr")
     x = torch.randn(2, 64)
     layer(x)
@@ -55,7 +48,7 @@ def test_an_in_place_edit_that_keeps_the_weight_valid_is_used():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_functional_linear_validates_an_unchecked_weight_on_every_path(fmt):
     make, index = FORMATS[fmt]
-    t = make(pruned_linear().weight.detach()).tensors()
+    t = make(pruned_linear(keep=0.4).weight.detach()).tensors()
     t[index][1:] = 10**6
     shape = (32, 64)
     params = {"block": (4, 8)} if fmt == "bsr" else {}
@@ -69,7 +62,7 @@ def test_functional_linear_validates_an_unchecked_weight_on_every_path(fmt):
 
 
 def test_functional_act_sparse_validates_an_unchecked_bitmask_on_every_path():
-    w_t = pruned_linear().weight.detach().t().contiguous()
+    w_t = pruned_linear(keep=0.4).weight.detach().t().contiguous()
     t = sf.Bitmask.from_dense(w_t).tensors()
     t["row_offsets"][1:] = 10**6
     w = sf.Bitmask.from_tensors(tuple(w_t.shape), t, validate=False)
