@@ -319,3 +319,13 @@ def test_we_read_what_the_library_writes(tmp_path, fmt):
     assert type(back["0.weight"]) is (sf.NM if pattern == "2:4" else sf.Bitmask)
     for name, t in model.state_dict().items():
         assert torch.equal(dense(back[name]), t), name
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4", "Sparse-Bitmask"])
+def test_export_refuses_an_unknown_format_by_name(tmp_path, fmt):
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(8, 16) > 0.5)
+    model = nn.Sequential(sf.SparseLinear.from_linear(lin, format="bitmask"))
+    with pytest.raises(ValueError, match="format must be one of"):
+        sf.export_compressed_tensors(model, tmp_path / "out", fmt)

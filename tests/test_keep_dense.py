@@ -225,3 +225,16 @@ def test_sparsify_sends_unmeasured_batches_of_act_layers_to_the_batch_path(tmp_p
         report = sf.sparsify(model, activation_sparsity=0.5, calibration=calib, m_range=m_range)
         assert model[0].dense_above == above and report.layers[0].backend == "cpp+batched"
         assert f"batched above {above} rows (not measured there)" in report.layers[0].note
+
+
+def test_a_dense_copy_refuses_another_dtype_as_the_kernels_do():
+    lin = pruned()
+    layers = [sf.SparseLinear(sf.Bitmask.from_dense(lin.weight.detach()), lin.bias, dense_above=4, keep_dense=True),
+              sf.ActSparseLinear.from_linear(lin, 0.1)]
+    layers[1].dense_above = 4
+    layers[1]._keep_dense(True)
+    for layer in layers:
+        layer.to(torch.bfloat16)
+        for rows in (2, 17):  # the kernel, then the dense copy
+            with pytest.raises(TypeError, match="x is torch.float32 but the weight is torch.bfloat16"):
+                layer(torch.randn(rows, lin.in_features))

@@ -659,8 +659,10 @@ def test_bad_inputs_raise_clear_errors():
         sf.ops.linear(torch.randn(2, 16), torch.randn(8, 16))
     with pytest.raises(ValueError, match="threshold"):
         sf.ops.act_sparse_linear(torch.randn(2, 16), torch.randn(16, 8), -1.0)
-    with pytest.raises(RuntimeError, match="no linear backend named 'nope'"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
         sf.ops.linear(torch.randn(2, 16), w, backend="nope")
+    with pytest.raises(ValueError, match="backend 'batched' does not run linear .* with 1 rows"):
+        sf.ops.linear(torch.randn(16), w, backend="batched")  # (one row: the kernel's, not the batched path's)
 
 
 def test_unknown_or_unsupported_isa_is_a_clear_error(monkeypatch):
@@ -801,3 +803,39 @@ def test_compile_with_grad_enabled():
     x = torch.randn(3, 40)
     compiled = torch.compile(m, fullgraph=True)
     assert torch.allclose(compiled(x), m(x), atol=1e-5)
+
+
+def _linear_op(fmt: str, x, sparse, bias):
+    """The format's custom op itself, as a traced or exported graph calls it."""
+    ops, t, (n, k) = torch.ops.sparseflow, sparse.tensors(), sparse.shape
+    if fmt == "bitmask":
+        return ops.linear_bitmask(x, t["values"], t["mask"], t["row_offsets"], k, bias)
+    if fmt == "csr":
+        return ops.linear_csr(x, t["values"], t["col_indices"], t["row_ptr"], k, bias)
+    if fmt == "bsr":
+        return ops.linear_bsr(x, t["values"], t["col_indices"], t["row_ptr"], n, k, bias)
+    return ops.linear_nm(x, t["values"], t["index"], sparse.n, sparse.m, k, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_custom_ops_take_a_non_contiguous_bias(isa, dtype):
+    """A traced or exported graph calls the custom ops directly, with whatever bias it was given: the
+    kernels read it as one run, so a strided one is made contiguous first (it was read as if it were)."""
+    gen = torch.Generator().manual_seed(9)
+    w = random_weight(45, 72, dtype, gen=gen)
+    x = torch.randn(3, 72, generator=gen).to(dtype)
+    bias = torch.randn(90, generator=gen).to(dtype)[::2]
+    makers = {"bitmask": sf.Bitmask.from_dense, "csr": sf.CSR.from_dense, "bsr": lambda d: sf.BSR.from_dense(d, (4, 8)),
+              "nm": lambda d: sf.NM.from_dense(d, 2, 4, prune=True)}
+    for fmt, make in makers.items():
+        sparse = make(w)
+        dense = sparse.to_dense()
+        assert_close_2x(_linear_op(fmt, x, sparse, bias), F.linear(x.double(), dense.double(), bias.double()),
+                        F.linear(x, dense, bias))
+    xs = torch.where(x.abs() > 0.5, x, torch.zeros((), dtype=dtype))
+    ref64, dense_y = F.linear(xs.double(), w.double(), bias.double()), F.linear(xs, w, bias)
+    w_t = w.t().contiguous()
+    assert_close_2x(torch.ops.sparseflow.act_sparse_linear_dense(x, w_t, 0.5, bias), ref64, dense_y)
+    b = sf.Bitmask.from_dense(w_t)
+    assert_close_2x(torch.ops.sparseflow.act_sparse_linear_bitmask(x, b.values, b.mask, b.row_offsets, 45, 0.5, bias),
+                    ref64, dense_y)

@@ -684,3 +684,55 @@ def test_an_encoder_decoder_item_masks_each_stream_with_its_own_mask():
              "decoder_attention_mask": decoder_mask[:, :6]}
     stats = collect_stats(model, Calibration(model, [short]), layers, lambda n, lin: SquaredNorms(lin.in_features))
     assert stats["decoder.layers.0.encoder_attn.k_proj"].count == 14 and stats["decoder.layers.0.fc1"].count == 12
+
+
+def _overflowing_fp16_model():
+    """Its last layer's inputs overflow fp16 (inf) on any calibration batch."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4)).half()
+    with torch.no_grad():
+        m[2].bias.fill_(6e4)
+        m[2].weight.mul_(1e4)
+    return m
+
+
+def test_a_layer_that_fails_partway_leaves_the_model_as_it_was():
+    m = _overflowing_fp16_model()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match="calibration inputs of layer '4' hold inf or NaN"):
+        prune(m, "sparsegpt", 0.5, calibration=[torch.randn(8, 16).half()])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # layers 0 and 2 restored
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("calibration, match", [
+    (torch.empty(0, 16), "no tokens"),
+    (torch.zeros(4, 16), "all zero"),
+    (torch.randn(4, 16) * 1e20, "inf or NaN"),  # its squares overflow float32
+])
+def test_calibration_that_cannot_rank_the_weights_is_refused(method, calibration, match):
+    m = nn.Sequential(nn.Linear(16, 8))
+    before = m[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        prune(m, method, 0.5, calibration=[calibration])
+    assert torch.equal(m[0].weight, before)
+
+
+@pytest.mark.parametrize("dampening", [0, -1, float("nan"), float("inf"), "0.01"])
+def test_bad_dampening_is_refused(dampening):
+    with pytest.raises(ValueError, match="dampening"):
+        prune(nn.Sequential(nn.Linear(16, 8)), "sparsegpt", 0.5, calibration=[torch.randn(4, 16)],
+              dampening=dampening)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_a_sparsity_just_below_one_keeps_a_weight(method):
+    m = nn.Sequential(nn.Linear(64, 8))
+    prune(m, method, 0.999, calibration=[torch.randn(4, 64)], include="0")
+    assert (m[0].weight != 0).sum(1).min() >= (1 if method == "wanda" else 0)  # wanda: per row
+    assert (m[0].weight != 0).sum() >= 1
+
+
+def test_include_must_be_name_patterns():
+    with pytest.raises(TypeError, match="include / exclude"):
+        prune(nn.Sequential(nn.Linear(4, 4)), include=5)

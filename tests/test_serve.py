@@ -305,6 +305,7 @@ def test_other_bad_requests(llama_server, minilm_server):
     _error(llama_server.raw("GET", "/v1/nothing-here"), 404)
     _error(llama_server.raw("GET", "/v1/completions"), 405)
     _error(llama_server.raw("POST", "/v1/completions", b"x" * (5 << 20)), 413)
+    _error(llama_server.raw("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000), 400)  # too deep to parse
     with pytest.raises(openai.NotFoundError):
         llama_server.client.completions.create(model="nope", prompt="x")
     # the server is still healthy after all of that

@@ -260,3 +260,29 @@ def test_sparse_save_pretrained_of_a_shrunk_model_reloads_exactly(arch, pattern,
         with pytest.warns(UserWarning, match="carry biases that .* has no place for"):
             sf.export_dense(model, tmp_path / "dense")
         assert torch.allclose(run(load_shrunk(str(tmp_path / "dense")), cal[0]), before, atol=1e-5)
+
+
+class _NamedMLP(nn.Module):
+    """fc1 -> `mid` -> fc2: found by the attribute names, whatever `mid` does."""
+
+    def __init__(self, mid: nn.Module):
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = nn.Linear(16, 32), mid, nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(self.mid(self.fc1(x)))
+
+
+@pytest.mark.parametrize("mid, shrunk", [(nn.GELU(), True), (nn.LayerNorm(32), False), (nn.Softmax(-1), False)])
+def test_an_mlp_that_may_mix_its_neurons_is_left_whole(mid, shrunk):
+    """Removing a neuron whose down column is zero is exact only if each neuron stays on its own up
+    to the down projection: a norm over the neurons or a softmax between mixes them."""
+    torch.manual_seed(0)
+    m = _NamedMLP(mid)
+    with torch.no_grad():
+        m.fc2.weight[:, :8] = 0
+    x = torch.randn(4, 16)
+    y = m(x)
+    shrink(m)
+    assert (m.fc1.out_features == 24) == shrunk
+    torch.testing.assert_close(m(x), y)

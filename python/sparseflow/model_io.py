@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ._version import __version__
 from .io._atomic import atomic_write_bytes, replacing_files
 from .io._safetensors import read_safetensors, write_safetensors
-from .io.compressed_tensors import write_compressed_tensors
+from .io.compressed_tensors import PARAMS, write_compressed_tensors
 from .io.inputs import check_module, effective_tensor
 from .nn import ActSparseLinear, SparseLinear
 from .prune.shrink import STRUCTURE_KEY, apply_structure
@@ -355,6 +355,8 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike,
     from .io.inputs import compress
 
     check_module(model, "sf.export_compressed_tensors")
+    if format not in PARAMS:  # (before compressing: any other name was taken for 2:4)
+        raise ValueError(f"format must be one of {list(PARAMS)}, got {format!r}")
     _warn_structure_lost(model, "export_compressed_tensors")
     sparse_names = {name for name, m in model.named_modules() if isinstance(m, (SparseLinear, ActSparseLinear))}
     weights: dict[str, Any] = {}

@@ -141,6 +141,8 @@ class ActSparseLinear(nn.Module):
             x = subtract_shift(x, self.shift) if torch.compiler.is_compiling() else x - self.shift
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
+            if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
+                raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
             return F.linear(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
         if not above or (not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):

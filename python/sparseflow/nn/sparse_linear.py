@@ -142,6 +142,8 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight_dense, self.bias)
         above = above_crossover(x, self.dense_above)
         if above and self.dense_copy is not None:
+            if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
+                raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
             return F.linear(x, self.dense_copy, self.bias)
         if not above:
             bias = self.bias

@@ -74,6 +74,8 @@ def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
     n, code = w.shape[0], dtype_code(w.dtype)
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        if bias is not None:
+            bias = bias.contiguous()  # (the kernel reads it as one run; kept alive here through the call)
         x, y, io = _io(x, n, bias, code)
         rows = kernel(*args, *io)
         return _fix_nonfinite(rows, x, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
@@ -103,6 +105,8 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
     code = dtype_code(w_t.dtype)
 
     def run(x: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
+        if bias is not None:
+            bias = bias.contiguous()  # (the kernel reads it as one run; kept alive here through the call)
         x, y, io = _io(x, n, bias, code)
         rows = kernel(*args, float(threshold), *io)
         if dense:

@@ -102,6 +102,7 @@ def triton_act_sparse_dense(x2, w_t, threshold, bias):
 
 # ---- CUDA C++ (csrc/cuda) -----------------------------------------------------------------------
 def _cuda_io(x2: torch.Tensor, n: int, bias, workspace_bytes):
+    """The CUDA kernels' common arguments; `bias` must be contiguous (the caller keeps it alive)."""
     x2 = _rows(x2)
     m = x2.shape[0]
     y = _out(x2, n)
@@ -122,6 +123,7 @@ def cuda_act_sparse_dense(x2, w_t, threshold, bias):
     k, n = w_t.shape
     if x2.shape[0] == 0:
         return x2.new_empty(0, n)
+    bias = None if bias is None else bias.contiguous()
     with _device(x2):
         x2, y, io = _cuda_io(x2, n, bias, _C.cuda_act_sparse_gemv_workspace_bytes)
         _C.cuda_act_sparse_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
@@ -136,6 +138,7 @@ def cuda_nm24_linear(x2, w, bias):
     if x2.shape[0] == 0:
         return x2.new_empty(0, n)
     values, index = _rows(w.values), _rows(w.index)
+    bias = None if bias is None else bias.contiguous()
     with _device(x2):
         x2, y, io = _cuda_io(x2, n, bias, _C.cuda_nm24_gemv_workspace_bytes)
         _C.cuda_nm24_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),

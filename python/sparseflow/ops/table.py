@@ -129,5 +129,10 @@ def select(op: str, format: str, x: torch.Tensor, w, m: int, name: str = "") -> 
             continue
         if x.dtype in b.dtypes and b.available() and b.applies(w, m):
             return b
-    wanted = f" named {name!r}" if name else ""
-    raise RuntimeError(f"no {op} backend{wanted} for {format} weights on {x.device.type} in {x.dtype} (m={m})")
+    if name:  # a caller's choice: say what does not fit
+        names = sorted({b.name for b in BACKENDS})
+        if name not in names:
+            raise ValueError(f"unknown backend {name!r}; the table's are {names}")
+        raise ValueError(f"backend {name!r} does not run {op} for {format} weights on {x.device.type} in {x.dtype} "
+                         f"with {m} rows of x")
+    raise RuntimeError(f"no {op} backend for {format} weights on {x.device.type} in {x.dtype} (m={m})")

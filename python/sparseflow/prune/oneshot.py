@@ -4,6 +4,8 @@ weights; sf.sparsify compresses them later, sf.shrink removes structured units).
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable
@@ -33,7 +35,13 @@ def _as_list(patterns) -> list[str]:
         return []
     if isinstance(patterns, str):
         return [patterns]
-    return list(patterns)
+    try:
+        out = list(patterns)
+    except TypeError:
+        out = [patterns]
+    if not all(isinstance(p, str) for p in out):
+        raise TypeError(f"include / exclude take a name pattern or a list of them, got {patterns!r}")
+    return out
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -150,6 +158,10 @@ def prune(
         the target density per layer).
     progress: None shows a progress bar on runs longer than 2 s, True always, False never."""
     check_module(model, "sf.prune")
+    if isinstance(dampening, bool) or not isinstance(dampening, numbers.Real) or not 0 < dampening < math.inf:
+        raise ValueError(f"dampening must be a positive fraction of the Hessian's mean diagonal, got {dampening!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     spec = parse_pattern(pattern)
     method = _check_method(method, spec)
     sparsity = _check_sparsity(sparsity)  # (an n:m pattern fixes it: the value given must still be one)
@@ -172,6 +184,41 @@ def prune(
     needs_calibration = method != "magnitude" or allocation == "owl"
     calib = Calibration(model, calibration) if calibration is not None and needs_calibration else None
     targets = _allocate(model, layers, spec, sparsity, allocation, calib, max_layer_sparsity, owl_m, owl_lambda)
+    # Calibrated methods prune one layer after another, each on the inputs the pruned ones before it
+    # give: a layer whose inputs turn out unusable (inf from an fp16 overflow, say) fails after
+    # others were pruned, so their weights are kept aside (on the CPU) until the whole model is done.
+    kept = {name: layer.weight.detach().to("cpu", copy=True) for name, layer in layers.items()} \
+        if method != "magnitude" else {}
+    try:
+        notes = _prune_unstructured(model, method, spec, layers, targets, calib, blocksize, dampening, progress)
+    except BaseException:
+        with torch.no_grad():
+            for name, weight in kept.items():
+                layers[name].weight.copy_(weight)
+        raise
+    del kept
+    report = PruneReport(method=method, pattern=str(spec), allocation=allocation)
+    for name, layer in layers.items():
+        report.append(LayerPruneReport(name, tuple(layer.weight.shape), sparsity_of(layer.weight.detach()), str(spec),
+                                       method, None if spec.kind == "n:m" else targets[name], notes.get(name, "")))
+    return report
+
+
+def _usable_inputs(name: str, count: int, sum_sq: torch.Tensor) -> None:
+    """A ValueError unless the calibration inputs a layer saw can rank its weights: some tokens, all
+    finite, not all zero (Wanda would rank by column position, SparseGPT would zero the layer)."""
+    if not count:
+        raise ValueError(f"calibration gave layer {name!r} no tokens")
+    if not bool(torch.isfinite(sum_sq.float()).all()):  # (scores are float32)
+        raise ValueError(f"calibration inputs of layer {name!r} hold inf or NaN (or overflow when squared): "
+                         "nothing was pruned")
+    if not bool(sum_sq.any()):
+        raise ValueError(f"calibration inputs of layer {name!r} are all zero: nothing to rank its weights by; "
+                         "nothing was pruned")
+
+
+def _prune_unstructured(model, method, spec, layers, targets, calib, blocksize, dampening, progress) -> dict[str, str]:
+    """Prunes `layers` in place by `method`; returns notes per layer name."""
     notes: dict[str, str] = {}
     if method == "magnitude":
         with torch.no_grad():
@@ -183,6 +230,8 @@ def prune(
 
         def apply(names, acc):
             for n in names:
+                _usable_inputs(n, acc[n].count, acc[n].sum_sq)
+            for n in names:
                 wanda_prune_(layers[n].weight.data, acc[n].sum_sq, spec, targets[n])
 
         never = SequentialPruner(model, calib, layers, progress, "wanda").run(stats, apply, per_block=True)
@@ -193,6 +242,7 @@ def prune(
 
         def apply(names, acc):
             hess = acc.pop(names[0])
+            _usable_inputs(names[0], hess.count, hess.sum_sq)
             dead = hess.H.diagonal() == 0
             U = inverse_cholesky_upper(hess.H, dampening)
             del hess
@@ -202,11 +252,7 @@ def prune(
 
         never = SequentialPruner(model, calib, layers, progress, "sparsegpt").run(stats, apply, per_block=False)
         notes.update(dict.fromkeys(never, "not called during calibration: left dense"))
-    report = PruneReport(method=method, pattern=str(spec), allocation=allocation)
-    for name, layer in layers.items():
-        report.append(LayerPruneReport(name, tuple(layer.weight.shape), sparsity_of(layer.weight.detach()), str(spec),
-                                       method, None if spec.kind == "n:m" else targets[name], notes.get(name, "")))
-    return report
+    return notes
 
 
 def _allocate(model, layers, spec, sparsity, allocation, calib, max_layer_sparsity, owl_m, owl_lambda):

@@ -88,7 +88,9 @@ def _clean(scores: torch.Tensor) -> torch.Tensor:
 
 
 def count_to_prune(total: int, sparsity: float) -> int:
-    return min(total, max(0, int(round(total * float(sparsity)))))
+    """round(sparsity * total), leaving at least one where sparsity < 1 (0.999 of a 64-wide row
+    rounds to all 64)."""
+    return min(total - (1 if sparsity < 1 and total else 0), max(0, int(round(total * float(sparsity)))))
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:

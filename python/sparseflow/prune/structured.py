@@ -96,6 +96,26 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+_MIXING = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _mixes_neurons(module: nn.Module, skip: set[str], width: int) -> bool:
+    """Whether a module whose MLP was found by attribute names may mix its neurons between the up
+    and down projections (its forward cannot be seen): a child other than the projections that is a
+    softmax or a norm over `width` features, or holds a tensor `width` long. Removing a neuron whose
+    down column is zero is exact only if each neuron stays on its own up to the down projection."""
+    for name, child in module.named_children():
+        if name in skip:
+            continue
+        if isinstance(child, (nn.Softmax, nn.Softmin, nn.LogSoftmax)):
+            return True
+        if isinstance(child, _MIXING) or "norm" in type(child).__name__.lower():
+            if any(width in t.shape for t in [*child.parameters(recurse=False), *child.buffers(recurse=False)]) or \
+                    getattr(child, "normalized_shape", None) in ((width,), [width]):
+                return True
+    return False
+
+
 def find_mlps(model: nn.Module) -> list[MLPUnit]:
     """Every MLP whose neurons can be removed: known attribute names (gate/up/down, fc1/fc2, BERT's
     intermediate/output) and Linear -> elementwise... -> Linear runs inside an nn.Sequential."""
@@ -114,7 +134,8 @@ def find_mlps(model: nn.Module) -> list[MLPUnit]:
     for name, module in modules.items():
         for names in _GATED + _PAIRS:
             if all(isinstance(getattr(module, a, None), nn.Linear) for a in names):
-                add(name, [_join(name, a) for a in names[:-1]], _join(name, names[-1]), modules)
+                if not _mixes_neurons(module, set(names), getattr(module, names[-1]).in_features):
+                    add(name, [_join(name, a) for a in names[:-1]], _join(name, names[-1]), modules)
                 break
         inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
         if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear):

@@ -95,6 +95,8 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # (nested deeper than the parser's stack)
+            raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
         req = parse(kind, body)
         if req.model != loaded.name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {loaded.name!r}",
