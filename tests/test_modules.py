@@ -334,6 +334,25 @@ def test_torch_export_of_a_sparse_model():
     assert torch.allclose(exported.module()(x), m(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_torch_export_with_a_dynamic_batch_serves_both_sides_of_the_crossover(tmp_path, keep_dense):
+    """One exported program for decode and prefill: the crossover is a torch.cond on the row count
+    (a Python branch pinned the rows to one side: 'Constraints violated')."""
+    from torch.export import Dim
+
+    m = pruned_mlp()
+    m[0], m[3] = sf.SparseLinear.from_linear(m[0], "bitmask"), sf.ActSparseLinear.from_linear(m[3], 0.3)
+    for layer in (m[0], m[3]):
+        layer.dense_above = 4
+        layer._keep_dense(keep_dense)
+    exported = torch.export.export(m, (torch.randn(8, 96),), dynamic_shapes=({0: Dim("rows", min=1, max=1024)},))
+    torch.export.save(exported, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    for rows in (1, 4, 5, 130):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(loaded(x), m(x))
+
+
 def test_export_compressed_tensors_reads_back(tmp_path):
     m = pruned_mlp()
     sf.sparsify(m, format="bitmask")

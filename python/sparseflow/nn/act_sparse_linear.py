@@ -18,7 +18,7 @@ from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import above_crossover
+from .crossover import run_at_crossover
 from .state_dict import as_kept, check_float, unexpected_of
 
 
@@ -139,7 +139,9 @@ class ActSparseLinear(nn.Module):
             if isinstance(x, torch.Tensor) and x.dtype != self.shift.dtype:  # x - shift would promote x
                 raise TypeError(f"x is {x.dtype} but the weight is {self.shift.dtype}; convert one of them")
             x = subtract_shift(x, self.shift) if torch.compiler.is_compiling() else x - self.shift
-        above = above_crossover(x, self.dense_above)
+        return run_at_crossover(x, self.dense_above, self._forward)
+
+    def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
             if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
                 raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
@@ -152,8 +154,8 @@ class ActSparseLinear(nn.Module):
             if fn is not None:
                 return fn(x, self.threshold, bias)
         backend = ""
-        if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping
-            backend = table.batched_backend(x.device.type, rows_of(x))
+        if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping (more than dense_above >= 0)
+            backend = table.batched_backend(x.device.type, rows_of(x) if self.dense_above < 1 else 2)
         self._kernel.check_valid(self._buffers.values(), self.w_t, (self.in_features, self.out_features))
         if self.weight_format == "dense":
             tensors = {"t": self.weight_t}

@@ -10,3 +10,16 @@ from ..ops.table import rows_of
 
 def above_crossover(x: torch.Tensor, dense_above: int | None) -> bool:
     return dense_above is not None and rows_of(x) > dense_above
+
+
+def run_at_crossover(x: torch.Tensor, dense_above: int | None, run):
+    """run(x, above) for the side of the crossover x falls on. Under torch.export with a dynamic
+    number of rows, both sides go into the program (torch.cond on the row count), so that one
+    exported model serves decode and prefill alike: choosing a side in Python would pin the rows
+    to it. (With dense_above 0 the batched side itself depends on the rows: left to Python.)"""
+    if dense_above is not None and dense_above >= 1 and torch.compiler.is_exporting():
+        rows = rows_of(x)
+        if isinstance(rows, torch.SymInt):
+            return torch.cond(rows > dense_above, lambda t: run(t, True), lambda t: run(t, False), (x,))
+    return run(x, above_crossover(x, dense_above))
+

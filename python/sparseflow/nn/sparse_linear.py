@@ -22,7 +22,7 @@ from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers, table
 from ..ops.bound import BoundKernel, fast_kernel
 from ..ops.table import rows_of
-from .crossover import above_crossover
+from .crossover import run_at_crossover
 from .state_dict import as_kept, check_float, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
@@ -140,7 +140,9 @@ class SparseLinear(nn.Module):
             raise RuntimeError("SparseLinear holds placeholder buffers (SparseLinear.empty): load a state_dict first")
         if self.format_name == "dense":
             return F.linear(x, self.weight_dense, self.bias)
-        above = above_crossover(x, self.dense_above)
+        return run_at_crossover(x, self.dense_above, self._forward)
+
+    def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:
             if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
                 raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
@@ -152,8 +154,8 @@ class SparseLinear(nn.Module):
             if fn is not None:
                 return fn(x, bias)
         backend = ""
-        if above:  # decompress + dense GEMM: measured faster at this many rows
-            backend = table.batched_backend(x.device.type, rows_of(x))
+        if above:  # decompress + dense GEMM: measured faster at this many rows (more than dense_above >= 0)
+            backend = table.batched_backend(x.device.type, rows_of(x) if self.dense_above < 1 else 2)
         self._kernel.check_valid(self._buffers.values(), lambda: self.weight, (self.out_features, self.in_features))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
