@@ -284,6 +284,7 @@ def _error(status_body, status, param=None):
     ('{"model": "tiny-llama", "prompt": "x", "stop": [""]}', 400, "stop"),
     ('{"model": "tiny-llama", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
     ('{"model": "tiny-llama", "prompt": []}', 400, "prompt"),
+    ('{"model": "tiny-llama", "prompt": [[]]}', 400, "prompt"),
     ('{"model": "tiny-llama", "prompt": [1, 99999999]}', 400, "prompt"),
     ('{"model": "gpt-4", "prompt": "x"}', 404, "model"),
     ('{"model": 3, "prompt": "x"}', 400, "model"),

@@ -103,9 +103,9 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
                            param="model", code="model_not_found")
         return req
 
-    def check_tokens(ids: list[int], max_new: int = 0) -> list[int]:
+    def check_tokens(ids: list[int], max_new: int = 0, param: str = "input") -> list[int]:
         if not ids:
-            raise APIError(400, "the input is empty", param="input")
+            raise APIError(400, f"the {param} is empty", param=param)
         if len(ids) > limits.max_input_tokens:
             raise APIError(413, f"the input has {len(ids)} tokens; the limit is {limits.max_input_tokens}",
                            code="context_length_exceeded")
@@ -190,7 +190,7 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
 
     async def generate(prompts: list[list[int]], req, max_new: int, chat: bool):
         for ids in prompts:
-            check_tokens(ids, max_new)
+            check_tokens(ids, max_new, "messages" if chat else "prompt")
         metrics.prompt_tokens.inc(sum(map(len, prompts)))
         events = _Events(time.monotonic() + limits.request_timeout)
         sampling = Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
