@@ -68,6 +68,7 @@ def bad_inputs(tmp_path):
     (["convert", "{tmp}/damaged", "{tmp}/dst", "--method", "magnitude"], "cannot load the model's weights"),
     (["inspect", "{tmp}/missing"], "does not exist"),
     (["inspect", "{tmp}/notes.txt"], "not a valid safetensors file"),
+    (["convert", "{tmp}/unknown", "{tmp}/dst", "--calibration", "{tmp}/nope.txt"], "--calibration"),  # (first)
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_convert_inspect_errors_exit_2_in_one_line(bad_inputs, capsys, argv, needle):
     if argv[0] == "convert" and ("unknown" in argv[1] or "damaged" in argv[1]):
@@ -96,6 +97,7 @@ def test_bench_kernels_json(tmp_path, capsys):
     (["bench", "kernels", "--threads", "-1"], "--threads: expected an integer >= 0"),
     (["bench", "kernels", "--reps", "0"], "--reps: expected an integer >= 1"),
     (["bench", "kernels", "--m", "0"], "--m: expected an integer >= 1"),
+    (["bench", "kernels", "--shape", "0x0"], "shape sides must be at least 1"),
     (["bench", "kernels", "--sparsity", "1.5"], "--sparsity: expected a fraction in [0, 1)"),
     (["bench", "kernels", "--act-sparsity", "-0.5"], "--act-sparsity: expected a fraction in [0, 1)"),
     (["bench", "kernels", "--max-seconds", "nan"], "--max-seconds: expected a number > 0"),

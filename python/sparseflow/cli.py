@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import demo as demo_mod
@@ -63,6 +64,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.calibration is not None and not os.path.isfile(args.calibration):  # (before loading the model)
+        raise CliError(f"--calibration {args.calibration}: no such file")
     from .convert import convert
 
     report = convert(args.src, args.dst, method=args.method, sparsity=args.sparsity, pattern=args.pattern,

@@ -918,6 +918,8 @@ def _shape(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"shape must be NxK (out x in features), got {text!r}")
+    if int(match[1]) < 1 or int(match[2]) < 1:
+        raise argparse.ArgumentTypeError(f"shape sides must be at least 1, got {text!r}")
     return int(match[1]), int(match[2])
 
 
