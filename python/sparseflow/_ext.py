@@ -41,6 +41,12 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def strided_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as rows a kernel walks with a row stride: unit stride along the last dimension, rows that
+    do not overlap (an expanded tensor's do), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[-1]) else t.contiguous()
+
+
 def available_isas() -> list[str]:
     """ISA levels this CPU can run, lowest first."""
     best = _C.best_isa()

@@ -7,18 +7,16 @@ threshold."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats import Bitmask
 from ..formats.base import FLOAT_DTYPES
 from ..io.inputs import dense_weight, effective_tensor
-from ..ops import table
 from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import run_at_crossover
+from .crossover import batched_backend_above, linear_on_dense_copy, run_at_crossover
 from .state_dict import as_kept, check_float, unexpected_of
 
 
@@ -143,9 +141,7 @@ class ActSparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
-            if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
-                raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
-            return F.linear(x, self.dense_copy, self.bias)
+            return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
         if not above or (not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):
             bias = self.bias
@@ -154,8 +150,8 @@ class ActSparseLinear(nn.Module):
             if fn is not None:
                 return fn(x, self.threshold, bias)
         backend = ""
-        if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping (more than dense_above >= 0)
-            backend = table.batched_backend(x.device.type, rows_of(x) if self.dense_above < 1 else 2)
+        if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping
+            backend = batched_backend_above(x, self.dense_above)
         self._kernel.check_valid(self._buffers.values(), self.w_t, (self.in_features, self.out_features))
         if self.weight_format == "dense":
             tensors = {"t": self.weight_t}

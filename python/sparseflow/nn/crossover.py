@@ -4,7 +4,9 @@ its measured crossover `dense_above` (None: never). One rule for SparseLinear an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..ops import table
 from ..ops.table import rows_of
 
 
@@ -22,4 +24,17 @@ def run_at_crossover(x: torch.Tensor, dense_above: int | None, run):
         if isinstance(rows, torch.SymInt):
             return torch.cond(rows > dense_above, lambda t: run(t, True), lambda t: run(t, False), (x,))
     return run(x, above_crossover(x, dense_above))
+
+
+def batched_backend_above(x: torch.Tensor, dense_above: int) -> str:
+    """The batched backend for x's rows above the crossover: more than dense_above >= 1 rows are at
+    least 2, which names it without reading the row count (symbolic under torch.export)."""
+    return table.batched_backend(x.device.type, rows_of(x) if dense_above < 1 else 2)
+
+
+def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear on a layer's dense copy, refusing another dtype as the sparse ops do."""
+    if isinstance(x, torch.Tensor) and x.dtype != dense_copy.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {dense_copy.dtype}; convert one of them")
+    return F.linear(x, dense_copy, bias)
 

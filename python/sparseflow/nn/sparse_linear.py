@@ -19,10 +19,9 @@ from torch import nn
 from ..formats import FORMATS, SparseFormat, detect_pattern
 from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
-from ..ops import linear_from_buffers, table
+from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
-from ..ops.table import rows_of
-from .crossover import run_at_crossover
+from .crossover import batched_backend_above, linear_on_dense_copy, run_at_crossover
 from .state_dict import as_kept, check_float, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
@@ -144,9 +143,7 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:
-            if isinstance(x, torch.Tensor) and x.dtype != self.dense_copy.dtype:  # (as the op would say)
-                raise TypeError(f"x is {x.dtype} but the weight is {self.dense_copy.dtype}; convert one of them")
-            return F.linear(x, self.dense_copy, self.bias)
+            return linear_on_dense_copy(x, self.dense_copy, self.bias)
         if not above:
             bias = self.bias
             fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, self._buffers.values(),
@@ -154,8 +151,8 @@ class SparseLinear(nn.Module):
             if fn is not None:
                 return fn(x, bias)
         backend = ""
-        if above:  # decompress + dense GEMM: measured faster at this many rows (more than dense_above >= 0)
-            backend = table.batched_backend(x.device.type, rows_of(x) if self.dense_above < 1 else 2)
+        if above:  # decompress + dense GEMM: measured faster at this many rows
+            backend = batched_backend_above(x, self.dense_above)
         self._kernel.check_valid(self._buffers.values(), lambda: self.weight, (self.out_features, self.in_features))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._ext import _C, dtype_code, ptr
+from .._ext import _C, dtype_code, ptr, strided_rows
 from ..formats import BSR, CSR, NM, Bitmask
 from .reference import act_sparse_linear_reference, linear_reference
 
@@ -21,11 +21,15 @@ POISON_OUTPUTS = False
 
 def _io(x: torch.Tensor, n_out: int, bias: torch.Tensor | None, code: int):
     """x as contiguous rows [M, K] (any leading dims: M is their product), the output [..., n_out],
+    the bias contiguous (the kernels read it as one run; an exported graph may pass a strided one),
     and the arguments every kernel takes after its weight's, in the binding's order (dtype, x, M, K,
-    ldx, y, N, ldy, bias, threads). Few torch calls and arguments by position: each costs
-    microseconds with cold caches, which is what a layer meets in a model."""
+    ldx, y, N, ldy, bias, threads); the caller holds the x and bias returned through the call. Few
+    torch calls and arguments by position: each costs microseconds with cold caches, which is what a
+    layer meets in a model."""
     if not x.is_contiguous():
         x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     shape = x.shape
     k, m = shape[-1], 1
     for s in shape[:-1]:
@@ -34,7 +38,7 @@ def _io(x: torch.Tensor, n_out: int, bias: torch.Tensor | None, code: int):
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
     io = (code, x.data_ptr(), m, k, k, y.data_ptr(), n_out, n_out, ptr(bias), torch.get_num_threads())
-    return x, y, io
+    return x, y, bias, io
 
 
 def _fix_nonfinite(rows, x, y, recompute):
@@ -74,9 +78,7 @@ def bind_linear(w) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
     n, code = w.shape[0], dtype_code(w.dtype)
 
     def run(x: torch.Tensor, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        if bias is not None:
-            bias = bias.contiguous()  # (the kernel reads it as one run; kept alive here through the call)
-        x, y, io = _io(x, n, bias, code)
+        x, y, bias, io = _io(x, n, bias, code)
         rows = kernel(*args, *io)
         return _fix_nonfinite(rows, x, y, lambda xr: linear_reference(xr, w.to_dense(), bias))
 
@@ -98,16 +100,13 @@ def bind_act_sparse(w_t) -> Callable[[torch.Tensor, float, torch.Tensor | None],
         keep = v, mask, offs = w_t.values.contiguous(), w_t.mask.contiguous(), w_t.row_offsets.contiguous()
         kernel, args = _C.act_sparse_bitmask, (ptr(v), ptr(mask), ptr(offs), k, n, mask.shape[1], v.numel())
     else:
-        rows_apart = k < 2 or w_t.stride(0) >= n  # (not an expanded tensor whose rows overlap)
-        keep = (w := w_t if w_t.stride(1) == 1 and rows_apart else w_t.contiguous(),)
+        keep = (w := strided_rows(w_t),)
         kernel, args = _C.act_sparse_dense, (ptr(w), k, n, w.stride(0))
 
     code = dtype_code(w_t.dtype)
 
     def run(x: torch.Tensor, threshold: float, bias: torch.Tensor | None, _keep=keep) -> torch.Tensor:
-        if bias is not None:
-            bias = bias.contiguous()  # (the kernel reads it as one run; kept alive here through the call)
-        x, y, io = _io(x, n, bias, code)
+        x, y, bias, io = _io(x, n, bias, code)
         rows = kernel(*args, float(threshold), *io)
         if dense:
             return y  # a dense w_t propagates NaN/inf by itself

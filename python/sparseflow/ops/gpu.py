@@ -19,7 +19,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .._ext import _C, dtype_code, ptr
+from .._ext import _C, dtype_code, ptr, strided_rows
 from .reference import act_sparse_mask, linear_reference
 
 # Tests set this so that every output element a kernel fails to write shows up as NaN.
@@ -65,11 +65,6 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Unit stride along the last dimension (kernels take any row stride)."""
-    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[-1]) else t.contiguous()
-
-
 def rounded_threshold(threshold: float, dtype: torch.dtype) -> float:
     """The threshold as the reference compares it: |x| <= threshold evaluated in x's dtype."""
     return float(torch.tensor(float(threshold), dtype=dtype).float())
@@ -102,8 +97,10 @@ def triton_act_sparse_dense(x2, w_t, threshold, bias):
 
 # ---- CUDA C++ (csrc/cuda) -----------------------------------------------------------------------
 def _cuda_io(x2: torch.Tensor, n: int, bias, workspace_bytes):
-    """The CUDA kernels' common arguments; `bias` must be contiguous (the caller keeps it alive)."""
-    x2 = _rows(x2)
+    """x2 as rows, the output, the bias contiguous (read as one run), and the CUDA kernels' common
+    arguments; the caller holds the tensors returned through the call."""
+    x2 = strided_rows(x2)
+    bias = None if bias is None else bias.contiguous()
     m = x2.shape[0]
     y = _out(x2, n)
     if y is None:
@@ -113,19 +110,18 @@ def _cuda_io(x2: torch.Tensor, n: int, bias, workspace_bytes):
     nbytes = workspace_bytes(m, n, x2.shape[1])
     ws = zeroed_workspace(x2.device, nbytes)  # the kernels leave it zeroed: one per stream, no memset
     stream = torch.cuda.current_stream(x2.device).cuda_stream
-    return x2, y, dict(bias=ptr(bias), y=ptr(y), ldy=y.stride(0), workspace=ptr(ws), workspace_bytes=nbytes,
-                       stream=stream)
+    return x2, y, bias, dict(bias=ptr(bias), y=ptr(y), ldy=y.stride(0), workspace=ptr(ws),
+                             workspace_bytes=nbytes, stream=stream)
 
 
 def cuda_act_sparse_dense(x2, w_t, threshold, bias):
     """CUDA C++ activation-sparse GEMV (M <= 16)."""
-    w_t = _rows(w_t)
+    w_t = strided_rows(w_t)
     k, n = w_t.shape
     if x2.shape[0] == 0:
         return x2.new_empty(0, n)
-    bias = None if bias is None else bias.contiguous()
     with _device(x2):
-        x2, y, io = _cuda_io(x2, n, bias, _C.cuda_act_sparse_gemv_workspace_bytes)
+        x2, y, bias, io = _cuda_io(x2, n, bias, _C.cuda_act_sparse_gemv_workspace_bytes)
         _C.cuda_act_sparse_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
                                 w_t=ptr(w_t), N=n, ldw=w_t.stride(0),
                                 threshold=rounded_threshold(threshold, x2.dtype), **io)
@@ -137,10 +133,9 @@ def cuda_nm24_linear(x2, w, bias):
     n, k = w.shape
     if x2.shape[0] == 0:
         return x2.new_empty(0, n)
-    values, index = _rows(w.values), _rows(w.index)
-    bias = None if bias is None else bias.contiguous()
+    values, index = strided_rows(w.values), strided_rows(w.index)
     with _device(x2):
-        x2, y, io = _cuda_io(x2, n, bias, _C.cuda_nm24_gemv_workspace_bytes)
+        x2, y, bias, io = _cuda_io(x2, n, bias, _C.cuda_nm24_gemv_workspace_bytes)
         _C.cuda_nm24_gemv(dtype=dtype_code(x2.dtype), x=ptr(x2), M=x2.shape[0], K=k, ldx=x2.stride(0),
                           values=ptr(values), ldv=values.stride(0), index=ptr(index), ldi=index.stride(0),
                           N=n, **io)

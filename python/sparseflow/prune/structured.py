@@ -96,7 +96,8 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-_MIXING = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+_SOFTMAXES = (nn.Softmax, nn.Softmin, nn.LogSoftmax)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # and any class named *norm*
 
 
 def _mixes_neurons(module: nn.Module, skip: set[str], width: int) -> bool:
@@ -107,9 +108,9 @@ def _mixes_neurons(module: nn.Module, skip: set[str], width: int) -> bool:
     for name, child in module.named_children():
         if name in skip:
             continue
-        if isinstance(child, (nn.Softmax, nn.Softmin, nn.LogSoftmax)):
+        if isinstance(child, _SOFTMAXES):
             return True
-        if isinstance(child, _MIXING) or "norm" in type(child).__name__.lower():
+        if isinstance(child, _NORMS) or "norm" in type(child).__name__.lower():
             if any(width in t.shape for t in [*child.parameters(recurse=False), *child.buffers(recurse=False)]) or \
                     getattr(child, "normalized_shape", None) in ((width,), [width]):
                 return True
