@@ -143,7 +143,7 @@ class ActSparseLinear(nn.Module):
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
-        if not above or (not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):
+        if not above or (x.is_cpu and not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):
             bias = self.bias
             fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,  # the weight's buffers
                              self._buffers.values(), self.w_t, (self.in_features, self.out_features))  # (and more)

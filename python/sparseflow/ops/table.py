@@ -115,16 +115,30 @@ def batched_backend(device_type: str, m: int) -> str:
 
 def backends(op: str | None = None, format: str | None = None, device: str | None = None) -> list[Backend]:
     """Rows matching the given fields (None matches all), in priority order."""
-    return [
-        b for b in BACKENDS
-        if (op is None or b.op == op) and (format is None or b.format == format)
-        and (device is None or b.device == device)
-    ]
+    return list(_rows(BACKENDS, op, format, device))
+
+
+# Every eager call selects its row: the rows matching (op, format, device) are found once per
+# table (tests swap BACKENDS for a new list, which starts a new cache).
+_ROWS: dict[tuple, tuple[Backend, ...]] = {}
+_ROWS_OF: list[list[Backend]] = [BACKENDS]
+
+
+def _rows(table: list[Backend], op, format, device) -> tuple[Backend, ...]:
+    if _ROWS_OF[0] is not table:
+        _ROWS.clear()
+        _ROWS_OF[0] = table
+    key = (op, format, device)
+    rows = _ROWS.get(key)
+    if rows is None:
+        rows = _ROWS[key] = tuple(b for b in table if (op is None or b.op == op)
+                                  and (format is None or b.format == format) and (device is None or b.device == device))
+    return rows
 
 
 def select(op: str, format: str, x: torch.Tensor, w, m: int, name: str = "") -> Backend:
     """The backend dispatch uses: the first row that fits, or the row called `name`."""
-    for b in backends(op, format, x.device.type):
+    for b in _rows(BACKENDS, op, format, x.device.type):
         if name and b.name != name:
             continue
         if x.dtype in b.dtypes and b.available() and b.applies(w, m):
