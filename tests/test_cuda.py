@@ -667,6 +667,8 @@ def test_sparsify_compile_save_load(device, dtype, tmp_path, monkeypatch):
     report = sf.sparsify(model, format="auto", m_range=(1, 16))
     assert [layer.pattern for layer in report.layers][0] == "2:4"
     assert all(set(layer.speedup) == {1, 16} for layer in report.layers)
+    kernels = {b.name for b in table.backends("linear", device=device)}  # a report names the device's row
+    assert all(layer.backend.split("+")[0] in kernels for layer in report.layers if layer.choice != "dense")
     entries = json.loads((tmp_path / "cache" / "dispatch.json").read_text())["entries"]
     assert entries and all(f"|{device_key(x.device)}|" in key for key in entries)
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path / "graphs"))  # timed as CUDA graphs replay it
@@ -737,8 +739,10 @@ def test_activation_sparsity(device, tmp_path, monkeypatch):
     weight = model[0].weight.detach().clone()
     calibration = [torch.randn(8, 512, generator=gen).to(device, dtype) for _ in range(4)]
     report = sf.sparsify(model, activation_sparsity=0.5, calibration=calibration, m_range=(1, 16))
+    kernels = {b.name for b in table.backends("act_sparse_linear", device=device)}
     for r, layer in zip(report.layers, (model[0], model[2]), strict=True):
         assert isinstance(layer, sf.ActSparseLinear) == r.choice.startswith("act-sparse"), r
+        assert r.choice == "dense" or r.backend.split("+")[0] in kernels, r
         if isinstance(layer, sf.ActSparseLinear):  # (left dense where measured slower)
             assert layer.threshold > 0 and layer.w_t().device == torch.device(device)
     for weight_format in ("dense", "bitmask"):

@@ -352,13 +352,18 @@ def default_is_batched(op: str, w, dense_w: torch.Tensor, m: int) -> bool:
     the same call would draw a crossover from noise alone."""
     if m <= 1:
         return False
+    return default_backend(op, w, dense_w, m) == table.batched_backend(dense_w.device.type, m)
+
+
+def default_backend(op: str, w, dense_w: torch.Tensor, m: int) -> str | None:
+    """The name of the backend row the op runs for m rows of x on dense_w's device and dtype (what
+    a layer's kernel is, in its report); None where no row takes that dtype."""
     x = torch.empty(0, device=dense_w.device, dtype=dense_w.dtype)  # select reads x's device and dtype only
     fmt = "dense" if isinstance(w, torch.Tensor) else w.format_name
     try:
-        row = table.select(op, fmt, x, w, m)
+        return table.select(op, fmt, x, w, m).name
     except RuntimeError:  # no row takes this dtype: the op will say so when timed
-        return False
-    return row.name == table.batched_backend(dense_w.device.type, m)
+        return None
 
 
 def measure(dense_w: torch.Tensor, candidates: dict[str, SparseFormat], rows: tuple[int, ...],

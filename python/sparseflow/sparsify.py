@@ -238,10 +238,11 @@ class Plan:
     keep_dense: bool
     speedup: dict[int, float]
     note: str
+    kernel: str = "cpp"  # the backend row of the kernel (on a GPU: "cuda", "triton", "torch")
 
     @property
     def backend(self) -> str:
-        return "cpp" if self.dense_above is None else ("cpp+dense" if self.keep_dense else "cpp+batched")
+        return self.kernel if self.dense_above is None else self.kernel + ("+dense" if self.keep_dense else "+batched")
 
 
 def plan_rows(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...], prefill: str,
@@ -375,6 +376,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                     plan = replace(plan, dense_above=above, note=f"batched above {above} rows (not measured there)")
             else:  # the module's default crossover
                 plan = Plan(new.dense_above, prefill == "dense", {}, "")
+            kernel = dispatch.default_backend("act_sparse_linear", new.w_t(), w, m_range[0])
+            plan = replace(plan, kernel=kernel or plan.kernel)
             new.dense_above = plan.dense_above
             new._keep_dense(plan.keep_dense)
             after = sum(b.numel() * b.element_size() for b in new.buffers())
@@ -411,6 +414,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             dispatch.measure_paths, w, {label: cands[label]}, label=label, use_cache=use_cache, remeasure=remeasure,
             graphs=cuda_graphs))
         plan = plan_rows(speed[label], timed["batched"][label], rows, prefill)
+        plan = replace(plan, kernel=dispatch.default_backend("linear", cands[label], w, m_range[0]) or plan.kernel)
         new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
                            keep_dense=plan.keep_dense)
         reports.append(LayerReport(**base, choice=label, backend=plan.backend,

@@ -29,24 +29,32 @@ DECODE_MAX_M = 16  # rows of x the decode (GEMV) kernels take
 
 
 # ---- availability -------------------------------------------------------------------------------
+# Every eager call asks the table which rows are available: the answers that cannot change within
+# a process are found once (torch.cuda.is_available costs the host microseconds per call).
 @functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def gpu_present() -> bool:
+    return torch.cuda.is_available()
+
+
 def triton_ready() -> bool:
-    return torch.cuda.is_available() and triton_installed()
+    return gpu_present() and triton_installed()
 
 
+@functools.cache
 def cuda_ext_ready() -> bool:
     """The CUDA C++ kernels were compiled into _C and a GPU is present."""
-    return hasattr(_C, "cuda_act_sparse_gemv") and torch.cuda.is_available()
+    return hasattr(_C, "cuda_act_sparse_gemv") and gpu_present()
 
 
 def semi_structured_ready() -> bool:
     """torch's 2:4 sparse matmul: cuSPARSELt on sm_80 and newer; without it, CUTLASS, which torch
     2.11 runs on sm_8x only ("Supported only on GPUs with compute capability 8.x" on an H200)."""
-    if not torch.cuda.is_available():
+    if not gpu_present():
         return False
     capability = torch.cuda.get_device_capability()
     return capability >= (8, 0) and (torch.backends.cusparselt.is_available() or capability < (9, 0))
