@@ -137,3 +137,33 @@ def test_forward_mode_and_func_gradients_match_the_dense_layer(name):
     assert torch.allclose(g, torch.func.grad(lambda x: dense(x).square().sum())(x), atol=1e-4)
     assert torch.allclose(torch.func.jacrev(mod)(x[:2]), torch.func.jacrev(dense)(x[:2]), atol=1e-5)
     assert torch.allclose(torch.func.vmap(mod)(x[None].expand(3, -1, -1)), mod(x).expand(3, -1, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bitmask", "2:4", "act-bitmask"])
+def test_compiled_func_transforms_match_the_dense_layer(name):
+    """torch.compile around torch.func.grad / jacrev / jvp of a sparse layer: the layer's call runs
+    eagerly (a graph break, which fullgraph=True refuses, naming sparseflow), so the transforms see
+    the plain-torch reference; vmap and plain compile stay in the graph."""
+    mod, lin = _modules()[name]
+    threshold = 0.5 if name.startswith("act") else -1.0
+    x, v = torch.randn(5, lin.in_features), torch.randn(5, lin.in_features)
+    if name.startswith("act"):
+        x = x.sign() * (x.abs() + 0.6) * (torch.rand_like(x) < 0.5)
+
+    def dense(x):
+        return F.linear(torch.where(x.abs() > threshold, x, 0.0), lin.weight.detach(), lin.bias.detach())
+
+    torch._dynamo.reset()
+    g = torch.compile(torch.func.grad(lambda x: mod(x).square().sum()))(x)
+    assert torch.allclose(g, torch.func.grad(lambda x: dense(x).square().sum())(x), atol=1e-4)
+    jac = torch.compile(lambda x: torch.func.jacrev(mod)(x))(x[:2])
+    assert torch.allclose(jac, torch.func.jacrev(dense)(x[:2]), atol=1e-5)
+    out, tangent = torch.compile(lambda x, v: torch.func.jvp(mod, (x,), (v,)))(x, v)
+    ref_out, ref_tangent = torch.func.jvp(dense, (x,), (v,))
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(tangent, ref_tangent, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="sparseflow: a sparse op under torch.func"):
+        torch.compile(torch.func.grad(lambda x: mod(x).square().sum()), fullgraph=True)(x)
+    torch._dynamo.reset()
+    batched = torch.compile(torch.func.vmap(mod), fullgraph=True)(x[None].expand(3, -1, -1))
+    assert torch.allclose(batched, mod(x).expand(3, -1, -1), atol=1e-5)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import is_gradtrackingtensor
+from torch._C._functorch import TransformType, is_gradtrackingtensor
+from torch._functorch.pyfunctorch import coerce_cinterpreter
 from torch.autograd import forward_ad
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
@@ -145,11 +146,19 @@ def _check(x: torch.Tensor, in_features: int, out_features: int, dtype: torch.dt
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {dtype} on {device}")
 
 
+_AD_TRANSFORMS = (TransformType.Grad, TransformType.Jvp)
+
+
 def _ad_transform(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Forward-mode AD (torch.func.jvp, dual tensors) or a torch.func gradient transform (grad, vjp,
     jacrev): custom ops have no rule for them (a jvp saw a zero tangent, grad raised inside torch), so
-    these run the plain-torch reference, which every transform differentiates."""
+    these run the plain-torch reference, which every transform differentiates. Under torch.compile
+    inside such a transform, the call runs eagerly (a graph break; fullgraph=True refuses it): Dynamo
+    cannot trace the reference's decompression there, nor the checks on x."""
     if torch.compiler.is_compiling():
+        top = torch._C._functorch.peek_interpreter_stack()  # (what Dynamo can read of the transforms)
+        if isinstance(top, torch._C._functorch.CInterpreter) and coerce_cinterpreter(top).key() in _AD_TRANSFORMS:
+            torch._dynamo.graph_break("sparseflow: a sparse op under torch.func.grad/jvp/jacrev runs eagerly")
         return False
     return forward_ad._current_level >= 0 or is_gradtrackingtensor(x) or (
         bias is not None and is_gradtrackingtensor(bias))
