@@ -34,7 +34,7 @@ def _io(x: torch.Tensor, n_out: int, bias: torch.Tensor | None, code: int):
     k, m = shape[-1], 1
     for s in shape[:-1]:
         m *= s
-    y = torch.empty((*shape[:-1], n_out), dtype=x.dtype, device="cpu")  # not torch's default device
+    y = x.new_empty((*shape[:-1], n_out))  # x's dtype and device (CPU), not torch's defaults
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
     io = (code, x.data_ptr(), m, k, k, y.data_ptr(), n_out, n_out, ptr(bias), torch.get_num_threads())
