@@ -160,3 +160,32 @@ def test_the_functional_ops_checks_compile_without_graph_breaks():
     for w in (w_t, sf.Bitmask.from_dense(w_t * (torch.rand(64, 32) > 0.5))):
         compiled = torch.compile(lambda x, w=w: sf.ops.act_sparse_linear(x, w, 0.5) * 2, fullgraph=True)
         torch.testing.assert_close(compiled(x), sf.ops.act_sparse_linear(x, w, 0.5) * 2)
+
+
+def test_a_layer_the_dict_does_not_target_needs_no_calibration_inputs():
+    """activation_sparsity as a dict: calibration inputs are captured for the layers it names only,
+    so a head the forward never calls (or one fed inf) stays an untouched dense layer."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.aux_head = nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.up(x)
+
+    model = Model()
+    report = sf.sparsify(model, activation_sparsity={"up": 0.5}, calibration=[torch.randn(8, 32)], measure=False)
+    assert isinstance(model.up, sf.ActSparseLinear) and type(model.aux_head) is nn.Linear
+    assert [r.choice for r in report.layers] == ["act-sparse(dense)", "dense"]
+    with pytest.raises(ValueError, match="never reached layer 'aux_head'"):  # asked of it, it is still refused
+        sf.sparsify(Model(), activation_sparsity={"aux*": 0.5}, calibration=[torch.randn(8, 32)], measure=False)
+
+
+@pytest.mark.parametrize("backend", ["", "cpp", "batched", "reference"])
+def test_no_input_features_give_the_bias_on_every_backend(backend):
+    """K = 0: every row of the output is the bias (x @ w is empty), on every CPU row of the table."""
+    x, bias = torch.randn(3, 2, 0), torch.randn(8)
+    assert sf.ops.table.rows_of(x) == 6
+    y = sf.ops.act_sparse_linear(x, torch.randn(0, 8), 0.3, bias, backend=backend)
+    torch.testing.assert_close(y, bias.expand(3, 2, 8))

@@ -85,6 +85,16 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name == p for p in (patterns or ()))
 
 
+def _act_target(activation_sparsity, name: str) -> float | None:
+    """The activation sparsity asked of layer `name`: the fraction, or a dict's entry for the name or
+    its first pattern that matches it (None: none asked)."""
+    if not isinstance(activation_sparsity, dict):
+        return activation_sparsity
+    if name in activation_sparsity:
+        return activation_sparsity[name]
+    return next((v for k, v in activation_sparsity.items() if _matches(name, [k])), None)
+
+
 def _tied(model: nn.Module) -> set[int]:
     """Storage of parameters used by more than one module (tied embeddings / lm_head)."""
     seen: dict[int, int] = {}
@@ -323,7 +333,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         for t in targets:  # checked before any layer is replaced
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t < 1.0:
                 raise ValueError(f"activation sparsity must be a fraction in [0, 1), got {t!r}")
-        acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent], calibration)
+        acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent
+                                      and _act_target(activation_sparsity, n) is not None], calibration)
     reports = []
     for name, lin in layers:
         # Layers sparseflow cannot hold (float64, empty, meta weights...) stay dense with a note:
@@ -349,9 +360,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             reports.append(LayerReport(**base, choice="dense", backend="torch", bytes_after=before,
                                        note=f"{parent} reads its weight directly"))
             continue
-        target = activation_sparsity.get(name, next((v for k, v in activation_sparsity.items()
-                                                      if _matches(name, [k])), None)) \
-            if isinstance(activation_sparsity, dict) else activation_sparsity
+        target = _act_target(activation_sparsity, name)
         if target is not None:
             x = acts[name]
             shift = input_modes(x).to(w.dtype) if mode_centering else None

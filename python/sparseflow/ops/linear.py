@@ -20,7 +20,7 @@ LIB = "sparseflow"
 
 
 def _run_linear(fmt: str, x: torch.Tensor, w: SparseFormat, bias, backend: str) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(table.rows_of(x), x.shape[-1])  # (not -1: K may be 0)
     b = table.select("linear", fmt, x, w, x2.shape[0], backend)
     return b.fn(x2, w, bias).reshape(*x.shape[:-1], w.shape[0])
 
@@ -216,7 +216,7 @@ def linear_from_buffers(x: torch.Tensor, format_name: str, tensors: dict, params
 
 
 def _run_act_sparse(fmt: str, x: torch.Tensor, w_t, n: int, threshold: float, bias, backend: str) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(table.rows_of(x), x.shape[-1])  # (not -1: K may be 0)
     b = table.select("act_sparse_linear", fmt, x, w_t, x2.shape[0], backend)
     return b.fn(x2, w_t, threshold, bias).reshape(*x.shape[:-1], n)
 

@@ -11,6 +11,7 @@ GPU it is also the default where a format has no kernel for that many rows."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,9 +104,12 @@ BATCHED = {"cpu": "batched", "cuda": "batched"}
 
 
 def rows_of(x: torch.Tensor) -> int:
-    """Rows of x [..., K]: every dimension but the last (0 for an empty x; 1 for a 0-d x, which the
-    op then refuses with a message)."""
-    return x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+    """Rows of x [..., K]: the product of every dimension but the last (1 for a 0-d x, which the op
+    then refuses with a message)."""
+    if not x.dim():
+        return 1
+    k = x.shape[-1]
+    return x.numel() // k if k else math.prod(x.shape[:-1])  # (K = 0: the rows still count)
 
 
 def batched_backend(device_type: str, m: int) -> str:
