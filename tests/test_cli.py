@@ -195,6 +195,31 @@ def test_convert_writes_a_loadable_directory(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2  # DST exists: refused
 
 
+def test_convert_reads_a_model_sparseflow_saved_and_refuses_missing_weights(tmp_path, capsys):
+    """A directory sf.save_pretrained wrote is rebuilt with its sparse layers and densified, not
+    read by transformers (which found none of the pruned weights and started them from random
+    values); any other source must hold every weight of its architecture."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "once"), "--method", "magnitude",
+                 "--pattern", "2:4"]) == 0
+    assert main(["convert", str(tmp_path / "once"), str(tmp_path / "twice"), "--method", "magnitude",
+                 "--pattern", "2:4"]) == 0  # 2:4 again: the same weights
+    capsys.readouterr()
+    once, twice = (sf.model_io.dense_state_dict(sf.from_pretrained(tmp_path / d)) for d in ("once", "twice"))
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--method", "magnitude"]) == 2
+    assert "lacks 1 of the model's weights (model.layers.0.mlp.up_proj.weight)" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_convert_calibrates_with_a_tokenizer_that_has_no_pad_token(tmp_path, capsys):
     """Llama, Mistral and GPT-2 tokenizers have no pad token: convert's default method (wanda)
     failed asking for one. It pads with eos (or unk); the attention mask keeps padding out."""

@@ -325,6 +325,36 @@ def test_transformers_save_pretrained_round_trip(tmp_path):
         assert torch.allclose(dense(ids).logits, y, atol=1e-4)
 
 
+def test_mode_centred_layers_export_only_the_biases_the_model_has(tmp_path):
+    """SCAP folds W s into a bias; a Llama's projections have none, so the dense export, to_linear
+    and a save / load round trip must not grow one (transformers reported them as unexpected), while
+    a layer with its own bias gets it back, the shift taken out."""
+    import transformers
+
+    model = tiny_llama()
+    calibration = [torch.randint(0, 100, (2, 9)) for _ in range(2)]
+    with torch.no_grad():
+        y = model(calibration[0]).logits
+    sf.sparsify(model, activation_sparsity=0.3, calibration=calibration, mode_centering=True, measure=False)
+    acts = {n: m for n, m in model.named_modules() if isinstance(m, sf.ActSparseLinear)}
+    assert len(acts) == 14 and all(m.shift is not None and m.bias is not None for m in acts.values())
+    assert all(m.to_linear().bias is None for m in acts.values())
+    sf.export_dense(model, tmp_path / "dense")
+    dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense", output_loading_info=True)
+    assert not dense[1]["unexpected_keys"] and not dense[1]["missing_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(dense[0].eval()(calibration[0]).logits, y)
+    sf.save_pretrained(model, tmp_path / "sparse")
+    loaded = sf.from_pretrained(tmp_path / "sparse")
+    assert all(m.folded_bias for m in loaded.modules() if isinstance(m, sf.ActSparseLinear))
+    lin = nn.Linear(16, 8)
+    own = sf.ActSparseLinear(lin.weight, lin.bias, 0.1, shift=torch.randn(16))
+    torch.testing.assert_close(own.to_linear().bias, lin.bias.detach())
+    (tmp_path / "sparse" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        sf.from_pretrained(tmp_path / "sparse")
+
+
 def test_torch_export_of_a_sparse_model():
     m = pruned_mlp()
     sf.sparsify(m, format="bitmask")

@@ -35,6 +35,31 @@ def _calibration(tokenizer, path: str | None, batches: int = 8, batch_size: int 
     return [dict(tokenizer(c, padding=True, truncation=True, max_length=128, return_tensors="pt")) for c in chunks]
 
 
+def _load_dense(src: Path):
+    """The model in SRC with dense nn.Linear layers: a model sparseflow saved is rebuilt with its
+    sparse layers and densified (zeros where pruned); any other through transformers, which must
+    find every weight the architecture has (it would start the missing ones from random values)."""
+    import transformers
+
+    if model_io.saved_by_sparseflow(src):
+        return model_io.densified(model_io.from_pretrained(src)).eval()
+    config = transformers.AutoConfig.from_pretrained(src)
+    arch = (config.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, arch, transformers.AutoModel)
+    try:
+        model, info = cls.from_pretrained(src, output_loading_info=True)
+    except (OSError, ValueError, ImportError):  # the CLI reports these as they are
+        raise
+    except Exception as e:  # e.g. safetensors' own error on a damaged weights file
+        raise ValueError(f"{src}: cannot load the model's weights: {type(e).__name__}: {e}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        named = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(f"{src}: its weights file lacks {len(missing)} of the model's weights ({named}); "
+                         "a pruned model would start them from random values")
+    return model.eval()
+
+
 def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=None, export="sparseflow",
             show=True) -> dict:
     import transformers
@@ -48,15 +73,7 @@ def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=N
     if export not in ("sparseflow", "dense", "compressed-tensors"):
         raise ValueError(f"export must be sparseflow, dense or compressed-tensors, got {export!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = transformers.AutoConfig.from_pretrained(src)
-    arch = (config.architectures or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, transformers.AutoModel)
-    try:
-        model = cls.from_pretrained(src).eval()
-    except (OSError, ValueError, ImportError):  # the CLI reports these as they are
-        raise
-    except Exception as e:  # e.g. safetensors' own error on a damaged weights file
-        raise ValueError(f"{src}: cannot load the model's weights: {type(e).__name__}: {e}") from None
+    model = _load_dense(src)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src) if any(src.glob("tokenizer*")) else None
     calib = None
     if method != "magnitude":

@@ -6,6 +6,7 @@ description to JSON; nothing is pickled."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -116,7 +117,7 @@ def skeleton(spec: dict) -> nn.Module:
         if kind == "ActSparseLinear":
             return ActSparseLinear.empty(shape, float(spec["threshold"]), spec["weight_format"], bool(spec["bias"]),
                                          bool(spec["shift"]), spec.get("dense_above"),
-                                         bool(spec.get("keep_dense", False)))
+                                         bool(spec.get("keep_dense", False)), bool(spec.get("folded_bias", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{DESCRIPTION}: bad module spec {spec!r} ({e})") from None
     raise ValueError(f"{DESCRIPTION}: unknown module type {kind!r}")
@@ -283,6 +284,9 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     cls = getattr(transformers, str(cls_name), None)
     if cls is None:
         raise ValueError(f"{directory}: unknown transformers class {cls_name!r}")
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: sf.from_pretrained rebuilds the model from it "
+                                "(sf.load reads a model saved by sf.save)")
     config = transformers.AutoConfig.from_pretrained(directory)
     structure = getattr(config, STRUCTURE_KEY, None)
     with torch.device("meta"):
@@ -317,13 +321,27 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             wt = m.w_t()
             w = (wt if isinstance(wt, torch.Tensor) else wt.to_dense()).t().contiguous()
-            bias = m.bias
-            if m.shift is not None:  # the shift was folded into the bias: take it out again
-                bias = (bias.float() - (w.float() @ m.shift.float())).to(w.dtype)
+            bias = m.dense_bias(w)  # (the folded shift taken out again; none where the layer had none)
         out[f"{name}.weight"] = w
         if bias is not None:
             out[f"{name}.bias"] = bias.detach()
     return out
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """A copy with every sparse layer (weight- or activation-sparse) replaced by the equivalent
+    dense nn.Linear (zeros where pruned)."""
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, (SparseLinear, ActSparseLinear)):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, mod.to_linear())
+    return dense
+
+
+def saved_by_sparseflow(directory: str | os.PathLike) -> bool:
+    """Whether a directory holds a model sf.save or sf.save_pretrained wrote."""
+    return (Path(directory) / DESCRIPTION).is_file()
 
 
 def _warn_structure_lost(model: nn.Module, what: str) -> None:

@@ -5,7 +5,6 @@ several variants of a model, interleaved. Used by benchmarks/bench_models.py and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from .._argtypes import positive_int
+from ..model_io import densified
 from .load import OtherLoad
 from .timing import compare
 
@@ -58,19 +58,6 @@ def median_interleaved(fns: dict[str, Callable[[], None]], rounds: int, inner: i
 
     stats = compare({k: turn(fn) for k, fn in fns.items()}, warmup=1, reps=rounds)
     return {k: s.median / inner for k, s in stats.items()}
-
-
-def densified(model: nn.Module) -> nn.Module:
-    """A copy with every sparse layer (weight- or activation-sparse) replaced by the equivalent
-    dense nn.Linear."""
-    from ..nn import ActSparseLinear, SparseLinear
-
-    dense = copy.deepcopy(model)
-    for name, mod in list(dense.named_modules()):
-        if isinstance(mod, (SparseLinear, ActSparseLinear)):
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, mod.to_linear())
-    return dense
 
 
 class ActSparseReference(nn.Module):

@@ -57,13 +57,15 @@ class ActSparseLinear(nn.Module):
             effective = (folded if effective is None else effective.float() + folded).to(weight.dtype)
         self.register_buffer("shift", shift)
         self.bias = None if effective is None else nn.Parameter(effective, requires_grad=False)
+        self.folded_bias = bias is None and shift is not None  # the bias holds W s only: the dense layer has none
         self._kernel = BoundKernel("act_sparse_linear", weight_format)
         self._unloaded = False
         self._keep_dense(keep_dense)
 
     @classmethod
     def empty(cls, shape: tuple[int, int], threshold: float, weight_format: str, bias: bool,
-              shift: bool, dense_above: int | None = 16, keep_dense: bool = False) -> ActSparseLinear:
+              shift: bool, dense_above: int | None = 16, keep_dense: bool = False,
+              folded_bias: bool = False) -> ActSparseLinear:
         """A module with placeholder buffers; load_state_dict fills (and validates) them."""
         if weight_format not in ("dense", "bitmask"):
             raise ValueError(f"weight_format must be 'dense' or 'bitmask', got {weight_format!r}")
@@ -79,6 +81,7 @@ class ActSparseLinear(nn.Module):
             mod.register_buffer(name, torch.empty(0))
         mod.register_buffer("shift", torch.empty(0) if shift else None)
         mod.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
+        mod.folded_bias = bool(folded_bias and bias and shift)
         mod._kernel = BoundKernel("act_sparse_linear", weight_format)
         mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense else None, persistent=False)
@@ -105,17 +108,25 @@ class ActSparseLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """The dense layer this one thresholds the inputs of: nn.Linear with the [out, in] weight and
-        the original bias (the folded shift taken back out)."""
+        the original bias (the folded shift taken back out; none where the layer had none)."""
         w_t = self.w_t()
         w = (w_t if isinstance(w_t, torch.Tensor) else w_t.to_dense()).t()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                        dtype=w.dtype)
+        bias = self.dense_bias(w)
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w)
-            if self.bias is not None:
-                bias = self.bias.float() - (w.float() @ self.shift.float() if self.shift is not None else 0.0)
-                lin.bias.copy_(bias.to(w.dtype))
+            if bias is not None:
+                lin.bias.copy_(bias)
         return lin
+
+    def dense_bias(self, w: torch.Tensor) -> torch.Tensor | None:
+        """The dense layer's bias, given its [out, in] weight w: the bias less the folded shift W s,
+        or None where the dense layer had no bias (the bias held W s only)."""
+        if self.bias is None or self.folded_bias:
+            return None
+        if self.shift is None:
+            return self.bias.detach()
+        return (self.bias.float() - w.float() @ self.shift.float()).to(w.dtype)
 
     def w_t(self):
         if self.weight_format == "dense":
@@ -127,7 +138,7 @@ class ActSparseLinear(nn.Module):
         return {"type": "ActSparseLinear", "shape": [self.out_features, self.in_features],
                 "threshold": self.threshold, "weight_format": self.weight_format, "bias": self.bias is not None,
                 "shift": self.shift is not None, "dense_above": self.dense_above,
-                "keep_dense": self.dense_copy is not None}
+                "keep_dense": self.dense_copy is not None, "folded_bias": self.folded_bias}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._unloaded:
