@@ -189,3 +189,13 @@ def test_no_input_features_give_the_bias_on_every_backend(backend):
     assert sf.ops.table.rows_of(x) == 6
     y = sf.ops.act_sparse_linear(x, torch.randn(0, 8), 0.3, bias, backend=backend)
     torch.testing.assert_close(y, bias.expand(3, 2, 8))
+
+
+@pytest.mark.parametrize("backend", ["", "reference"])
+def test_a_bias_that_is_no_tensor_is_a_type_error(backend):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    w[:, ::2] = 0
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        sf.ops.linear(x, sf.Bitmask.from_dense(w), [0.0] * 4, backend=backend)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        sf.ops.act_sparse_linear(x, w.t().contiguous(), 0.1, [0.0] * 4, backend=backend)

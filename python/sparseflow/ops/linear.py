@@ -130,9 +130,15 @@ subtract_shift.register_autograd(lambda ctx, grad: (grad, None))
 
 
 # ---------------------------------------------------------------------------------------------
+def _check_bias_type(bias) -> None:
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+
 def _check(x: torch.Tensor, in_features: int, out_features: int, dtype: torch.dtype, device, bias) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_bias_type(bias)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
     if x.dtype != dtype:
@@ -176,6 +182,7 @@ def linear(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None, b
     `backend` forces a row of the backend table by name ("cpp", "reference", ...)."""
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a sparseflow format (Bitmask, CSR, BSR, NM), got {type(w).__name__}")
+    _check_bias_type(bias)  # (before the bound kernel reads it)
     if backend in ("", "cpp"):
         fn = bound_for_format(x, w, bias)
         if fn is not None:
@@ -258,6 +265,7 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
         raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
     k, n = w_t.shape
     _check(x, k, n, w_t.dtype, w_t.device, bias)
+    _check_bias_type(bias)  # (before the bound kernel reads it)
     if backend in ("", "cpp"):
         fn = bound_act_sparse(x, w_t, bias)
         if fn is not None:
