@@ -307,6 +307,12 @@ def test_other_bad_requests(llama_server, minilm_server):
     _error(llama_server.raw("GET", "/v1/completions"), 405)
     _error(llama_server.raw("POST", "/v1/completions", b"x" * (5 << 20)), 413)
     _error(llama_server.raw("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000), 400)  # too deep to parse
+    lone = '"ok \\ud800"'  # JSON for a string with an unpaired surrogate: no tokenizer takes it
+    for server, path, body in ((llama_server, "/v1/completions", f'{{"model": "{LLAMA}", "prompt": {lone}}}'),
+                               (llama_server, "/v1/chat/completions",
+                                f'{{"model": "{LLAMA}", "messages": [{{"role": "user", "content": {lone}}}]}}'),
+                               (minilm_server, "/v1/embeddings", f'{{"model": "{MINILM}", "input": ["ok", {lone}]}}')):
+        assert "not valid Unicode" in _error(server.raw("POST", path, body), 400)["message"]
     with pytest.raises(openai.NotFoundError):
         llama_server.client.completions.create(model="nope", prompt="x")
     # the server is still healthy after all of that
@@ -418,6 +424,31 @@ def test_a_model_failure_answers_500_and_the_server_goes_on(llama_dir):
         code, body = server.post("/v1/completions", {"model": LLAMA, "prompt": [5, 6, 8], "max_tokens": 3})
         assert code == 200 and body["usage"]["completion_tokens"] == 3
         assert server.raw("GET", "/health")[0] == 200
+    finally:
+        server.close()
+
+
+def test_an_unexpected_error_answers_500_and_is_counted(llama_dir):
+    """An exception no handler expects answers 500 from the outermost error handler, outside the
+    metrics middleware, which still counts it."""
+    loaded = load_for_serving(llama_dir, name=LLAMA)
+    encode = loaded.tokenizer.encode
+    loaded.tokenizer.encode = lambda text: encode(text) if text != "boom" else 1 / 0
+    server = Server(loaded)
+    try:
+        assert "ZeroDivisionError" in _error(server.post("/v1/completions", {"model": LLAMA, "prompt": "boom"}),
+                                             500)["message"]
+        assert server.metric('sparseflow_requests_total{endpoint="/v1/completions",status="500"}') == 1
+        assert server.raw("GET", "/health")[0] == 200
+    finally:
+        server.close()
+
+
+def test_an_embedding_input_longer_than_the_positions_names_the_input(minilm_dir):
+    server = Server(load_for_serving(minilm_dir, name=MINILM), Limits(max_input_tokens=1000))
+    try:
+        err = _error(server.post("/v1/embeddings", {"model": MINILM, "input": [5] * 600}), 400, "input")
+        assert err["message"] == "600 input tokens exceed the model's 512 positions"
     finally:
         server.close()
 

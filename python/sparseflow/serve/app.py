@@ -66,11 +66,15 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
     @app.middleware("http")
     async def count(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
         endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+        status = "500"  # call_next raising: the server-error handler (outside this middleware) answers 500
+        try:
+            response = await call_next(request)
+            status = str(response.status_code)
+            return response
+        finally:
+            metrics.requests.labels(endpoint, status).inc()
+            metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -97,6 +101,13 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:  # (nested deeper than the parser's stack)
             raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+        try:  # JSON's \ud800 escapes make strings no tokenizer (or UTF-8 encoder) takes
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"the request body holds text that is not valid Unicode ({e.reason}: "
+                           f"{e.object[e.start:e.end]!a})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
         req = parse(kind, body)
         if req.model != loaded.name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {loaded.name!r}",
@@ -110,6 +121,9 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
             raise APIError(413, f"the input has {len(ids)} tokens; the limit is {limits.max_input_tokens}",
                            code="context_length_exceeded")
         if len(ids) + max_new > loaded.max_positions:
+            if not max_new:  # (embeddings: the input alone)
+                raise APIError(400, f"{len(ids)} input tokens exceed the model's {loaded.max_positions} positions",
+                               param=param, code="context_length_exceeded")
             raise APIError(400, f"{len(ids)} input tokens + {max_new} new tokens exceed the model's "
                            f"{loaded.max_positions} positions", param="max_tokens", code="context_length_exceeded")
         return ids
