@@ -286,3 +286,20 @@ def test_an_mlp_that_may_mix_its_neurons_is_left_whole(mid, shrunk):
     shrink(m)
     assert (m.fc1.out_features == 24) == shrunk
     torch.testing.assert_close(m(x), y)
+
+
+def test_shrink_leaves_a_shared_config_to_the_other_models():
+    """transformers keeps the caller's config object: two models built from one config shared it,
+    and shrinking one rewrote the other's head count and MLP width (its save then failed to load)."""
+    first = tiny_llama()
+    second = transformers.LlamaForCausalLM(first.config).eval()
+    cal = [torch.randint(0, 120, (2, 10)) for _ in range(2)]
+    prune(first, "magnitude", 0.5, "heads", calibration=cal)
+    prune(first, "magnitude", 0.5, "neurons", calibration=cal)
+    shrink(first)
+    assert (first.config.num_attention_heads, first.config.intermediate_size) == (4, 48)
+    assert (second.config.num_attention_heads, second.config.intermediate_size) == (8, 96)
+    assert not hasattr(second.config, STRUCTURE_KEY)
+    assert all(m.config is first.config for m in first.modules() if hasattr(m, "config"))  # (one config per model)
+    with torch.no_grad():
+        assert run(second, cal[0]).shape == (2, 10, 120) and run(first, cal[0]).shape == (2, 10, 120)

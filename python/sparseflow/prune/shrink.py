@@ -14,6 +14,7 @@ model. `load_shrunk(path)` rebuilds any shrunk model (BERT heads, uneven widths,
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -102,12 +103,24 @@ def structure_of(model: nn.Module) -> dict:
     return {"mlp": mlp, "heads": heads, "bias": bias}
 
 
+def _own_config(model: nn.Module, config):
+    """A copy of the config for this model and every submodule that shares it: transformers keeps the
+    caller's config object, which other models built from it share, and their configs must keep
+    describing their own sizes."""
+    own = copy.deepcopy(config)
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = own
+    return own
+
+
 def record_structure(model: nn.Module) -> None:
     """Write structure_of(model) into model.config (a transformers config), where save_pretrained
     stores it, and update the config's own size fields where they can describe the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
+    config = _own_config(model, config)
     structure = structure_of(model)
     setattr(config, STRUCTURE_KEY, structure)
     widths = set(structure["mlp"].values())
