@@ -169,7 +169,7 @@ def test_weights_on_another_device_or_a_bad_bias_take_the_op(op_calls):
         m.bias = torch.nn.Parameter(torch.ones(1), requires_grad=False)  # assigned: refused by the op
         with pytest.raises(ValueError, match="bias must have shape"):
             m(x)
-    assert len(op_calls) == 1  # (the meta weight is refused by its validation, before any op)
+    assert len(op_calls) == 2  # (the op refuses both: a CPU x for a meta weight, and the bias)
 
 
 def test_jit_trace_records_the_op():

@@ -238,3 +238,26 @@ def test_a_dense_copy_refuses_another_dtype_as_the_kernels_do():
         for rows in (2, 17):  # the kernel, then the dense copy
             with pytest.raises(TypeError, match="x is torch.float32 but the weight is torch.bfloat16"):
                 layer(torch.randn(rows, lin.in_features))
+
+
+@pytest.mark.parametrize("kind", ["bitmask", "2:4", "csr", "act-dense", "act-bitmask"])
+def test_an_in_place_edit_reaches_the_dense_copy_too(kind):
+    """keep_dense: the prefill rows' dense copy is made again when the weight buffers change in place,
+    so decode and prefill rows see the same weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+    if kind.startswith("act"):
+        m = sf.ActSparseLinear(lin.weight, lin.bias, 0.0, weight_format=kind[4:], dense_above=4, keep_dense=True)
+        buffer = m.weight_t if kind == "act-dense" else m.weight_t_values
+    else:
+        m = sf.SparseLinear.from_linear(lin, format=kind)
+        m.dense_above = 4
+        m._keep_dense(True)
+        buffer = m.weight_values
+    with torch.no_grad():
+        buffer.mul_(2)
+        for rows in (1, 8):  # one row: the kernel; eight: the dense copy
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(m(x), F.linear(x, 2 * lin.weight, lin.bias))

@@ -673,3 +673,32 @@ def test_a_declared_layer_shape_must_fit_the_model(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", tensors, {"sparseflow": json.dumps(description)})
     with pytest.raises(ValueError, match="up_proj is declared 1048576x64, the model's layer there is 128x64"):
         sf.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["bitmask", "act"])
+def test_load_state_dict_keeps_the_bias_parameter_a_trainer_holds(kind):
+    """As nn.Linear: loading copies into the existing bias Parameter, so its requires_grad and an
+    optimizer's hold on it survive a resumed checkpoint."""
+    lin = nn.Linear(16, 8)
+    make = (lambda: sf.SparseLinear.from_linear(lin, format="bitmask")) if kind == "bitmask" else \
+        (lambda: sf.ActSparseLinear.from_linear(lin, threshold=0.1))
+    m, saved = make(), make().state_dict()
+    m.bias.requires_grad_(True)
+    bias = m.bias
+    opt = torch.optim.SGD([bias], lr=0.1)
+    m.load_state_dict(saved)
+    assert m.bias is bias and bias.requires_grad
+    m(torch.randn(3, 16)).sum().backward()
+    before = bias.detach().clone()
+    opt.step()
+    assert not torch.equal(m.bias.detach(), before)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "bsr", "2:4", "act"])
+def test_a_module_on_the_meta_device_gives_shapes(fmt):
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
+    m = sf.ActSparseLinear.from_linear(lin, threshold=0.1) if fmt == "act" else sf.SparseLinear.from_linear(lin, fmt)
+    y = m.to("meta")(torch.empty(3, 5, 64, device="meta"))
+    assert y.is_meta and y.shape == (3, 5, 48)

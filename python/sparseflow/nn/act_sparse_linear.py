@@ -16,8 +16,8 @@ from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import batched_backend_above, linear_on_dense_copy, run_at_crossover
-from .state_dict import as_kept, check_float, unexpected_of
+from .crossover import batched_backend_above, dense_copy_stale, linear_on_dense_copy, run_at_crossover, weight_stamp
+from .state_dict import as_kept, check_float, load_bias, unexpected_of
 
 
 class ActSparseLinear(nn.Module):
@@ -85,6 +85,7 @@ class ActSparseLinear(nn.Module):
         mod._kernel = BoundKernel("act_sparse_linear", weight_format)
         mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense else None, persistent=False)
+        mod._dense_copy_of = None
         return mod
 
     @property
@@ -100,6 +101,12 @@ class ActSparseLinear(nn.Module):
         w_t = self.w_t()
         copy = (w_t if isinstance(w_t, torch.Tensor) else w_t.to_dense()).t().contiguous() if on else None
         self.register_buffer("dense_copy", copy, persistent=False)
+        self._dense_copy_of = weight_stamp(self._weight_buffers()) if on else None
+
+    def _weight_buffers(self) -> list[torch.Tensor]:
+        if self.weight_format == "dense":
+            return [self.weight_t]
+        return [getattr(self, f"weight_t_{n}") for n in Bitmask.tensor_names]
 
     @classmethod
     def from_linear(cls, linear: nn.Module, threshold: float = 0.0, shift: torch.Tensor | None = None,
@@ -152,6 +159,8 @@ class ActSparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
+            if dense_copy_stale(self._dense_copy_of, self._weight_buffers()):
+                self._keep_dense(True)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
         if not above or (x.is_cpu and not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):
@@ -219,7 +228,7 @@ class ActSparseLinear(nn.Module):
         if all(n in incoming for n in names):
             self._unloaded = False
         if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
+            load_bias(self, bias)
         if self.dense_copy is not None and any_loaded:
             self._keep_dense(True)  # after any weight buffer loaded (in-place edits need this call too)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import table
+from ..ops.bound import stamp
 from ..ops.table import rows_of
 
 
@@ -38,3 +39,22 @@ def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.
         raise TypeError(f"x is {x.dtype} but the weight is {dense_copy.dtype}; convert one of them")
     return F.linear(x, dense_copy, bias)
 
+
+
+def weight_stamp(buffers) -> tuple | None:
+    """What a layer's dense copy was made from: its weight buffers' addresses and versions (None
+    while compiling or tracing, or for tensors without storage: no data to compare)."""
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
+        return None
+    try:
+        return stamp(buffers)
+    except RuntimeError:
+        return None
+
+
+def dense_copy_stale(made_from: tuple | None, buffers) -> bool:
+    """Whether the weight buffers changed since the dense copy was made from them (an in-place edit
+    bumps a version, .to() or an assignment moves an address): then prefill rows would run an old
+    weight while decode rows ran the new one."""
+    now = weight_stamp(buffers)
+    return now is not None and now != made_from

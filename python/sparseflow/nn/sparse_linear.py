@@ -21,8 +21,8 @@ from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
-from .crossover import batched_backend_above, linear_on_dense_copy, run_at_crossover
-from .state_dict import as_kept, check_float, unexpected_of
+from .crossover import batched_backend_above, dense_copy_stale, linear_on_dense_copy, run_at_crossover, weight_stamp
+from .state_dict import as_kept, check_float, load_bias, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -98,12 +98,14 @@ class SparseLinear(nn.Module):
         mod._unloaded = True  # placeholders until load_state_dict: forward refuses to run on them
         mod.register_buffer("dense_copy", torch.empty(0) if keep_dense and format_name != "dense" else None,
                             persistent=False)
+        mod._dense_copy_of = None
         return mod
 
     def _keep_dense(self, on: bool) -> None:
         """The dense copy for rows above the crossover (a buffer, so .to() moves it; not persistent:
         state_dict and sf.save leave it out, loading rebuilds it)."""
         self.register_buffer("dense_copy", self.weight.to_dense() if on else None, persistent=False)
+        self._dense_copy_of = weight_stamp(self._weight_tensors().values()) if on else None
 
     @property
     def weight(self) -> SparseFormat | torch.Tensor:
@@ -143,6 +145,8 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:
+            if dense_copy_stale(self._dense_copy_of, self._weight_tensors().values()):
+                self._keep_dense(True)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         if not above:
             bias = self.bias
@@ -193,7 +197,7 @@ class SparseLinear(nn.Module):
         for n, t in incoming.items():
             setattr(self, n, t)
         if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
+            load_bias(self, bias)
         for n in names:
             if prefix + n not in state_dict and strict:
                 missing_keys.append(prefix + n)

@@ -4,6 +4,7 @@ their prefix is theirs."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def unexpected_of(state_dict: dict, prefix: str, known: list[str]) -> list[str]:
@@ -30,3 +31,18 @@ def check_float(prefix: str, name: str, t: torch.Tensor | None, shape: tuple[int
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise ValueError(f"{prefix}{name} must be {dtype} of shape {tuple(shape)} (as the weight), "
                          f"got {t.dtype} of shape {tuple(t.shape)}")
+
+
+def load_bias(module: nn.Module, bias: torch.Tensor) -> None:
+    """The loaded bias into the module's bias Parameter, as nn.Linear's load_state_dict does: copied
+    in place where it fits (the same object, so an optimizer's hold on it and its requires_grad
+    stay), else a new Parameter that keeps the old one's requires_grad (a placeholder's, or an
+    inference tensor outside inference mode, which cannot be written)."""
+    old = module.bias
+    fits = (old is not None and old.shape == bias.shape and old.dtype == bias.dtype and old.device == bias.device
+            and (not old.is_inference() or torch.is_inference_mode_enabled()))
+    if fits:
+        with torch.no_grad():
+            old.copy_(bias)
+    else:
+        module.bias = nn.Parameter(bias, requires_grad=old is not None and old.requires_grad)

@@ -22,13 +22,14 @@ from . import table
 
 def plain_eager(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Plain eager execution: no compiler, no tracing mode, no forward-mode AD, no tensor subclass,
-    and neither x nor any of `others` (bias, weight buffers) wrapped by a torch.func transform
-    (vmap, grad: their tensors have no data pointer).
+    no meta x (shapes only: the custom op's fake kernel answers), and neither x nor any of `others`
+    (bias, weight buffers) wrapped by a torch.func transform (vmap, grad: their tensors have no data
+    pointer).
     (torch.jit.is_tracing and _get_current_dispatch_mode, called through their C functions: each
     Python frame costs microseconds with cold caches. Under torch.compile the check stops at
     is_compiling.)"""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0
+            and not x.is_meta and torch._C._len_torch_dispatch_stack() == 0 and forward_ad._current_level < 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in others))
 
@@ -91,6 +92,8 @@ class BoundKernel:
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             return
         buffers = [t for t in buffers if t is not None]
+        if any(t.is_meta for t in buffers):  # shapes only: the ops' fake kernels answer
+            return
         try:
             key = stamp(buffers)
         except RuntimeError:
