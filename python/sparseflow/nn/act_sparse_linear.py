@@ -159,7 +159,9 @@ class ActSparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
-            if dense_copy_stale(self._dense_copy_of, self._weight_buffers()):
+            # (checked outside a compiler only: a compiled graph would guard on the stamp, recompiling)
+            if not torch.compiler.is_compiling() and dense_copy_stale(self._dense_copy_of,
+                                                                     self._weight_buffers()):
                 self._keep_dense(True)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)

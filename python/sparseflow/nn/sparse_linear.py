@@ -145,7 +145,9 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:
-            if dense_copy_stale(self._dense_copy_of, self._weight_tensors().values()):
+            # (checked outside a compiler only: a compiled graph would guard on the stamp, recompiling)
+            if not torch.compiler.is_compiling() and dense_copy_stale(self._dense_copy_of,
+                                                                     self._weight_tensors().values()):
                 self._keep_dense(True)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         if not above:
