@@ -236,3 +236,20 @@ def test_convert_calibrates_with_a_tokenizer_that_has_no_pad_token(tmp_path, cap
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--json"]) == 0  # wanda, 2:4
     report = json.loads(capsys.readouterr().out)
     assert [layer["choice"] for layer in report["layers"]] == ["2:4"] * 7
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--json", "{tmp}/blocker/x.json"], "--json {tmp}/blocker/x.json: cannot create"),
+    (["--markdown", "{tmp}"], "--markdown {tmp}: is a directory"),
+    (["--threads", "100000"], "--threads 100000: this process may run on"),
+])
+def test_bench_kernels_refuses_bad_outputs_and_threads_before_timing(tmp_path, capsys, argv, needle):
+    """Found before the benchmark runs (a default run takes minutes), as one line naming the option."""
+    (tmp_path / "blocker").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "kernels", "--quick", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert "ms sparse" not in err  # nothing was timed

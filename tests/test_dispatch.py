@@ -527,3 +527,24 @@ def test_measure_act_times_a_batch_the_kernel_runs_itself_once(cache_dir, monkey
     else:
         assert fake.calls == [["dense", "kernel"], ["batched", "dense", "kernel"]]
         assert got == {"kernel": {1: 2.0, 16: 2.0}, "batched": {16: 1.25}}
+
+
+def test_a_cache_lock_held_elsewhere_skips_the_write_instead_of_waiting(cache_dir, monkeypatch):
+    """A process that holds the cache's lock and never lets go (stopped, hung) cost sparsify a wait as
+    long as its own: now the write gives up after LOCK_WAIT_S, warns, and the timings are still used."""
+    fcntl = pytest.importorskip("fcntl")
+    import time
+
+    monkeypatch.setattr(dispatch, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(dispatch, "_LOCK_GAVE_UP", [])
+    monkeypatch.setattr(dispatch, "compare_blocks", FakeCompare())
+    w, cands = case()
+    with open(cache_dir / "dispatch.json.lock", "a") as holder:  # another open file: flock conflicts with it
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="lock .* is held by another process"):
+            assert dispatch.measure_paths(w, cands, (1,))["kernel"]["bitmask"] == {1: 2.0}
+        assert time.monotonic() - t0 < 5
+    assert not (cache_dir / "dispatch.json").exists()
+    dispatch.measure_paths(w, cands, (1,), remeasure=True)  # the lock free again: written
+    assert (cache_dir / "dispatch.json").exists()

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -95,15 +96,32 @@ def _load() -> dict[str, float]:
     return {key: value for key, value in entries.items() if value is not None}
 
 
+LOCK_WAIT_S = 10.0  # how long a write waits for another holder of the cache's lock before giving up
+_LOCK_GAVE_UP: list[float] = []  # when a write last gave up: the next minute's writes try once, not wait
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, wait_s: float | None = None):
     """Other processes' read-update-write of the cache waits for ours (POSIX; elsewhere a lost entry
-    only costs a re-measurement)."""
+    only costs a re-measurement). A lock held longer than LOCK_WAIT_S (a stopped or hung process, a
+    stuck network file system) is an OSError: the write is skipped, with the usual warning, rather
+    than sparsify waiting for it."""
     if fcntl is None:
         yield
         return
+    now = time.monotonic()
+    if wait_s is None:
+        wait_s = 0.0 if _LOCK_GAVE_UP and now - _LOCK_GAVE_UP[-1] < 60.0 else LOCK_WAIT_S
     with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= now + wait_s:
+                    _LOCK_GAVE_UP[:] = [time.monotonic()]
+                    raise OSError(f"its lock {f.name} is held by another process") from None
+                time.sleep(0.05)
         try:
             yield
         finally:

@@ -1058,6 +1058,28 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return o
 
 
+def _check_before_running(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors found before minutes of timing, not after: more threads than this process may run
+    on (dense torch then slows many times over, and every ratio is wrong), and an output path that
+    cannot be written."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.threads and args.threads > cpus:
+        parser.error(f"--threads {args.threads}: this process may run on {cpus} CPUs; more threads than that "
+                     "oversubscribe the cores, which slows dense torch (the baseline) many times over")
+    for option, value in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if not value or value == "-":
+            continue
+        path = Path(value)
+        if path.is_dir():
+            parser.error(f"{option} {value}: is a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"{option} {value}: cannot create {path.parent}: {e.strerror or e}")
+        if not os.access(path.parent, os.W_OK):
+            parser.error(f"{option} {value}: {path.parent} is not writable")
+
+
 def main(
     argv: Sequence[str] | None = None, default_json: str | Path | None = None, prog: str | None = None
 ) -> int:
@@ -1068,7 +1090,9 @@ def main(
     from . import report
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(default_json, prog).parse_args(argv)
+    parser = build_parser(default_json, prog)
+    args = parser.parse_args(argv)
+    _check_before_running(parser, args)
     options = options_from_args(args)
     # `--json -`: stdout is the JSON alone (as with the other commands' --json), the tables go to stderr.
     json_stdout = args.json == "-"
