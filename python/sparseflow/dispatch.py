@@ -101,7 +101,7 @@ _LOCK_GAVE_UP: list[float] = []  # when a write last gave up: the next minute's 
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, wait_s: float | None = None):
+def _file_lock(path: Path):
     """Other processes' read-update-write of the cache waits for ours (POSIX; elsewhere a lost entry
     only costs a re-measurement). A lock held longer than LOCK_WAIT_S (a stopped or hung process, a
     stuck network file system) is an OSError: the write is skipped, with the usual warning, rather
@@ -110,8 +110,7 @@ def _file_lock(path: Path, wait_s: float | None = None):
         yield
         return
     now = time.monotonic()
-    if wait_s is None:
-        wait_s = 0.0 if _LOCK_GAVE_UP and now - _LOCK_GAVE_UP[-1] < 60.0 else LOCK_WAIT_S
+    wait_s = 0.0 if _LOCK_GAVE_UP and now - _LOCK_GAVE_UP[-1] < 60.0 else LOCK_WAIT_S
     with open(path.with_name(path.name + ".lock"), "a") as f:
         while True:
             try:

@@ -16,7 +16,7 @@ from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import batched_backend_above, dense_copy_stale, linear_on_dense_copy, run_at_crossover, weight_stamp
+from .crossover import batched_backend_above, linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
 from .state_dict import as_kept, check_float, load_bias, unexpected_of
 
 
@@ -159,10 +159,7 @@ class ActSparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
-            # (checked outside a compiler only: a compiled graph would guard on the stamp, recompiling)
-            if not torch.compiler.is_compiling() and dense_copy_stale(self._dense_copy_of,
-                                                                     self._weight_buffers()):
-                self._keep_dense(True)
+            refresh_dense_copy(self, self._weight_buffers)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
         if not above or (x.is_cpu and not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):

@@ -3,6 +3,8 @@ its measured crossover `dense_above` (None: never). One rule for SparseLinear an
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +42,6 @@ def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.
     return F.linear(x, dense_copy, bias)
 
 
-
 def weight_stamp(buffers) -> tuple | None:
     """What a layer's dense copy was made from: its weight buffers' addresses and versions (None
     while compiling or tracing, or for tensors without storage: no data to compare)."""
@@ -52,9 +53,14 @@ def weight_stamp(buffers) -> tuple | None:
         return None
 
 
-def dense_copy_stale(made_from: tuple | None, buffers) -> bool:
-    """Whether the weight buffers changed since the dense copy was made from them (an in-place edit
-    bumps a version, .to() or an assignment moves an address): then prefill rows would run an old
-    weight while decode rows ran the new one."""
-    now = weight_stamp(buffers)
-    return now is not None and now != made_from
+def refresh_dense_copy(module, weight_buffers: Callable[[], Iterable[torch.Tensor]]) -> None:
+    """Makes the module's dense copy again (module._keep_dense(True)) where its weight buffers changed
+    since it was made (an in-place edit bumps a version, .to() or an assignment moves an address):
+    else prefill rows would run an old weight while decode rows ran the new one. Not while compiling:
+    the graph would guard on the stamp (module._dense_copy_of) and recompile per module; the buffers
+    come through a callable, so that nothing of them is traced either."""
+    if torch.compiler.is_compiling():
+        return
+    now = weight_stamp(weight_buffers())
+    if now is not None and now != module._dense_copy_of:
+        module._keep_dense(True)

@@ -21,7 +21,7 @@ from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
-from .crossover import batched_backend_above, dense_copy_stale, linear_on_dense_copy, run_at_crossover, weight_stamp
+from .crossover import batched_backend_above, linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
 from .state_dict import as_kept, check_float, load_bias, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
@@ -145,10 +145,7 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
         if above and self.dense_copy is not None:
-            # (checked outside a compiler only: a compiled graph would guard on the stamp, recompiling)
-            if not torch.compiler.is_compiling() and dense_copy_stale(self._dense_copy_of,
-                                                                     self._weight_tensors().values()):
-                self._keep_dense(True)
+            refresh_dense_copy(self, lambda: self._weight_tensors().values())
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         if not above:
             bias = self.bias

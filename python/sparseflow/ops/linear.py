@@ -265,7 +265,6 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
         raise TypeError(f"w_t must be a dense tensor or a sf.Bitmask, got {type(w_t).__name__}")
     k, n = w_t.shape
     _check(x, k, n, w_t.dtype, w_t.device, bias)
-    _check_bias_type(bias)  # (before the bound kernel reads it)
     if backend in ("", "cpp"):
         fn = bound_act_sparse(x, w_t, bias)
         if fn is not None:

@@ -97,16 +97,13 @@ def build_app(loaded: LoadedModel, limits: Limits | None = None) -> FastAPI:
             raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
         try:
             body = json.loads(raw)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # (\ud800 escapes: text no tokenizer takes)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        except RecursionError:  # (nested deeper than the parser's stack)
-            raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
-        try:  # JSON's \ud800 escapes make strings no tokenizer (or UTF-8 encoder) takes
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:
             raise APIError(400, f"the request body holds text that is not valid Unicode ({e.reason}: "
                            f"{e.object[e.start:e.end]!a})") from None
-        except RecursionError:
+        except RecursionError:  # (nested deeper than the parser's stack)
             raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
         req = parse(kind, body)
         if req.model != loaded.name:
