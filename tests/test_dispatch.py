@@ -333,8 +333,12 @@ def test_measure_act_times_the_real_op(cache_dir):
     out = dispatch.measure_act(w, w.t().contiguous(), "dense", 0.5, (1, 4), reps=3)
     assert set(out["kernel"]) == {1, 4} and set(out["batched"]) == {4}
     assert all(s > 0 for path in out.values() for s in path.values())
-    keys = json.loads((cache_dir / "dispatch.json").read_text())["entries"]
-    assert sum("|cpu|torch.float32|256x512|act-dense|d1.00|a0.50|" in key for key in keys) == 3
+    entries = json.loads((cache_dir / "dispatch.json").read_text())["entries"]
+    cached = {"|".join(key.rsplit("|", 2)[-2:]): v for key, v in entries.items()
+              if "|cpu|torch.float32|256x512|act-dense|d1.00|a0.50|" in key}
+    # every ratio is cached but one above its byte limit (2x: half the inputs active), which is
+    # reported as the limit and timed again next time (a slow dense call on a busy machine)
+    assert cached == {f"m{m}|{path}": s for path, by_rows in out.items() for m, s in by_rows.items() if s != 2.0}
     assert dispatch.case_key(sf.Bitmask.from_dense(w), "bitmask", 1).split("|")[6] == "cpu"  # the device
 
 

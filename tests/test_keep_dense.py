@@ -161,6 +161,32 @@ def test_plan_rows_keeps_a_copy_only_where_asked_or_where_auto_measured_slower()
         assert (plan.dense_above, plan.keep_dense, plan.speedup) == (16, True, {1: 1.4, 16: 1.2, 128: 1.0})
 
 
+def test_plan_layer_bisects_where_dense_starts_to_beat_the_kernel():
+    """A layer that keeps a dense copy runs its kernel up to the refined row count where dense beats
+    it, not only up to the last row count of m_range where the kernel won."""
+    from sparseflow.sparsify import plan_layer
+
+    def kernel_at(m):  # 2x at one row, level with dense at 10, behind it from there
+        return 2.0 - m / 10
+    asked = []
+
+    def measure_at(m):
+        asked.append(m)
+        return kernel_at(m), 0.3
+    kernel, batched = {1: kernel_at(1), 16: kernel_at(16), 128: 1.3}, {16: 0.3, 128: 1.3}
+    plan = plan_layer(kernel, batched, (1, 16, 128), "auto", measure_at)
+    assert asked == [4, 8, 11]  # kernel against dense between 1 and 16 (the batched path never beat it there)
+    assert (plan.dense_above, plan.keep_dense) == (8, True)
+    assert plan.speedup == pytest.approx({1: 1.9, 4: 1.6, 8: 1.2, 11: 1.0, 16: 1.0, 128: 1.0})
+    assert batched[4] == 0.3  # the timings taken are kept with the others
+    asked.clear()
+    plan = plan_layer({1: 1.9, 16: 1.2, 128: 1.1}, {16: 1.0, 128: 1.05}, (1, 16, 128), "auto", measure_at)
+    assert asked == [] and not plan.keep_dense  # no copy: nothing more to time
+    plan = plan_layer({1: 1.9, 16: 1.2, 128: 0.9}, {16: 1.0, 128: 0.9}, (1, 16, 128), "dense", measure_at)
+    assert asked == [45, 27, 21]  # (2 - m / 10 there: behind dense from 16 on)
+    assert (plan.dense_above, plan.keep_dense) == (16, True)
+
+
 @pytest.mark.parametrize("prefill", ["batched", "auto"])
 def test_sparsify_measures_act_sparse_layers(tmp_path, monkeypatch, prefill):
     """Each act-sparse layer is timed for its target fraction of skipped inputs: one that loses to

@@ -273,6 +273,29 @@ def plan_rows(kernel: dict[int, float], batched: dict[int, float], m_range: tupl
                 f"dense copy above {above} rows{why}")
 
 
+def plan_layer(kernel: dict[int, float], batched: dict[int, float], m_range: tuple[int, ...], prefill: str,
+               measure_at, slower: float = SLOWER) -> Plan:
+    """plan_rows on the timings at m_range, with crossovers bisected (refine_crossover): first where
+    the batched path starts to beat the kernel; then, for a layer that keeps a dense copy, where
+    dense does. Unrefined, a kernel that won at 1 row and lost at 16 sent every row count from 2 to
+    the copy (a batch of 4 at 1.0x instead of the kernel's 1.4x). Adds the timings it takes to
+    `kernel` and `batched`."""
+    rows = refine_crossover(kernel, batched, m_range, measure_at)
+    plan = plan_rows(kernel, batched, rows, prefill, slower)
+    if not plan.keep_dense:
+        return plan
+
+    def against_dense(m: int) -> tuple[float | None, float | None]:
+        k, b = measure_at(m)
+        if b is not None:
+            batched[m] = b
+        return k, 1.0
+
+    dense = {m: 1.0 for m in rows}
+    rows = refine_crossover(kernel, dense, rows, against_dense)
+    return plan_rows(kernel, batched, rows, prefill, slower)
+
+
 def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None, activation_sparsity=None,
              calibration=None, m_range: tuple[int, ...] = (1, 16, 128), mode_centering: bool = False,
              measure: bool = True, use_cache: bool = True, remeasure: bool = False,
@@ -287,7 +310,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
       (decompression in cache-sized chunks + dense GEMM): from the first row count where the batched
       path is faster, the layer runs it (`dense_above`). Between two row counts where the winner
       changes, the crossover is bisected with a few more timings (REFINE_STEPS; activation-sparse
-      layers too), which the report lists with the others.
+      layers too; for a layer that keeps a dense copy, also where dense starts to beat its kernel),
+      which the report lists with the others.
     m_range: the row counts of x to measure at: decode (1), a small batch (16), a prefill (128).
     use_cache / remeasure: timings are cached on disk per machine and case (sparseflow.dispatch);
       `remeasure=True` ignores the cached ones (say, taken on a loaded machine) and overwrites them.
@@ -376,10 +400,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                                speedup={m: 1.0 for m in m_range},
                                                note=f"act-sparse measured slower ({first:.2f}x)"))
                     continue
-                rows = refine_crossover(timed["kernel"], timed["batched"], m_range, _measure_at(
+                plan = plan_layer(timed["kernel"], timed["batched"], m_range, prefill, _measure_at(
                     dispatch.measure_act, w, new.w_t(), wf, float(target), use_cache=use_cache, remeasure=remeasure,
-                    graphs=cuda_graphs))
-                plan = plan_rows(timed["kernel"], timed["batched"], rows, prefill, SLOWER_ACT)
+                    graphs=cuda_graphs), SLOWER_ACT)
                 if plan.dense_above is None:  # the row kernel is for decode: unmeasured batches take the batch path
                     above = max(m_range) if max(m_range) > 1 else new.dense_above
                     plan = replace(plan, dense_above=above, note=f"batched above {above} rows (not measured there)")
@@ -419,10 +442,9 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
                                        speedup={m: 1.0 for m in m_range},
                                        note=f"sparse measured slower ({label} {first:.2f}x)"))
             continue
-        rows = refine_crossover(speed[label], timed["batched"][label], m_range, _measure_at(  # (unmeasured: no flip)
+        plan = plan_layer(speed[label], timed["batched"][label], m_range, prefill, _measure_at(  # (unmeasured: no
             dispatch.measure_paths, w, {label: cands[label]}, label=label, use_cache=use_cache, remeasure=remeasure,
-            graphs=cuda_graphs))
-        plan = plan_rows(speed[label], timed["batched"][label], rows, prefill)
+            graphs=cuda_graphs))  # flip, so no more timings)
         plan = replace(plan, kernel=dispatch.default_backend("linear", cands[label], w, m_range[0]) or plan.kernel)
         new = SparseLinear(cands[label], effective_tensor(lin, "bias"), dense_above=plan.dense_above,
                            keep_dense=plan.keep_dense)
