@@ -45,6 +45,41 @@ def test_state_dict_round_trip_into_an_empty_module():
         sf.SparseLinear.empty("bitmask", {}, (256, 96), bias=True).load_state_dict(bad)
 
 
+def _layer_of(kind: str, k: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, 32)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(32, k) < 0.3)
+    if kind.startswith("act-"):
+        return sf.ActSparseLinear.from_linear(lin, threshold=0.5, weight_format=kind.removeprefix("act-"))
+    return sf.SparseLinear.from_linear(lin, kind)
+
+
+@pytest.mark.parametrize("kind", ["csr", "block(8,8)", "bitmask", "act-bitmask", "act-dense"])
+def test_a_state_dict_of_another_layer_shape_is_refused(kind):
+    """The state dict records the dense layer's shape: a CSR or BSR weight of 40 inputs (or a bitmask
+    of 60, within a byte of mask of 64) made a valid weight of a 64-input layer, loaded silently."""
+    narrow, wide = _layer_of(kind, 60 if "bitmask" in kind else 40), _layer_of(kind, 64, seed=1)
+    state = narrow.state_dict()
+    assert torch.equal(state["weight_shape"], torch.tensor([32, narrow.in_features]))
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"holds a 32x{narrow.in_features} layer .*this module is 32x64"):
+        wide.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())  # a refused load changes nothing
+    with pytest.raises(ValueError, match="for layer"):  # inside a model: the layer is named
+        nn.ModuleDict({"layer": wide}).load_state_dict({f"layer.{k}": v for k, v in state.items()})
+    for bad in (torch.tensor([32.0, 64.0]), torch.tensor([32, 64, 1]), torch.tensor([32, 64], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="weight_shape must be an int64 tensor"):
+            wide.load_state_dict({**before, "weight_shape": bad})
+    x = torch.randn(3, 64)
+    own = wide.state_dict()
+    again = _layer_of(kind, 64, seed=2)
+    again.load_state_dict({k: v for k, v in own.items() if k != "weight_shape"})  # a state dict from before the record
+    assert torch.equal(again(x), wide(x))
+    again.load_state_dict(own)
+    assert torch.equal(again(x), wide(x))
+
+
 def test_sparsify_keeps_outputs_and_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
     m = pruned_mlp(torch.bfloat16)
@@ -364,23 +399,33 @@ def test_torch_export_of_a_sparse_model():
     assert torch.allclose(exported.module()(x), m(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("dense_above", [0, 1, 4])
 @pytest.mark.parametrize("keep_dense", [False, True])
-def test_torch_export_with_a_dynamic_batch_serves_both_sides_of_the_crossover(tmp_path, keep_dense):
+def test_torch_export_with_a_dynamic_batch_serves_both_sides_of_the_crossover(tmp_path, keep_dense, dense_above,
+                                                                              strict):
     """One exported program for decode and prefill: the crossover is a torch.cond on the row count
-    (a Python branch pinned the rows to one side: 'Constraints violated')."""
+    (a Python branch pinned the rows to one side: 'Constraints violated'; under strict export the
+    row count is no SymInt, and a 1-row call ran the prefill side; with dense_above 0, one row
+    failed on the batched backend traced for 8). The program also compiles (fullgraph)."""
     from torch.export import Dim
 
     m = pruned_mlp()
     m[0], m[3] = sf.SparseLinear.from_linear(m[0], "bitmask"), sf.ActSparseLinear.from_linear(m[3], 0.3)
     for layer in (m[0], m[3]):
-        layer.dense_above = 4
+        layer.dense_above = dense_above
         layer._keep_dense(keep_dense)
-    exported = torch.export.export(m, (torch.randn(8, 96),), dynamic_shapes=({0: Dim("rows", min=1, max=1024)},))
+    exported = torch.export.export(m, (torch.randn(8, 96),), dynamic_shapes=({0: Dim("rows", min=1, max=1024)},),
+                                   strict=strict)
     torch.export.save(exported, tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
-    for rows in (1, 4, 5, 130):
+    compiled = torch.compile(exported.module(), fullgraph=True, dynamic=True)
+    for rows in (1, 2, 4, 5, 130):
         x = torch.randn(rows, 96)
-        torch.testing.assert_close(loaded(x), m(x))
+        with torch.no_grad():
+            y = m(x)
+            torch.testing.assert_close(loaded(x), y)
+            torch.testing.assert_close(compiled(x), y)
 
 
 def test_export_compressed_tensors_reads_back(tmp_path):
@@ -700,5 +745,10 @@ def test_a_module_on_the_meta_device_gives_shapes(fmt):
     with torch.no_grad():
         lin.weight.copy_(sf.NM.from_dense(lin.weight, 2, 4, prune=True).to_dense())
     m = sf.ActSparseLinear.from_linear(lin, threshold=0.1) if fmt == "act" else sf.SparseLinear.from_linear(lin, fmt)
+    y = m.to("meta")(torch.empty(3, 5, 64, device="meta"))
+    assert y.is_meta and y.shape == (3, 5, 48)
+    m = sf.ActSparseLinear.from_linear(lin, threshold=0.1) if fmt == "act" else sf.SparseLinear.from_linear(lin, fmt)
+    m.dense_above = 4  # above the crossover with a dense copy too (it moves to meta with the module)
+    m._keep_dense(True)
     y = m.to("meta")(torch.empty(3, 5, 64, device="meta"))
     assert y.is_meta and y.shape == (3, 5, 48)

@@ -137,6 +137,20 @@ def test_forward_mode_and_func_gradients_match_the_dense_layer(name):
     assert torch.allclose(g, torch.func.grad(lambda x: dense(x).square().sum())(x), atol=1e-4)
     assert torch.allclose(torch.func.jacrev(mod)(x[:2]), torch.func.jacrev(dense)(x[:2]), atol=1e-5)
     assert torch.allclose(torch.func.vmap(mod)(x[None].expand(3, -1, -1)), mod(x).expand(3, -1, -1), atol=1e-5)
+    # a gradient over vmap: x is a BatchedTensor there, with the grad transform below it
+    xb = x[None].expand(3, -1, -1).contiguous()
+    g = torch.func.grad(lambda x: torch.func.vmap(mod)(x).square().sum())(xb)
+    assert torch.allclose(g, torch.func.grad(lambda x: torch.func.vmap(dense)(x).square().sum())(xb), atol=1e-4)
+    if name.startswith("act"):  # the functional op, with the module's weight
+        w_t = mod.w_t()
+
+        def op(x):
+            return sf.ops.act_sparse_linear(x, w_t, threshold, mod.bias)
+        out, tangent = torch.func.jvp(op, (x,), (v,))
+        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(tangent, ref_tangent, atol=1e-5)
+        g = torch.func.grad(lambda x: op(x).square().sum())(x)
+        assert torch.allclose(g, torch.func.grad(lambda x: dense(x).square().sum())(x), atol=1e-4)
+        assert torch.allclose(torch.func.jacfwd(op)(x[:2]), torch.func.jacrev(dense)(x[:2]), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["bitmask", "2:4", "act-bitmask"])

@@ -16,8 +16,8 @@ from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import batched_backend_above, linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
-from .state_dict import as_kept, check_float, load_bias, unexpected_of
+from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
+from .state_dict import as_kept, check_float, check_shape, load_bias, save_shape, unexpected_of
 
 
 class ActSparseLinear(nn.Module):
@@ -103,6 +103,13 @@ class ActSparseLinear(nn.Module):
         self.register_buffer("dense_copy", copy, persistent=False)
         self._dense_copy_of = weight_stamp(self._weight_buffers()) if on else None
 
+    def rebuild_dense_copy(self) -> None:
+        """Makes the dense copy (keep_dense) again from the weight buffers. An eager forward does so by
+        itself after an in-place edit of them; a compiled graph reads the copy as it is, so call this
+        after such an edit of a compiled model's layer."""
+        if self.dense_copy is not None:
+            self._keep_dense(True)
+
     def _weight_buffers(self) -> list[torch.Tensor]:
         if self.weight_format == "dense":
             return [self.weight_t]
@@ -157,20 +164,21 @@ class ActSparseLinear(nn.Module):
             x = subtract_shift(x, self.shift) if torch.compiler.is_compiling() else x - self.shift
         return run_at_crossover(x, self.dense_above, self._forward)
 
-    def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
-        if above and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
+    def _forward(self, x: torch.Tensor, batched: str | None) -> torch.Tensor:
+        """batched: None for the kernel, else the backend above the crossover (many rows: one
+        thresholded dense GEMM beats row-by-row skipping), or the dense copy where the layer keeps one."""
+        if batched is not None and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
             refresh_dense_copy(self, self._weight_buffers)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
-        if not above or (x.is_cpu and not torch.compiler.is_compiling() and kernel_takes_batch(x.dtype, rows_of(x))):
+        if batched is None or (x.is_cpu and not torch.compiler.is_compiling()
+                               and kernel_takes_batch(x.dtype, rows_of(x))):
             bias = self.bias
             fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,  # the weight's buffers
                              self._buffers.values(), self.w_t, (self.in_features, self.out_features))  # (and more)
             if fn is not None:
                 return fn(x, self.threshold, bias)
-        backend = ""
-        if above:  # many rows: one thresholded dense GEMM beats row-by-row skipping
-            backend = batched_backend_above(x, self.dense_above)
+        backend = batched or ""
         self._kernel.check_valid(self._buffers.values(), self.w_t, (self.in_features, self.out_features))
         if self.weight_format == "dense":
             tensors = {"t": self.weight_t}
@@ -184,8 +192,13 @@ class ActSparseLinear(nn.Module):
         self._kernel.reset()  # .to() and friends replace the buffers: drop the old binding now
         return super()._apply(fn, *args, **kwargs)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_shape(self, destination, prefix)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        check_shape(self, state_dict, prefix)
         self._kernel.reset()
         persistent = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         loaded = not self._unloaded

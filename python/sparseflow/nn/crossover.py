@@ -13,26 +13,21 @@ from ..ops.bound import stamp
 from ..ops.table import rows_of
 
 
-def above_crossover(x: torch.Tensor, dense_above: int | None) -> bool:
-    return dense_above is not None and rows_of(x) > dense_above
-
-
 def run_at_crossover(x: torch.Tensor, dense_above: int | None, run):
-    """run(x, above) for the side of the crossover x falls on. Under torch.export with a dynamic
-    number of rows, both sides go into the program (torch.cond on the row count), so that one
-    exported model serves decode and prefill alike: choosing a side in Python would pin the rows
-    to it. (With dense_above 0 the batched side itself depends on the rows: left to Python.)"""
-    if dense_above is not None and dense_above >= 1 and torch.compiler.is_exporting():
-        rows = rows_of(x)
-        if isinstance(rows, torch.SymInt):
-            return torch.cond(rows > dense_above, lambda t: run(t, True), lambda t: run(t, False), (x,))
-    return run(x, above_crossover(x, dense_above))
-
-
-def batched_backend_above(x: torch.Tensor, dense_above: int) -> str:
-    """The batched backend for x's rows above the crossover: more than dense_above >= 1 rows are at
-    least 2, which names it without reading the row count (symbolic under torch.export)."""
-    return table.batched_backend(x.device.type, rows_of(x) if dense_above < 1 else 2)
+    """run(x, batched) for the side of the crossover x falls on: batched None up to `dense_above`
+    rows (None: every row count), else the name of the batched backend for x's rows. While
+    exporting, both sides go into the program (torch.cond on the row count), so that one exported
+    model serves decode and prefill alike: choosing a side in Python would pin the rows to it (under
+    strict export the row count does not even show as symbolic). With dense_above 0 the batched
+    side itself depends on the rows (one row has no batched path): a cond between those two."""
+    if dense_above is None:
+        return run(x, None)
+    device, rows = x.device.type, rows_of(x)
+    # (a static row count needs no cond, except under strict export, where a dynamic one shows as an int)
+    if torch.compiler.is_exporting() and (isinstance(rows, torch.SymInt) or torch.compiler.is_dynamo_compiling()):
+        below = (lambda t: run(t, None)) if dense_above >= 1 else (lambda t: run(t, table.batched_backend(device, 1)))
+        return torch.cond(rows > max(dense_above, 1), lambda t: run(t, table.batched_backend(device, 2)), below, (x,))
+    return run(x, table.batched_backend(device, rows) if rows > dense_above else None)
 
 
 def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -44,8 +39,12 @@ def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.
 
 def weight_stamp(buffers) -> tuple | None:
     """What a layer's dense copy was made from: its weight buffers' addresses and versions (None
-    while compiling or tracing, or for tensors without storage: no data to compare)."""
+    while compiling or tracing, on the meta device, or for tensors without storage: no data to
+    compare)."""
     if torch.compiler.is_compiling() or torch._C._is_tracing():
+        return None
+    buffers = list(buffers)
+    if any(t is not None and t.is_meta for t in buffers):  # (a meta module's copy moved with it: shapes only)
         return None
     try:
         return stamp(buffers)

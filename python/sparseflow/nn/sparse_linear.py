@@ -21,8 +21,8 @@ from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
-from .crossover import batched_backend_above, linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
-from .state_dict import as_kept, check_float, load_bias, unexpected_of
+from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
+from .state_dict import as_kept, check_float, check_shape, load_bias, save_shape, unexpected_of
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -107,6 +107,13 @@ class SparseLinear(nn.Module):
         self.register_buffer("dense_copy", self.weight.to_dense() if on else None, persistent=False)
         self._dense_copy_of = weight_stamp(self._weight_tensors().values()) if on else None
 
+    def rebuild_dense_copy(self) -> None:
+        """Makes the dense copy (keep_dense) again from the weight buffers. An eager forward does so by
+        itself after an in-place edit of them; a compiled graph reads the copy as it is, so call this
+        after such an edit of a compiled model's layer."""
+        if self.dense_copy is not None:
+            self._keep_dense(True)
+
     @property
     def weight(self) -> SparseFormat | torch.Tensor:
         """The weight as a format object (or the dense tensor for format "dense")."""
@@ -143,19 +150,19 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight_dense, self.bias)
         return run_at_crossover(x, self.dense_above, self._forward)
 
-    def _forward(self, x: torch.Tensor, above: bool) -> torch.Tensor:
-        if above and self.dense_copy is not None:
+    def _forward(self, x: torch.Tensor, batched: str | None) -> torch.Tensor:
+        """batched: None for the sparse kernel, else the backend above the crossover (decompress +
+        dense GEMM: measured faster at this many rows), or the dense copy where the layer keeps one."""
+        if batched is not None and self.dense_copy is not None:
             refresh_dense_copy(self, lambda: self._weight_tensors().values())
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
-        if not above:
+        if batched is None:
             bias = self.bias
             fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, self._buffers.values(),
                              lambda: self.weight)
             if fn is not None:
                 return fn(x, bias)
-        backend = ""
-        if above:  # decompress + dense GEMM: measured faster at this many rows
-            backend = batched_backend_above(x, self.dense_above)
+        backend = batched or ""
         self._kernel.check_valid(self._buffers.values(), lambda: self.weight, (self.out_features, self.in_features))
         return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
@@ -165,8 +172,13 @@ class SparseLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # ---- state dict: buffer sizes depend on the data, so loading replaces them (validated) ----
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_shape(self, destination, prefix)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        check_shape(self, state_dict, prefix)
         self._kernel.reset()
         names = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         loaded = not self._unloaded

@@ -6,10 +6,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The dense layer's (out_features, in_features), int64, in a sparse module's state dict: a CSR or
+# BSR layer's buffers do not say its in_features (nor a bitmask's within a byte of mask), so
+# without it a state dict of a narrower layer loaded as a valid weight of the wider one.
+SHAPE_KEY = "weight_shape"
+
 
 def unexpected_of(state_dict: dict, prefix: str, known: list[str]) -> list[str]:
     """The keys under `prefix` that name nothing the module holds (strict loading reports them)."""
+    known = [*known, SHAPE_KEY]
     return [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in known]
+
+
+def save_shape(module: nn.Module, destination: dict, prefix: str) -> None:
+    destination[prefix + SHAPE_KEY] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
+
+
+def check_shape(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """A ValueError where the state dict records another layer shape than the module's (a state
+    dict saved before the record existed has none: its buffers are checked as before)."""
+    t = state_dict.get(prefix + SHAPE_KEY)
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (2,):
+        raise ValueError(f"{prefix}{SHAPE_KEY} must be an int64 tensor of 2 elements (out_features, in_features), "
+                         f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} of shape "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else '?'}")
+    shape = tuple(int(v) for v in t.tolist())
+    if shape != (module.out_features, module.in_features):
+        where = f" for {prefix.rstrip('.')}" if prefix else ""
+        raise ValueError(f"the state dict holds a {shape[0]}x{shape[1]} layer{where} (out x in features), this "
+                         f"module is {module.out_features}x{module.in_features}")
 
 
 def as_kept(incoming: torch.Tensor, current: torch.Tensor | None, loaded: bool) -> torch.Tensor:

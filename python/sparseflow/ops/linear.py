@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch._C._functorch import TransformType, is_gradtrackingtensor
-from torch._functorch.pyfunctorch import coerce_cinterpreter
+from torch._functorch.pyfunctorch import coerce_cinterpreter, retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from ..formats import BSR, CSR, FORMATS, NM, Bitmask, SparseFormat
@@ -167,7 +167,15 @@ def _ad_transform(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
             torch._dynamo.graph_break("sparseflow: a sparse op under torch.func.grad/jvp/jacrev runs eagerly")
         return False
     return forward_ad._current_level >= 0 or is_gradtrackingtensor(x) or (
-        bias is not None and is_gradtrackingtensor(bias))
+        bias is not None and is_gradtrackingtensor(bias)) or _grad_below_vmap()
+
+
+def _grad_below_vmap() -> bool:
+    """A grad or jvp transform under the top one (grad(vmap(f))): x is a BatchedTensor, and the op's
+    vmap rule would run the custom op at the gradient's level, which has no rule for it."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(i.key() in _AD_TRANSFORMS for i in retrieve_all_functorch_interpreters())
 
 
 def _constant(make):
@@ -272,8 +280,8 @@ def act_sparse_linear(x: torch.Tensor, w_t, threshold: float, bias: torch.Tensor
     check_weight(w_t, "act_sparse_linear")
     bias = None if bias is None else bias.contiguous()
     if isinstance(w_t, Bitmask):
-        return act_sparse_linear_bitmask(x, w_t.values, w_t.mask, w_t.row_offsets, n, threshold, bias, backend)
-    return act_sparse_linear_dense(x, w_t, threshold, bias, backend)
+        return act_sparse_from_buffers(x, "bitmask", w_t.tensors(), n, threshold, bias, backend)
+    return act_sparse_from_buffers(x, "dense", {"t": w_t}, n, threshold, bias, backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,10 +106,9 @@ BATCHED = {"cpu": "batched", "cuda": "batched"}
 def rows_of(x: torch.Tensor) -> int:
     """Rows of x [..., K]: the product of every dimension but the last (1 for a 0-d x, which the op
     then refuses with a message)."""
-    if not x.dim():
-        return 1
-    k = x.shape[-1]
-    return x.numel() // k if k else math.prod(x.shape[:-1])  # (K = 0: the rows still count)
+    # (not x.numel() // K: K may be 0, and an exported graph keeps a sym_numel node that a later
+    # torch.compile of the program cannot trace)
+    return math.prod(x.shape[:-1]) if x.dim() else 1
 
 
 def batched_backend(device_type: str, m: int) -> str:
