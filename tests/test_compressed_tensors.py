@@ -186,14 +186,19 @@ def valid_tensors(tmp_path, fmt):
     [
         ("sparse-bitmask", "model.fc1.row_offsets", lambda t: t.flip(0).contiguous(), "row_offsets|row 0"),
         ("sparse-bitmask", "model.fc1.row_offsets", lambda t: t[:-1].clone(), "must be int64 \\(16,\\)"),
-        ("sparse-bitmask", "model.fc1.bitmask", lambda t: t.clone().fill_(255), "mask bits|row"),
+        ("sparse-bitmask", "model.fc1.bitmask", lambda t: torch.cat([t[:, :-1].clone().fill_(255), t[:, -1:]], 1),
+         "mask bits|row"),
         ("sparse-bitmask", "model.fc1.bitmask", lambda t: t.to(torch.int8), "bitmask must be uint8"),
         ("sparse-bitmask", "model.fc1.compressed", lambda t: t[:-3].clone(), "values|row_offsets"),
         ("sparse-bitmask", "model.fc1.compressed", lambda t: t.to(torch.int8), "quantized"),
         ("sparse-bitmask", "model.fc1.shape", lambda t: torch.tensor([16, -44]), "both sides"),
         ("sparse-bitmask", "model.fc1.shape", lambda t: torch.tensor([16.0, 44.0]), "2 integers"),
         ("sparse-bitmask", "model.fc1.shape", lambda t: torch.tensor([16, 44, 1]), "2 integers"),
-        ("sparse-24-bitmask", "model.fc1.bitmask", lambda t: t.clone().fill_(0xFF), "keeps 4 values, not 2"),
+        ("sparse-24-bitmask", "model.fc1.bitmask", lambda t: torch.cat([t[:, :-1].clone().fill_(0xFF), t[:, -1:]], 1),
+         "keeps 4 values, not 2"),
+        # in_features 44: the last byte's top 4 bits are padding (they were ignored for 2:4)
+        *((f, "model.fc1.bitmask", lambda t: torch.cat([t[:, :-1], t[:, -1:] | 0x80], 1), "past in_features \\(44\\)")
+          for f in ("sparse-24-bitmask", "sparse-bitmask")),
         ("sparse-24-bitmask", "model.fc1.bitmask", lambda t: t.clone().fill_(0x01), "keeps 1 values, not 2"),
         ("sparse-24-bitmask", "model.fc1.compressed", lambda t: t[:, :-1].contiguous(), "must have"),
         ("sparse-24-bitmask", "model.fc1.shape", lambda t: torch.tensor([[16], [42]]), "not a multiple of 4"),

@@ -102,6 +102,52 @@ def test_act_sparse_thresholds_must_be_non_negative(tmp_path, threshold):
         sf.load(path)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("keep_dense", "false", "keep_dense must be true or false"),  # bool("false") loaded as True
+    ("folded_bias", "false", "folded_bias must be true or false"),  # (and dropped the bias on export)
+    ("bias", 1, "bias must be true or false"),
+    ("threshold", "0.1", "threshold must be a number"),
+    ("threshold", 10**400, "int too large"),
+    ("shape", [16.7, 32], "shape must be an int"),
+    ("shape", [64], "shape must be \\[out_features, in_features\\]"),
+])
+def test_spec_fields_must_have_their_json_types(tmp_path, field, value, message):
+    path = saved(tmp_path, sf.ActSparseLinear.from_linear(pruned_linear(), 0.1, shift=torch.randn(64) * 0.1))
+    description, tensors = read(path)
+    description["architecture"]["children"][0]["spec"][field] = value
+    write(path, description, tensors)
+    with pytest.raises(ValueError, match=message):
+        sf.load(path)
+
+
+def test_a_missing_weight_buffer_is_named(tmp_path):
+    """Loading into placeholders (sf.load builds them): the buffer the file lacks is named, not a
+    placeholder's size in the format's validation."""
+    path = saved(tmp_path, sf.SparseLinear.from_linear(pruned_linear(keep=0.1), "csr"))
+    description, tensors = read(path)
+    del tensors["0.weight_row_ptr"]
+    write(path, description, tensors)
+    with pytest.raises(ValueError, match="lacks 0.weight_row_ptr"):
+        sf.load(path)
+    module = sf.SparseLinear.from_linear(pruned_linear(), "bitmask")
+    state = module.state_dict()
+    state["weight_row_offsets"] = state["weight_row_offsets"].flip(0)
+    with pytest.raises(ValueError, match="^layer: bitmask"):  # a format's error names the layer
+        nn.ModuleDict({"layer": module}).load_state_dict({f"layer.{k}": v for k, v in state.items()})
+    with pytest.raises(TypeError, match="weight_values must be a tensor, got list"):
+        module.load_state_dict({**module.state_dict(), "weight_values": [1.0]})
+
+
+def test_a_bad_embedding_in_the_architecture_is_refused(tmp_path):
+    path = tmp_path / "model"
+    sf.save(nn.Sequential(nn.Embedding(4, 8), sf.SparseLinear.from_linear(pruned_linear(8, 8), "bitmask")), path)
+    description, tensors = read(path)
+    description["architecture"]["children"][0]["args"]["padding_idx"] = 10
+    write(path, description, tensors)
+    with pytest.raises(ValueError, match="bad 'Embedding' entry.*padding_idx|bad 'Sequential' entry.*Padding_idx"):
+        sf.load(path)
+
+
 def test_strict_loading_reports_keys_a_sparse_module_does_not_hold():
     for m in (sf.SparseLinear.from_linear(pruned_linear(), "bitmask"),
               sf.ActSparseLinear.from_linear(pruned_linear(), 0.1)):
@@ -191,6 +237,30 @@ def test_a_failed_save_pretrained_leaves_the_previous_files(tmp_path, monkeypatc
         getattr(model_io, save)(tiny_llama("relu"), directory)  # another config, written first
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("name, message", [("set_seed", "'set_seed' is no transformers model class"),
+                                           (["LlamaForCausalLM"], "is no transformers model class"),
+                                           ("BertModel", "BertModel does not fit its config.json")])
+def test_from_pretrained_builds_only_a_model_class_that_fits_the_config(tmp_path, name, message):
+    path = tmp_path / "model"
+    sf.save_pretrained(tiny_llama(), path)
+    description, tensors = read(path)
+    description["transformers_class"] = name  # (it called any callable of transformers with the config)
+    write(path, description, tensors)
+    with pytest.raises(ValueError, match=message):
+        sf.from_pretrained(path)
+
+
+@pytest.mark.parametrize("size", [-5, 2**62])
+def test_from_pretrained_refuses_a_recorded_structure_torch_cannot_build(tmp_path, size):
+    path = tmp_path / "model"
+    sf.save_pretrained(tiny_llama(), path)
+    config = json.loads((path / "config.json").read_text())
+    config["sparseflow_structure"] = {"mlp": {"model.layers.0.mlp.down_proj": size}}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="bad sparseflow_structure"):  # (was torch's RuntimeError)
+        sf.from_pretrained(path)
 
 
 def test_serve_tells_a_sparse_model_by_its_weights_not_by_sparseflow_json(tmp_path):

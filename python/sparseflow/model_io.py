@@ -102,23 +102,46 @@ def build(arch: dict) -> nn.Module:
                 return skeleton(arch["spec"])
         if name in BUILDING_BLOCKS:
             return BUILDING_BLOCKS[name][1](arch["args"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # (torch: negative or huge sizes)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError, OverflowError) as e:
+        # (torch: negative or huge sizes, an Embedding's padding_idx out of range)
         raise ValueError(f"{DESCRIPTION}: bad {name!r} entry in the architecture ({type(e).__name__}: {e})") from None
     raise ValueError(f"{DESCRIPTION}: cannot rebuild a {name!r}; pass model= a skeleton to sf.load")
 
 
 # ---- sparse module skeletons, filled by load_state_dict (which validates every index) ----
+def _flag(spec: dict, key: str, default: bool | None = None) -> bool:
+    """A JSON true/false of the spec (bool("false") is True: a string would load as its opposite)."""
+    value = spec.get(key, default) if default is not None else spec[key]
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{what} must be an int >= 0, got {value!r}")
+    return value
+
+
 def skeleton(spec: dict) -> nn.Module:
+    """The sparse module a spec describes, with placeholder buffers (load_state_dict fills them). Each
+    field must have its JSON type: a tampered description is refused, never read loosely."""
     try:
-        kind, shape = spec["type"], tuple(int(s) for s in spec["shape"])
+        kind, shape = spec["type"], spec["shape"]
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise TypeError(f"shape must be [out_features, in_features], got {shape!r}")
+        shape = tuple(_count(s, "shape") for s in shape)
         if kind == "SparseLinear":
-            return SparseLinear.empty(spec["format"], spec.get("params") or {}, shape, bool(spec["bias"]),
-                                      spec.get("dense_above"), bool(spec.get("keep_dense", False)))
+            return SparseLinear.empty(spec["format"], spec.get("params") or {}, shape, _flag(spec, "bias"),
+                                      spec.get("dense_above"), _flag(spec, "keep_dense", False))
         if kind == "ActSparseLinear":
-            return ActSparseLinear.empty(shape, float(spec["threshold"]), spec["weight_format"], bool(spec["bias"]),
-                                         bool(spec["shift"]), spec.get("dense_above"),
-                                         bool(spec.get("keep_dense", False)), bool(spec.get("folded_bias", False)))
-    except (KeyError, TypeError, ValueError) as e:
+            threshold = spec["threshold"]
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+                raise TypeError(f"threshold must be a number, got {threshold!r}")
+            return ActSparseLinear.empty(shape, float(threshold), spec["weight_format"], _flag(spec, "bias"),
+                                         _flag(spec, "shift"), spec.get("dense_above"),
+                                         _flag(spec, "keep_dense", False), _flag(spec, "folded_bias", False))
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"{DESCRIPTION}: bad module spec {spec!r} ({e})") from None
     raise ValueError(f"{DESCRIPTION}: unknown module type {kind!r}")
 
@@ -281,21 +304,26 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
 
     description, tensors = _read(directory)
     cls_name = description.get("transformers_class")
-    cls = getattr(transformers, str(cls_name), None)
-    if cls is None:
-        raise ValueError(f"{directory}: unknown transformers class {cls_name!r}")
+    cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{directory}: {cls_name!r} is no transformers model class")
     if not (Path(directory) / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: sf.from_pretrained rebuilds the model from it "
                                 "(sf.load reads a model saved by sf.save)")
     config = transformers.AutoConfig.from_pretrained(directory)
     structure = getattr(config, STRUCTURE_KEY, None)
     with torch.device("meta"):
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (AttributeError, TypeError, ValueError) as e:  # a class that does not fit the config
+            raise ValueError(f"{directory}: {cls_name} does not fit its config.json ({type(e).__name__}: {e})") \
+                from None
         if structure:  # shrunk by structured pruning: heads or neurons removed, biases added
             try:
                 apply_structure(model, structure)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-                raise ValueError(f"{directory}/config.json: bad {STRUCTURE_KEY} ({type(e).__name__}: {e})") from None
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:  # (torch:
+                raise ValueError(f"{directory}/config.json: bad {STRUCTURE_KEY} ({type(e).__name__}: {e})") \
+                    from None  # negative or huge sizes)
     model = _fill(model, description, tensors)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights") and \

@@ -139,6 +139,8 @@ def _bitmask(name: str, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     expected = (rows, (cols + 7) // 8)
     if t.dtype != torch.uint8 or tuple(t.shape) != expected:
         raise ValueError(f"{name}.bitmask must be uint8 {expected}, got {t.dtype} {tuple(t.shape)}")
+    if cols % 8 and rows and bool(t[:, -1].bitwise_right_shift(cols % 8).any()):  # (bit k is column 8b + k)
+        raise ValueError(f"{name}.bitmask sets bits past in_features ({cols}) in its last byte")
     return t
 
 

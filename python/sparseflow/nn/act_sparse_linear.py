@@ -17,7 +17,16 @@ from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
 from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
-from .state_dict import as_kept, check_float, check_shape, load_bias, save_shape, unexpected_of
+from .state_dict import (
+    as_kept,
+    check_float,
+    check_shape,
+    load_bias,
+    missing_placeholders,
+    named_layer,
+    save_shape,
+    unexpected_of,
+)
 
 
 class ActSparseLinear(nn.Module):
@@ -202,17 +211,19 @@ class ActSparseLinear(nn.Module):
         self._kernel.reset()
         persistent = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         loaded = not self._unloaded
-        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded) for n in persistent
+        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded, prefix + n) for n in persistent
                     if prefix + n in state_dict}
         names = [f"weight_t_{n}" for n in Bitmask.tensor_names] if self.weight_format == "bitmask" else ["weight_t"]
+        missing_placeholders(self, prefix, names, incoming)
         if any(n in incoming for n in names):
             # The weight these buffers make once loaded (incoming over the current ones) must be valid
             # before any is assigned: a kernel trusts their sizes, and a refused load changes nothing.
             weight = {n: incoming.get(n, getattr(self, n)) for n in names}
             _check_finite(weight["weight_t_values" if self.weight_format == "bitmask" else "weight_t"])
             if self.weight_format == "bitmask":
-                Bitmask.from_tensors((self.in_features, self.out_features),
-                                     {n.removeprefix("weight_t_"): t for n, t in weight.items()}, validate=True)
+                with named_layer(prefix):
+                    Bitmask.from_tensors((self.in_features, self.out_features),
+                                         {n.removeprefix("weight_t_"): t for n, t in weight.items()}, validate=True)
             elif tuple(weight["weight_t"].shape) != (self.in_features, self.out_features):
                 raise ValueError(f"{prefix}weight_t must have shape ({self.in_features}, {self.out_features}), "
                                  f"got {tuple(weight['weight_t'].shape)}")
@@ -220,7 +231,7 @@ class ActSparseLinear(nn.Module):
         weight = incoming.get(main, getattr(self, main))
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{prefix}{main} must be float32, bfloat16 or float16, got {weight.dtype}")
-        bias = as_kept(state_dict[prefix + "bias"], self.bias, loaded) if self.bias is not None and \
+        bias = as_kept(state_dict[prefix + "bias"], self.bias, loaded, prefix + "bias") if self.bias is not None and \
             prefix + "bias" in state_dict else None
         real = main in incoming or loaded  # (a placeholder weight has no dtype to match: shapes only)
         for name, t, shape in (("shift", incoming.get("shift"), (self.in_features,)), ("bias", bias,

@@ -22,7 +22,16 @@ from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
 from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
-from .state_dict import as_kept, check_float, check_shape, load_bias, save_shape, unexpected_of
+from .state_dict import (
+    as_kept,
+    check_float,
+    check_shape,
+    load_bias,
+    missing_placeholders,
+    named_layer,
+    save_shape,
+    unexpected_of,
+)
 
 FORMAT_CHOICES = ("auto", "bitmask", "csr", "bsr", "2:4", "n:m", "dense")
 
@@ -182,16 +191,18 @@ class SparseLinear(nn.Module):
         self._kernel.reset()
         names = [n for n in self._buffers if n not in self._non_persistent_buffers_set]
         loaded = not self._unloaded
-        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded) for n in names
+        incoming = {n: as_kept(state_dict[prefix + n], getattr(self, n), loaded, prefix + n) for n in names
                     if prefix + n in state_dict}
+        missing_placeholders(self, prefix, names, incoming)
         if self.format_name != "dense" and incoming:
             # The weight these buffers make once loaded (incoming over the current ones) must be valid:
             # a kernel trusts its sizes and indices.
             tensors = {n.removeprefix("weight_"): incoming.get(n, getattr(self, n)) for n in names}
-            FORMATS[self.format_name].from_tensors((self.out_features, self.in_features), tensors, validate=True,
-                                                   **self.format_params)
+            with named_layer(prefix):
+                FORMATS[self.format_name].from_tensors((self.out_features, self.in_features), tensors,
+                                                       validate=True, **self.format_params)
         bias_key = prefix + "bias"
-        bias = as_kept(state_dict[bias_key], self.bias, loaded) if self.bias is not None and bias_key in \
+        bias = as_kept(state_dict[bias_key], self.bias, loaded, bias_key) if self.bias is not None and bias_key in \
             state_dict else None
         main = "weight_dense" if self.format_name == "dense" else "weight_values"
         weight = incoming.get(main, getattr(self, main))

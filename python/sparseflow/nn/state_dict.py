@@ -3,6 +3,8 @@ their prefix is theirs."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -39,10 +41,12 @@ def check_shape(module: nn.Module, state_dict: dict, prefix: str) -> None:
                          f"module is {module.out_features}x{module.in_features}")
 
 
-def as_kept(incoming: torch.Tensor, current: torch.Tensor | None, loaded: bool) -> torch.Tensor:
+def as_kept(incoming: torch.Tensor, current: torch.Tensor | None, loaded: bool, key: str = "") -> torch.Tensor:
     """A loaded tensor as the module keeps it: sizes from the checkpoint, but the module's device and
     floating dtype, as nn.Linear's load_state_dict copies into its parameters (a module that holds
     only placeholders takes the checkpoint's dtype). Contiguous, and a copy: the kernels read it."""
+    if not isinstance(incoming, torch.Tensor):
+        raise TypeError(f"{key or 'a state dict entry'} must be a tensor, got {type(incoming).__name__}")
     t = incoming.detach()
     if loaded and isinstance(current, torch.Tensor):
         floating = t.is_floating_point() and current.is_floating_point()
@@ -73,3 +77,24 @@ def load_bias(module: nn.Module, bias: torch.Tensor) -> None:
             old.copy_(bias)
     else:
         module.bias = nn.Parameter(bias, requires_grad=old is not None and old.requires_grad)
+
+
+def missing_placeholders(module: nn.Module, prefix: str, names: list[str], incoming: dict) -> None:
+    """A module of placeholders (.empty) takes a whole weight: a ValueError naming the buffers a state
+    dict that brings some of them lacks (else the placeholders were validated as the weight's)."""
+    if module._unloaded and incoming:
+        missing = [prefix + n for n in names if n not in incoming]
+        if missing:
+            raise ValueError(f"the state dict lacks {', '.join(missing)} (a layer built with .empty() takes a "
+                             "whole weight)")
+
+
+@contextlib.contextmanager
+def named_layer(prefix: str):
+    """A weight's validation error with the layer it belongs to (inside a model)."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if not prefix:
+            raise
+        raise type(e)(f"{prefix.rstrip('.')}: {e}") from None
