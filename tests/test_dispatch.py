@@ -552,3 +552,12 @@ def test_a_cache_lock_held_elsewhere_skips_the_write_instead_of_waiting(cache_di
     assert not (cache_dir / "dispatch.json").exists()
     dispatch.measure_paths(w, cands, (1,), remeasure=True)  # the lock free again: written
     assert (cache_dir / "dispatch.json").exists()
+
+
+def test_timings_on_the_kernels_own_thread_pool_have_their_own_key(monkeypatch):
+    from sparseflow import _ext
+
+    monkeypatch.delenv("SPARSEFLOW_OWN_POOL", raising=False)
+    assert ("own-pool" in dispatch.machine_key().split("|")) == (not _ext._C.shares_torch_threads())
+    monkeypatch.setenv("SPARSEFLOW_OWN_POOL", "1")  # (a comparison run: not the timings of a normal one)
+    assert "own-pool" in dispatch.machine_key().split("|")

@@ -15,11 +15,11 @@ import sparseflow as sf
 from sparseflow.ops import act_sparse_linear_reference, table
 
 
-def pruned(k=72, n=40, seed=0, dtype=torch.float32):
+def pruned(k=72, n=40, seed=0, dtype=torch.float32, keep=0.4):
     torch.manual_seed(seed)
     lin = nn.Linear(k, n).to(dtype)
     with torch.no_grad():
-        lin.weight.mul_(torch.rand(n, k) < 0.4)
+        lin.weight.mul_(torch.rand(n, k) < keep)
     return lin
 
 
@@ -287,3 +287,50 @@ def test_an_in_place_edit_reaches_the_dense_copy_too(kind):
         for rows in (1, 8):  # one row: the kernel; eight: the dense copy
             x = torch.randn(rows, 32)
             torch.testing.assert_close(m(x), F.linear(x, 2 * lin.weight, lin.bias))
+
+
+def test_a_load_between_validation_and_the_call_cannot_mix_two_weights():
+    """Another thread's load_state_dict assigns the buffers one by one: the forward validates and runs
+    one snapshot of them (it re-read them after validating: a 99% dense row_offsets with a 1% dense
+    values buffer sent the C++ decompression out of bounds)."""
+    torch.manual_seed(0)
+    dense, sparse = pruned(96, 80, keep=0.99), pruned(96, 80, keep=0.05, seed=1)
+    mod = sf.SparseLinear.from_linear(dense, "bitmask", dense_above=4)
+    small = sf.SparseLinear.from_linear(sparse, "bitmask")
+    check = mod._kernel.check_valid
+
+    def check_then_a_load_starts(*args, **kwargs):
+        check(*args, **kwargs)
+        mod.weight_values = small.weight_values.clone()  # the first assignment of that load
+
+    mod._kernel.check_valid = check_then_a_load_starts
+    x = torch.randn(20, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), dense(x))  # the weight it validated
+
+
+def test_a_dense_copy_is_stamped_with_the_buffers_it_was_made_from():
+    """A load that lands while a copy is being made: the copy keeps the stamp of the buffers it was
+    made from, so the next call makes it again (stamped after, it stayed stale for good)."""
+    torch.manual_seed(0)
+    a, b = pruned(64, 48, seed=2), pruned(64, 48, seed=3)
+    mod = sf.SparseLinear.from_linear(a, "bitmask", dense_above=4)
+    mod._keep_dense(True)
+    new_state = sf.SparseLinear.from_linear(b, "bitmask").state_dict()
+    with torch.no_grad():
+        mod.weight_values.mul_(1.0)  # an in-place edit: the next prefill call makes the copy again
+    register, fired = mod.register_buffer, []
+
+    def register_buffer(name, t, persistent=True):
+        if name == "dense_copy" and not fired:  # between making the copy and keeping it
+            fired.append(1)
+            mod.load_state_dict(new_state)
+        return register(name, t, persistent)
+
+    mod.register_buffer = register_buffer
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        mod(x)
+        del mod.register_buffer
+        torch.testing.assert_close(mod(x), b(x))
+        torch.testing.assert_close(mod(x[:1]), b(x[:1]))

@@ -375,6 +375,11 @@ def test_act_sparse_batch_rows_by_isa(isa):
     bf16_dot = isa == "avx512" and _C.cpu_features()["avx512bf16"] and os.environ.get("SPARSEFLOW_NO_BF16_DOT") != "1"
     assert _C.act_sparse_batch_rows(1) == (2 if bf16_dot else 0)
     assert _C.act_sparse_batch_rows(0) == 0 and _C.act_sparse_batch_rows(2) == 0
+    from sparseflow.ops.cpu import kernel_takes_batch
+    assert kernel_takes_batch(torch.bfloat16, 2) == bf16_dot
+    with sf.isa("scalar"):  # another level within the process: no answer cached from the first
+        assert not kernel_takes_batch(torch.bfloat16, 2)
+    assert kernel_takes_batch(torch.bfloat16, 2) == bf16_dot
     with pytest.raises(ValueError, match="dtype code"):
         _C.act_sparse_batch_rows(7)
     x, w = act_case(20, 33, 70, torch.bfloat16, torch.Generator().manual_seed(5))

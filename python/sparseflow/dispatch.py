@@ -159,7 +159,11 @@ def machine_key() -> str:
     parts = [features["model"], _ext.active_isa(), f"t{torch.get_num_threads()}", torch.__version__, __version__,
              kernels_build()]
     forced = _ext._C.act_batch_gemm()  # a batch GEMM forced for a benchmark: its timings are not the default's
-    return "|".join(parts if forced == "auto" else [*parts, f"act-batch-{forced}"])
+    if forced != "auto":
+        parts.append(f"act-batch-{forced}")
+    if os.environ.get("SPARSEFLOW_OWN_POOL", "")[:1] == "1" or not _ext._C.shares_torch_threads():
+        parts.append("own-pool")  # the kernels on their own threads, not torch's: other timings
+    return "|".join(parts)
 
 
 # A timing whose speedup exceeds PLAUSIBLE x (dense bytes / sparse bytes) is retaken up to RETRIES times.

@@ -107,10 +107,11 @@ class ActSparseLinear(nn.Module):
 
     def _keep_dense(self, on: bool) -> None:
         """The [out, in] copy for rows above the crossover (not persistent: loading rebuilds it)."""
-        w_t = self.w_t()
+        tensors = self._weight_tensors()  # (one snapshot: the copy is of the buffers its stamp names)
+        w_t = self._w_t_of(tensors)
         copy = (w_t if isinstance(w_t, torch.Tensor) else w_t.to_dense()).t().contiguous() if on else None
         self.register_buffer("dense_copy", copy, persistent=False)
-        self._dense_copy_of = weight_stamp(self._weight_buffers()) if on else None
+        self._dense_copy_of = weight_stamp(tensors.values()) if on else None
 
     def rebuild_dense_copy(self) -> None:
         """Makes the dense copy (keep_dense) again from the weight buffers. An eager forward does so by
@@ -120,9 +121,23 @@ class ActSparseLinear(nn.Module):
             self._keep_dense(True)
 
     def _weight_buffers(self) -> list[torch.Tensor]:
+        return list(self._weight_tensors().values())
+
+    def _weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The weight's buffers by the op's names ({"t": w_t}, or the Bitmask's), read once (in eager
+        from one copy of the buffer dict, so that another thread's load_state_dict between two reads
+        cannot mix two weights)."""
+        names = {"t": "weight_t"} if self.weight_format == "dense" else {n: f"weight_t_{n}" for n in
+                                                                          Bitmask.tensor_names}
+        if torch.compiler.is_compiling():
+            return {n: getattr(self, b) for n, b in names.items()}
+        buffers = dict(self._buffers)
+        return {n: buffers[b] for n, b in names.items()}
+
+    def _w_t_of(self, tensors: dict[str, torch.Tensor]):
         if self.weight_format == "dense":
-            return [self.weight_t]
-        return [getattr(self, f"weight_t_{n}") for n in Bitmask.tensor_names]
+            return tensors["t"]
+        return Bitmask.from_tensors((self.in_features, self.out_features), tensors, validate=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, threshold: float = 0.0, shift: torch.Tensor | None = None,
@@ -152,10 +167,7 @@ class ActSparseLinear(nn.Module):
         return (self.bias.float() - w.float() @ self.shift.float()).to(w.dtype)
 
     def w_t(self):
-        if self.weight_format == "dense":
-            return self.weight_t
-        tensors = {n: getattr(self, f"weight_t_{n}") for n in Bitmask.tensor_names}
-        return Bitmask.from_tensors((self.in_features, self.out_features), tensors, validate=False)
+        return self._w_t_of(self._weight_tensors())
 
     def spec(self) -> dict:
         return {"type": "ActSparseLinear", "shape": [self.out_features, self.in_features],
@@ -180,20 +192,17 @@ class ActSparseLinear(nn.Module):
             refresh_dense_copy(self, self._weight_buffers)
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
+        # the buffers stamped, validated and run are one snapshot of them (see _weight_tensors)
+        tensors = self._weight_tensors()
         if batched is None or (x.is_cpu and not torch.compiler.is_compiling()
                                and kernel_takes_batch(x.dtype, rows_of(x))):
             bias = self.bias
-            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features,  # the weight's buffers
-                             self._buffers.values(), self.w_t, (self.in_features, self.out_features))  # (and more)
+            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, tensors.values(),
+                             lambda: self._w_t_of(tensors), (self.in_features, self.out_features))
             if fn is not None:
                 return fn(x, self.threshold, bias)
         backend = batched or ""
-        self._kernel.check_valid(self._buffers.values(), self.w_t, (self.in_features, self.out_features))
-        if self.weight_format == "dense":
-            tensors = {"t": self.weight_t}
-        else:
-            tensors = {"values": self.weight_t_values, "mask": self.weight_t_mask,
-                       "row_offsets": self.weight_t_row_offsets}
+        self._kernel.check_valid(tensors.values(), lambda: self._w_t_of(tensors), (self.in_features, self.out_features))
         return act_sparse_from_buffers(x, self.weight_format, tensors, self.out_features, self.threshold, self.bias,
                                        backend)
 

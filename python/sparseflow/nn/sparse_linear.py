@@ -113,8 +113,9 @@ class SparseLinear(nn.Module):
     def _keep_dense(self, on: bool) -> None:
         """The dense copy for rows above the crossover (a buffer, so .to() moves it; not persistent:
         state_dict and sf.save leave it out, loading rebuilds it)."""
-        self.register_buffer("dense_copy", self.weight.to_dense() if on else None, persistent=False)
-        self._dense_copy_of = weight_stamp(self._weight_tensors().values()) if on else None
+        tensors = self._weight_tensors()  # (one snapshot: the copy is of the buffers its stamp names)
+        self.register_buffer("dense_copy", self._weight_of(tensors).to_dense() if on else None, persistent=False)
+        self._dense_copy_of = weight_stamp(tensors.values()) if on else None
 
     def rebuild_dense_copy(self) -> None:
         """Makes the dense copy (keep_dense) again from the weight buffers. An eager forward does so by
@@ -128,12 +129,20 @@ class SparseLinear(nn.Module):
         """The weight as a format object (or the dense tensor for format "dense")."""
         if self.format_name == "dense":
             return self.weight_dense
+        return self._weight_of(self._weight_tensors())
+
+    def _weight_of(self, tensors: dict[str, torch.Tensor]) -> SparseFormat:
         cls = FORMATS[self.format_name]
-        return cls.from_tensors((self.out_features, self.in_features), self._weight_tensors(), validate=False,
-                                **self.format_params)
+        return cls.from_tensors((self.out_features, self.in_features), tensors, validate=False, **self.format_params)
 
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f"weight_{name}") for name in FORMATS[self.format_name].tensor_names}
+        """The format's buffers, read once (in eager from one copy of the buffer dict, so that another
+        thread's load_state_dict between two reads cannot mix two weights)."""
+        names = FORMATS[self.format_name].tensor_names
+        if torch.compiler.is_compiling():
+            return {name: getattr(self, f"weight_{name}") for name in names}
+        buffers = dict(self._buffers)
+        return {name: buffers[f"weight_{name}"] for name in names}
 
     def spec(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this module (see sparseflow.model_io)."""
@@ -165,15 +174,18 @@ class SparseLinear(nn.Module):
         if batched is not None and self.dense_copy is not None:
             refresh_dense_copy(self, lambda: self._weight_tensors().values())
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
+        # the buffers stamped, validated and run are one snapshot of them (see _weight_tensors)
+        tensors = self._weight_tensors()
         if batched is None:
             bias = self.bias
-            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, self._buffers.values(),
-                             lambda: self.weight)
+            fn = fast_kernel(self._kernel, x, bias, self.in_features, self.out_features, tensors.values(),
+                             lambda: self._weight_of(tensors))
             if fn is not None:
                 return fn(x, bias)
         backend = batched or ""
-        self._kernel.check_valid(self._buffers.values(), lambda: self.weight, (self.out_features, self.in_features))
-        return linear_from_buffers(x, self.format_name, self._weight_tensors(), self.format_params,
+        self._kernel.check_valid(tensors.values(), lambda: self._weight_of(tensors),
+                                 (self.out_features, self.in_features))
+        return linear_from_buffers(x, self.format_name, tensors, self.format_params,
                                    (self.out_features, self.in_features), self.bias, backend)
 
     def _apply(self, fn, *args, **kwargs):

@@ -272,12 +272,16 @@ def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> to
     return out
 
 
-@functools.lru_cache(maxsize=8)
 def act_sparse_batch_rows(dtype: torch.dtype) -> int:
     """From how many rows of x the C++ act-sparse kernel runs a batch its own way rather than row by
     row (bf16 with AVX-512 BF16: from 2 rows, csrc/cpu/kernels/gemm_union.h, which reads each row of
     the weight once for the whole batch; from more rows the batch GEMMs gemm_kn.h and gemm_skip.h);
-    0: never. Fixed for the process (the ISA level is chosen once)."""
+    0: never. Per ISA level (SPARSEFLOW_ISA or sf.isa() may change it within a process)."""
+    return _batch_rows_at(dtype, _C.active_isa())
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_rows_at(dtype: torch.dtype, isa: str) -> int:
     return _C.act_sparse_batch_rows(dtype_code(dtype)) if dtype in _INT else 0
 
 
