@@ -253,3 +253,84 @@ def test_bench_kernels_refuses_bad_outputs_and_threads_before_timing(tmp_path, c
     err = capsys.readouterr().err
     assert needle.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
     assert "ms sparse" not in err  # nothing was timed
+
+
+def _tiny_llama_dir(path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_convert_refuses_options_it_would_ignore_and_fails_before_pruning(tmp_path, capsys, monkeypatch):
+    import os
+
+    from sparseflow import convert as convert_mod
+
+    src = str(_tiny_llama_dir(tmp_path / "src"))
+    for argv, needle in ((["--sparsity", "0.8"], "sparsity 0.8 conflicts with pattern 2:4"),  # (it pruned 50%)
+                         (["--calibration", __file__], "magnitude pruning reads no inputs")):
+        assert main(["convert", src, str(tmp_path / "dst"), "--method", "magnitude", *argv]) == 2
+        assert needle in capsys.readouterr().err
+    monkeypatch.setattr(convert_mod, "prune", lambda *a, **k: pytest.fail("pruned before the output was checked"))
+    (tmp_path / "afile").write_text("")
+    assert main(["convert", src, str(tmp_path / "afile" / "dst"), "--method", "magnitude"]) == 2
+    monkeypatch.undo()
+
+    def interrupted(*_args, **_kwargs):
+        raise SystemExit(143)  # what SIGTERM raises under the CLI (as Ctrl-C, KeyboardInterrupt)
+
+    monkeypatch.setattr(convert_mod.model_io, "save_pretrained", interrupted)
+    with pytest.raises(SystemExit):
+        main(["convert", src, str(tmp_path / "dst"), "--method", "magnitude"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]  # no hidden half-written copy
+    monkeypatch.undo()
+    assert main(["convert", src, str(tmp_path / "dst"), "--method", "magnitude", "--sparsity", "0.5"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "dst").stat().st_mode & 0o777 == 0o777 & ~umask  # (mkdtemp's 0700 kept others out)
+
+
+def test_sigterm_and_ctrl_c_end_the_cli_in_one_line(capsys, monkeypatch):
+    import signal
+
+    from sparseflow import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli._terminated(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(cli, "info", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "sparseflow info: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminated  # restored after the command
+
+
+def test_demo_checks_its_output_before_running(tmp_path, capsys, monkeypatch):
+    from sparseflow import demo
+
+    monkeypatch.setattr(demo, "kernel_section", lambda *a: pytest.fail("ran before --out was checked"))
+    (tmp_path / "afile").write_text("")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "afile")]) == 2
+    assert "afile" in capsys.readouterr().err
+
+
+def test_inspect_reads_sharded_checkpoints_and_lists_unsupported_dtypes(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    transformers = pytest.importorskip("transformers")
+    src = _tiny_llama_dir(tmp_path / "src")
+    transformers.AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert main(["inspect", str(tmp_path / "sharded"), "--no-measure", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len([r for r in rows if r["name"].endswith("proj.weight")]) == 7
+    save_file({"a.weight": torch.randn(8, 8, dtype=torch.float64), "b.weight": torch.randn(8, 8)},
+              tmp_path / "mixed.safetensors")
+    assert main(["inspect", str(tmp_path / "mixed.safetensors"), "--no-measure", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["a.weight"]["pattern"] == "unsupported dtype" and rows["b.weight"]["pattern"] == "dense"
+    (tmp_path / "badcfg").mkdir()
+    (tmp_path / "badcfg" / "config.json").write_text("[]")
+    assert main(["inspect", str(tmp_path / "badcfg")]) == 2
+    assert "not a JSON object" in capsys.readouterr().err

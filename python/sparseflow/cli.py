@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from . import demo as demo_mod
 from ._argtypes import fraction, non_negative_int, port, positive_float, positive_int
@@ -117,11 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="prune + compress a transformers model directory")
     p.add_argument("src", help="a transformers model directory")
     p.add_argument("dst", help="output directory (written atomically: never half-written)")
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--sparsity", type=fraction, default=0.5)
-    p.add_argument("--pattern", default="2:4", help="unstructured, n:m (e.g. 2:4), block(bm,bk)")
-    p.add_argument("--calibration", help="a text file, one calibration sentence per line (default: built-in)")
-    p.add_argument("--export", choices=["sparseflow", "dense", "compressed-tensors"], default="sparseflow")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="(default: %(default)s)")
+    p.add_argument("--sparsity", type=fraction, help="the fraction pruned (default 0.5; an n:m pattern fixes it)")
+    p.add_argument("--pattern", default="2:4",
+                   help="unstructured, n:m (e.g. 2:4), block(bm,bk), neurons or heads (default: %(default)s)")
+    p.add_argument("--calibration", help="wanda and sparsegpt: a text file, one calibration sentence per line "
+                                         "(default: built-in)")
+    p.add_argument("--export", choices=["sparseflow", "dense", "compressed-tensors"], default="sparseflow",
+                   help="(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_convert)
 
@@ -142,11 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a half-written output is removed on the way
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"sparseflow {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CliError, ValueError, TypeError, OSError, ImportError) as e:
         if args.debug:
             raise
@@ -155,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         more = f" (sparseflow --debug {args.command} ... shows the rest)" if len(lines) > 1 else ""
         print(f"sparseflow {args.command}: error: {lines[0]}{more}", file=sys.stderr)
         return 2
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,20 @@ def _load_dense(src: Path):
     return model.eval()
 
 
-def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=None, export="sparseflow",
+def convert(src, dst, method="wanda", sparsity=None, pattern="2:4", calibration=None, export="sparseflow",
             show=True) -> dict:
-    import transformers
+    """sparsity: the fraction pruned (default 0.5); an n:m pattern fixes it (1 - n/m), and another
+    value is refused rather than ignored. calibration: for wanda and sparsegpt only."""
 
     spec = parse_pattern(pattern)  # a bad pattern string fails before any work
+    if spec.kind == "n:m":
+        if sparsity is not None and abs(sparsity - spec.fixed_sparsity) > 1e-9:
+            raise ValueError(f"sparsity {sparsity} conflicts with pattern {pattern}, which prunes "
+                             f"{spec.fixed_sparsity:g} of the weights; leave sparsity out for an n:m pattern")
+        sparsity = spec.fixed_sparsity
+    sparsity = 0.5 if sparsity is None else sparsity
+    if method == "magnitude" and calibration is not None:
+        raise ValueError("calibration is for wanda and sparsegpt: magnitude pruning reads no inputs")
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is not a transformers model directory (no config.json)")
@@ -72,6 +81,20 @@ def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=N
         raise FileExistsError(f"{dst} already exists; choose a new directory")
     if export not in ("sparseflow", "dense", "compressed-tensors"):
         raise ValueError(f"export must be sparseflow, dense or compressed-tensors, got {export!r}")
+    # The output's place first: a directory that cannot be written fails now, not after the pruning.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        report = _convert(src, dst, tmp, method, sparsity, pattern, spec, calibration, export, show)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _convert(src, dst, tmp, method, sparsity, pattern, spec, calibration, export, show) -> dict:
+    import transformers
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = _load_dense(src)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src) if any(src.glob("tokenizer*")) else None
@@ -88,24 +111,20 @@ def convert(src, dst, method="wanda", sparsity=0.5, pattern="2:4", calibration=N
     storable = spec.kind == "block" or (spec.kind == "n:m" and spec.m in (4, 8, 16))
     pruned = [row.name for row in prune_report if row.sparsity > 0]
     sparsify_report = sparsify(model, format=str(spec) if storable else "auto", include=pruned)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        if export == "sparseflow":
-            model_io.save_pretrained(model, tmp)
-        elif export == "dense":
-            model_io.export_dense(model, tmp)
-        else:
-            ct_format = "sparse-24-bitmask" if str(spec) == "2:4" else "sparse-bitmask"
-            model_io.export_compressed_tensors(model, tmp, ct_format)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    effective = (spec.fixed_sparsity or 0.0) if spec.kind == "n:m" else sparsity  # n:m fixes it
-    report = {"src": str(src), "dst": str(dst), "method": method, "sparsity": effective, "pattern": pattern,
+    if export == "sparseflow":
+        model_io.save_pretrained(model, tmp)
+    elif export == "dense":
+        model_io.export_dense(model, tmp)
+    else:
+        ct_format = "sparse-24-bitmask" if str(spec) == "2:4" else "sparse-bitmask"
+        model_io.export_compressed_tensors(model, tmp, ct_format)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # (mkdtemp made it 0700: the model is for other users too)
+    os.replace(tmp, dst)
+    report = {"src": str(src), "dst": str(dst), "method": method, "sparsity": sparsity, "pattern": pattern,
               "export": export, "bytes_before": sparsify_report.bytes_before,
               "bytes_after": sparsify_report.bytes_after,
               "layers": json.loads(sparsify_report.to_json())["layers"]}

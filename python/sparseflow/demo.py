@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -200,6 +201,10 @@ def run(out_dir: str = "sparseflow-demo", quick: bool = False, show: bool = True
     from rich.console import Console
     from rich.table import Table
 
+    out = Path(out_dir)  # (made and checked first: a bad --out fails now, not after minutes of timing)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"{out} is not writable")
     console = Console(stderr=not show, quiet=not show, width=150)
     started = time.perf_counter()
     rows: list[dict] = []
@@ -210,8 +215,6 @@ def run(out_dir: str = "sparseflow-demo", quick: bool = False, show: bool = True
         for section in (kernel_section, minilm_section, llama_section):
             rows += section(quick, step)
     ok = all(r["correct"] for r in rows)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"ok": ok, "seconds": time.perf_counter() - started, "machine": info(), "rows": rows}
     write_result(out / "report.json", json.dumps(report, indent=1))
     try:

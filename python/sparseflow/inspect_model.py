@@ -11,9 +11,10 @@ import torch
 
 from . import dispatch
 from .formats import SparseFormat, detect_pattern
+from .formats.base import FLOAT_DTYPES
 from .io import load_weights, read_compressed_tensors
 from .io._safetensors import read_safetensors
-from .model_io import WEIGHTS
+from .model_io import WEIGHTS, skeleton
 from .sparsify import candidates_for
 
 
@@ -35,9 +36,17 @@ def read_any(path: str | Path) -> dict[str, SparseFormat | Stored | torch.Tensor
         raise FileNotFoundError(f"{path} does not exist")
     file = path / WEIGHTS if path.is_dir() else path
     if path.is_dir() and (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-        if "sparsity_config" in (config.get("quantization_config") or {}):
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (ValueError, RecursionError):
+            raise ValueError(f"{path / 'config.json'} is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / 'config.json'} is not a JSON object")
+        quantization = config.get("quantization_config")
+        if isinstance(quantization, dict) and "sparsity_config" in quantization:
             return read_compressed_tensors(path)
+    if path.is_dir() and not file.is_file() and (path / "model.safetensors.index.json").is_file():
+        return read_compressed_tensors(path)  # a sharded checkpoint: its shards' tensors (dense ones pass through)
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS}")
     metadata, tensors = read_safetensors(file)
@@ -56,26 +65,23 @@ def read_any(path: str | Path) -> dict[str, SparseFormat | Stored | torch.Tensor
 
 def _sparse_layers(tensors: dict, modules: dict) -> dict:
     """The tensors, each sparse layer's buffers replaced by its weight (rebuilt and validated)."""
-    from .nn import ActSparseLinear, SparseLinear
+    from .nn import SparseLinear
 
     out = dict(tensors)
     for name, spec in modules.items():
         prefix = f"{name}." if name else ""
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not isinstance(spec, dict) or spec.get("type") not in ("SparseLinear", "ActSparseLinear"):
+            continue
+        layer = skeleton(spec)  # (each field checked, as sf.load checks it)
         try:
-            if spec.get("type") == "SparseLinear":
-                layer = SparseLinear.empty(spec["format"], spec.get("params") or {}, tuple(spec["shape"]),
-                                           spec["bias"])
+            if isinstance(layer, SparseLinear):
                 layer.load_state_dict(own, strict=False)
                 weight = layer.weight
-            elif spec.get("type") == "ActSparseLinear":
-                layer = ActSparseLinear.empty(tuple(spec["shape"]), spec["threshold"], spec["weight_format"],
-                                              spec["bias"], spec["shift"])
+            else:
                 layer.load_state_dict(own, strict=False)
                 nbytes = sum(t.numel() * t.element_size() for n, t in layer.named_buffers() if n.startswith("weight_t"))
                 weight = Stored(layer.to_linear().weight.detach(), f"act-sparse({spec['weight_format']})", nbytes)
-            else:
-                continue
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{name}: damaged sparseflow description ({type(e).__name__}: {e})") from None
         for k in [k for k in out if k.startswith(prefix + "weight_")]:
@@ -94,6 +100,12 @@ def inspect(path: str | Path, measure: bool = True, m_range=(1, 16)) -> list[dic
         elif w.dim() == 2 and w.is_floating_point() and name.endswith("weight"):
             dense, fmt, nbytes = w, "dense", w.numel() * w.element_size()
         else:
+            continue
+        if dense.dtype not in FLOAT_DTYPES:  # (float64, fp8: listed, not sparsified)
+            density = float(torch.count_nonzero(dense.float())) / max(1, dense.numel())
+            rows.append({"name": name, "shape": list(dense.shape), "dtype": str(dense.dtype),
+                         "pattern": "unsupported dtype", "density": round(density, 4), "format": fmt, "bytes": nbytes,
+                         "would_choose": None})
             continue
         pattern = detect_pattern(dense)
         row = {"name": name, "shape": list(dense.shape), "dtype": str(dense.dtype), "pattern": str(pattern),

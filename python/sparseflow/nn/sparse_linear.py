@@ -113,9 +113,13 @@ class SparseLinear(nn.Module):
     def _keep_dense(self, on: bool) -> None:
         """The dense copy for rows above the crossover (a buffer, so .to() moves it; not persistent:
         state_dict and sf.save leave it out, loading rebuilds it)."""
+        if not on:
+            self.register_buffer("dense_copy", None, persistent=False)
+            self._dense_copy_of = None
+            return
         tensors = self._weight_tensors()  # (one snapshot: the copy is of the buffers its stamp names)
-        self.register_buffer("dense_copy", self._weight_of(tensors).to_dense() if on else None, persistent=False)
-        self._dense_copy_of = weight_stamp(tensors.values()) if on else None
+        self.register_buffer("dense_copy", self._weight_of(tensors).to_dense(), persistent=False)
+        self._dense_copy_of = weight_stamp(tensors.values())
 
     def rebuild_dense_copy(self) -> None:
         """Makes the dense copy (keep_dense) again from the weight buffers. An eager forward does so by
