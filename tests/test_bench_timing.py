@@ -1,6 +1,7 @@
 """The kernel benchmark's "layers" mode (bench/kernels.py): each timed sample rotates through copies
 of the weight so that every call reads it cold, and its times are per call."""
 
+import pytest
 import torch
 
 from sparseflow.bench import kernels as K
@@ -83,3 +84,18 @@ def test_sync_waits_for_queued_work_inside_each_sample():
     assert len(log) == 10
     no_sync = compare({"a": launch}, warmup=0, reps=3, clock=lambda: now[0])
     assert no_sync["a"].samples_ns == (100,) * 3
+
+
+def test_block_weights_keep_the_nearest_whole_number_of_blocks():
+    """A per-block coin left a one-block 64x64 weight at 50% all zeros half the time (density 0)."""
+    from sparseflow.bench.kernels import KernelSpec, Workload, make_specs
+
+    for seed in range(6):
+        w = Workload(64, 64, seed=seed).pruned(KernelSpec("bsr", 0.5, block=(64, 64)))
+        assert bool((w != 0).any())  # one block: kept (the nearest whole number, at least one)
+    w = Workload(256, 130, seed=0).pruned(KernelSpec("bsr", 0.75, block=(32, 32)))
+    # (130 columns: 5 blocks wide, the last one 2 columns)
+    kept = sum(bool((w[r:r + 32, c:c + 32] != 0).any()) for r in range(0, 256, 32) for c in range(0, 130, 32))
+    assert kept == round(0.25 * 8 * 5)
+    with pytest.raises(ValueError, match="not both"):
+        make_specs(["act"], [0.7], 0.3)

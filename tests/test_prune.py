@@ -736,3 +736,53 @@ def test_a_sparsity_just_below_one_keeps_a_weight(method):
 def test_include_must_be_name_patterns():
     with pytest.raises(TypeError, match="include / exclude"):
         prune(nn.Sequential(nn.Linear(4, 4)), include=5)
+
+
+def test_layers_with_torch_prune_masks_or_parametrizations_are_refused():
+    """Their .weight is recomputed from the original at each forward: pruning it was undone silently
+    (magnitude), or never happened (wanda, parametrizations)."""
+    import torch.nn.utils.prune as torch_prune
+    from torch.nn.utils import parametrize
+
+    class Mask(nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+        def forward(self, w):
+            return w * self.mask
+
+    for fold in (lambda lin: torch_prune.l1_unstructured(lin, "weight", amount=0.2),
+                 lambda lin: parametrize.register_parametrization(lin, "weight", Mask(torch.rand(16, 16) > 0.2))):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        fold(model[0])
+        with pytest.raises(ValueError, match="layer '0' holds a torch.nn.utils.prune mask or a parametrization"):
+            prune(model, "magnitude", 0.5, progress=False)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_block_patterns_reach_the_layer_target_as_near_as_whole_tiles_allow(method):
+    """Rounded alike in every row of tiles (wanda) or column block (sparsegpt), the errors added up:
+    0.7 came out 0.5, and 0.9 zeroed the layer."""
+    torch.manual_seed(0)
+    x = [torch.randn(64, 512)]
+    for target in (0.6, 0.7, 0.9):
+        model = nn.Sequential(nn.Linear(512, 64))
+        report = prune(model, method, target, pattern="block(32,128)", calibration=x, progress=False)
+        got = report["0"].sparsity  # 8 tiles of 1/8 each
+        assert abs(got - target) <= 1 / 16 + 1e-9 and got < 1.0, (target, got)
+    assert block_mask(torch.rand(48, 64), 0.99, (16, 16)).any()  # below 100%: a tile stays
+
+
+def test_owl_keeps_the_target_and_every_block_alive_at_high_sparsity():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval()
+    calib = [{"input_ids": torch.randint(0, 100, (2, 16))}]
+    report = prune(model, "wanda", 0.95, allocation="owl", calibration=calib, progress=False)
+    assert abs(report.sparsity - 0.95) < 0.01 and max(r.sparsity for r in report) < 1.0  # (was 0.941, a block at 1.0)
+    for bad in ({"owl_lambda": 2.0}, {"owl_lambda": -0.1}, {"owl_m": -1.0}):
+        with pytest.raises(ValueError, match="owl_"):
+            prune(model, "wanda", 0.5, allocation="owl", calibration=calib, progress=False, **bad)

@@ -202,6 +202,9 @@ def make_specs(
         if sparsities is None or s.kind == "nm":
             variants = [s]
         elif s.kind == "act":
+            if act_sparsity is not None:
+                raise ValueError("for the act format --sparsity is its input sparsity: give --sparsity or "
+                                 "--act-sparsity, not both")
             variants = [replace(s, act_sparsity=v) for v in sparsities]
         else:
             variants = [replace(s, sparsity=v) for v in sparsities]
@@ -294,8 +297,13 @@ class Workload:
             keep = table[torch.randint(len(combos), (n, groups), generator=g)].view(n, -1)[:, :k]
         else:  # block: whole blocks kept or dropped
             bm, bk = spec.block
-            kept = torch.rand(-(-n // bm), -(-k // bk), generator=g) >= spec.sparsity
-            keep = kept.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
+            # exactly the nearest whole number of blocks (at least one below 100%): a per-block coin
+            # left a one-block weight all zeros half the time
+            rows, cols = -(-n // bm), -(-k // bk)
+            count = 0 if spec.sparsity >= 1 else max(1, round((1 - spec.sparsity) * rows * cols))
+            kept = torch.zeros(rows * cols, dtype=torch.bool)
+            kept[torch.randperm(rows * cols, generator=g)[:count]] = True
+            keep = kept.view(rows, cols).repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:n, :k]
         return torch.where(keep.to(w.device), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
     def weight(self, spec: KernelSpec, dtype: torch.dtype = torch.float32):
@@ -1120,8 +1128,7 @@ def main(
         write_result(args.markdown, report.markdown(result))
         console.print(f"wrote {args.markdown}")
     if args.plot:
-        report.plot(result, args.plot)
-        console.print(f"wrote {args.plot}")
+        console.print(f"wrote {report.plot(result, args.plot)}")
     return 1 if any(r["status"] in ("wrong", "error") for r in result["results"]) else 0
 
 

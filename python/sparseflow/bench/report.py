@@ -305,7 +305,7 @@ def _kind_name(spec: KernelSpec) -> str:
     return spec.label if spec.kind == "nm" else spec.kind
 
 
-def plot(report: dict, path: str | Path) -> None:
+def plot(report: dict, path: str | Path) -> Path:
     """Speedup (M=1, first shape) vs the fraction of the weight a kernel may skip, one color per
     kernel kind, each with its physical limit (bytes ratio) as a dashed line; one panel per dtype."""
     import matplotlib
@@ -367,5 +367,6 @@ def plot(report: dict, path: str | Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="dashed: bytes limit; -: target", title_fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    written = save_figure(fig, path, dpi=120)  # (a path without a suffix gets matplotlib's format's)
     plt.close(fig)
+    return written

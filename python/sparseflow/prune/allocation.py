@@ -18,6 +18,7 @@ at one layer's scores at a time."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -98,11 +99,19 @@ def lamp(layers: Mapping[str, nn.Linear], sparsity: float, max_layer_sparsity: f
     return _threshold_allocation(sketches, {n: m.weight.numel() for n, m in layers.items()}, sparsity, cap)
 
 
+def check_owl(owl_m, owl_lambda) -> None:
+    if isinstance(owl_m, bool) or not isinstance(owl_m, (int, float)) or not 0 < owl_m < math.inf:
+        raise ValueError(f"owl_m must be a number > 0 (outliers: scores above owl_m times the mean), got {owl_m!r}")
+    if isinstance(owl_lambda, bool) or not isinstance(owl_lambda, (int, float)) or not 0 <= owl_lambda < 1:
+        raise ValueError(f"owl_lambda must be a number in [0, 1) (the spread of sparsities), got {owl_lambda!r}")
+
+
 def owl(layers: Mapping[str, nn.Linear], sparsity: float, input_sq_sums: Mapping[str, torch.Tensor],
         groups: Mapping[str, str] | None = None, owl_m: float = 5.0, owl_lambda: float = 0.08,
         max_layer_sparsity: float | None = None) -> dict[str, float]:
     """`input_sq_sums[name]` [in]: sum over calibration tokens of x_j^2; `groups[name]`: the unit that
     shares one sparsity (a transformer block); every layer is its own unit when None."""
+    check_owl(owl_m, owl_lambda)
     groups = groups or {n: n for n in layers}
     above: dict[str, int] = {}
     count: dict[str, int] = {}
@@ -121,7 +130,17 @@ def owl(layers: Mapping[str, nn.Linear], sparsity: float, input_sq_sums: Mapping
     spread = ratio.max() - ratio.min()
     scaled = (ratio - ratio.min()) / spread * 2 * owl_lambda if spread > 0 else torch.zeros_like(ratio)
     weights = torch.tensor([count[g] for g in units], dtype=torch.float64)
-    density = scaled - (scaled * weights).sum() / weights.sum() + (1 - sparsity)
+    deviation = scaled - (scaled * weights).sum() / weights.sum()  # (weighted mean 0: the target holds)
     cap = 1.0 if max_layer_sparsity is None else max_layer_sparsity
+    # The deviations shrink (all by one factor, so the weighted mean stays the target) where the full
+    # spread would take a unit's density above 1 or below max(1 - cap, half the mean): clamped one
+    # by one, a high target (0.95) missed the target and pruned whole blocks to nothing.
+    mean, floor = 1 - sparsity, max(1 - cap, (1 - sparsity) / 2)
+    factor = 1.0
+    if float(deviation.max()) > 0:
+        factor = min(factor, (1 - mean) / float(deviation.max()))
+    if float(deviation.min()) < 0:
+        factor = min(factor, max(0.0, mean - floor) / -float(deviation.min()))
+    density = mean + factor * deviation
     unit_sparsity = {g: float((1 - d).clamp(0, cap)) for g, d in zip(units, density, strict=True)}
     return {n: unit_sparsity[groups[n]] for n in layers}

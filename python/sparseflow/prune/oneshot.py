@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..io.inputs import check_module
 from . import allocation as alloc
@@ -83,6 +84,12 @@ def select_linears(model: nn.Module, include=None, exclude=None) -> dict[str, nn
             continue
         if any(name_matches(name, p) for p in exclude):
             continue
+        if hasattr(module, "weight_orig") or parametrize.is_parametrized(module, "weight"):
+            # (its .weight is recomputed from the original and the mask at each forward: pruning it
+            # would be undone, silently)
+            raise ValueError(f"layer {name!r} holds a torch.nn.utils.prune mask or a parametrization of its weight: "
+                             "fold it first (torch.nn.utils.prune.remove, parametrize.remove_parametrizations), "
+                             "or pass it to sf.sparsify, which reads the effective weight")
         chosen[name] = module
     return chosen
 
@@ -152,6 +159,9 @@ def prune(
         allocation="owl". Layers are pruned in execution order and each sees the already-pruned
         layers before it.
     allocation: "uniform" | "global" (global magnitude, per-layer ceiling) | "lamp" | "owl".
+    owl_m, owl_lambda: OWL's outlier threshold (scores above owl_m times the block's mean) and spread
+        of block sparsities (target +- owl_lambda; narrowed, the mean kept, where it would take a
+        block's density above 1 or below half the target density).
     include / exclude: name patterns (see select_linears); heads and embeddings are skipped by default.
     blocksize, dampening: SparseGPT's lazy block width and Hessian dampening (fraction of mean diag).
     max_layer_sparsity: ceiling for non-uniform allocations (default for "global": keep >= 1/4 of
@@ -162,6 +172,8 @@ def prune(
         raise ValueError(f"dampening must be a positive fraction of the Hessian's mean diagonal, got {dampening!r}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if allocation == "owl":
+        alloc.check_owl(owl_m, owl_lambda)  # (before the calibration passes)
     spec = parse_pattern(pattern)
     method = _check_method(method, spec)
     sparsity = _check_sparsity(sparsity)  # (an n:m pattern fixes it: the value given must still be one)

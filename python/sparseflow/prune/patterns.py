@@ -143,10 +143,14 @@ def expand_blocks(kept: torch.Tensor, block: tuple[int, int], shape) -> torch.Te
     return kept.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[: shape[0], : shape[1]].contiguous()
 
 
-def block_mask(scores: torch.Tensor, sparsity: float, block: tuple[int, int], per_row: bool = False) -> torch.Tensor:
+def block_mask(scores: torch.Tensor, sparsity: float, block: tuple[int, int], per_row: bool = False,
+               carry: list[float] | None = None) -> torch.Tensor:
     """Drop whole bm x bk tiles, lowest mean score first, until round(sparsity * weights) weights
     of the layer (or of each row of tiles, when per_row) are dropped, as near as whole tiles allow.
-    Edge tiles of a shape that is not a multiple of the block hold fewer weights and count so."""
+    Edge tiles of a shape that is not a multiple of the block hold fewer weights and count so. Each
+    row's rounding is carried into the next one (rounded alike in every row, the errors added up: a
+    layer at 0.9 came out all zeros), and `carry`, a one-element list, takes it from one call to the
+    next (SparseGPT's column blocks of a layer). Below sparsity 1, a layer keeps at least one tile."""
     rows, cols = scores.shape
     sums = block_scores(scores, block)
     sizes = block_scores(torch.ones(rows, cols, device=scores.device), block)
@@ -155,11 +159,22 @@ def block_mask(scores: torch.Tensor, sparsity: float, block: tuple[int, int], pe
         means, sizes = means.reshape(1, -1), sizes.reshape(1, -1)
     order = means.argsort(dim=1, stable=True)
     cum = sizes.gather(1, order).cumsum(1)
-    cum = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1)  # weights dropped by the k lowest tiles, k = 0..
-    target = sizes.sum(1, keepdim=True) * float(sparsity)
-    k = (cum - target).abs().argmin(dim=1, keepdim=True)  # how many tiles to drop in each row
+    cum = torch.cat([torch.zeros_like(cum[:, :1]), cum], dim=1).tolist()  # weights dropped by the k lowest tiles
+    targets = (sizes.sum(1) * float(sparsity)).tolist()
+    left = carry[0] if carry is not None else 0.0
+    counts = []
+    for row_cum, target in zip(cum, targets, strict=True):  # how many tiles to drop in each row
+        want = target + left
+        k = min(range(len(row_cum)), key=lambda i: abs(row_cum[i] - want))
+        left = want - row_cum[k]
+        counts.append(k)
+    if carry is not None:
+        carry[0] = left
+    k = torch.tensor(counts, device=order.device)[:, None]
     drop_sorted = torch.arange(order.shape[1], device=order.device)[None, :] < k
     kept = torch.ones_like(drop_sorted).scatter_(1, order, ~drop_sorted)
+    if carry is None and sparsity < 1 and not bool(kept.any()):
+        kept.view(-1)[means.argmax()] = True  # (the tile of the highest mean score)
     kept = kept.view(block_scores(scores, block).shape)
     return expand_blocks(kept, block, scores.shape)
 

@@ -134,6 +134,7 @@ def sparsegpt_prune_(
     B = _lazy_blocksize(spec, blocksize)
     S = _sub_blocksize(spec, B)
     threads = torch.get_num_threads()
+    carry = [0.0]  # a block pattern's rounding, from one column block to the next (patterns.block_mask)
     with _threads(inner_threads):
         for i1 in range(0, cols, B):
             i2 = min(i1 + B, cols)
@@ -147,7 +148,8 @@ def sparsegpt_prune_(
             if spec.kind == "unstructured":
                 keep1 = unstructured_mask(W1.square().T / d1.square()[None, :], sparsity).T.contiguous()
             elif spec.kind == "block":
-                keep1 = block_mask(W1.square().T / d1.square()[None, :], sparsity, spec.block).T.contiguous()
+                keep1 = block_mask(W1.square().T / d1.square()[None, :], sparsity, spec.block,
+                                   carry=carry).T.contiguous()
             else:
                 keep1 = torch.ones_like(W1, dtype=torch.bool)
             # Two levels of lazy updates: eager within a sub-block of S columns, one small GEMM to
