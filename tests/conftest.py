@@ -80,3 +80,14 @@ def pruned_linear(k: int = 64, n: int = 32, keep: float = 0.5, seed: int = 0) ->
     with torch.no_grad():
         lin.weight.mul_(torch.rand(n, k) < keep)
     return lin
+
+
+class Mask(torch.nn.Module):
+    """A parametrization with a persistent mask buffer (unlike torch.ao's FakeSparsity)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w):
+        return w * self.mask

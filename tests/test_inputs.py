@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import Mask
 from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize, prune
@@ -18,17 +19,6 @@ from sparseflow.io import compress, dense_weight, parse_format, state_dict_weigh
 def model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-
-
-class Mask(nn.Module):
-    """A parametrization with a persistent mask buffer (unlike torch.ao's FakeSparsity)."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w):
-        return w * self.mask
 
 
 def test_dense_tensor_and_linear():

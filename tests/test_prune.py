@@ -742,15 +742,8 @@ def test_layers_with_torch_prune_masks_or_parametrizations_are_refused():
     """Their .weight is recomputed from the original at each forward: pruning it was undone silently
     (magnitude), or never happened (wanda, parametrizations)."""
     import torch.nn.utils.prune as torch_prune
+    from conftest import Mask
     from torch.nn.utils import parametrize
-
-    class Mask(nn.Module):
-        def __init__(self, mask):
-            super().__init__()
-            self.register_buffer("mask", mask)
-
-        def forward(self, w):
-            return w * self.mask
 
     for fold in (lambda lin: torch_prune.l1_unstructured(lin, "weight", amount=0.2),
                  lambda lin: parametrize.register_parametrization(lin, "weight", Mask(torch.rand(16, 16) > 0.2))):
