@@ -752,3 +752,44 @@ def test_a_module_on_the_meta_device_gives_shapes(fmt):
     m._keep_dense(True)
     y = m.to("meta")(torch.empty(3, 5, 64, device="meta"))
     assert y.is_meta and y.shape == (3, 5, 48)
+
+
+def test_sparsify_takes_include_exclude_as_prune_does_and_replaces_every_alias(tmp_path, monkeypatch):
+    """A string was read character by character ("fc*" matched every layer, "fc1" none), a generator
+    was used up by the first layer; a Linear used under two names was replaced under one only (the
+    dense weight stayed in the model beside the compressed one)."""
+    monkeypatch.setenv("SPARSEFLOW_CACHE_DIR", str(tmp_path))
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        m.add_module("fc1", nn.Linear(64, 64))
+        m.add_module("fc2", nn.Linear(64, 64))
+        sf.prune(m, method="magnitude", sparsity=0.5, include=["*"], progress=False)
+        return m
+
+    def converted(**kwargs):
+        report = sf.sparsify(model(), format="bitmask", measure=False, **kwargs)
+        return [layer.name for layer in report.layers if layer.choice != "dense"]
+
+    assert converted(include="fc1") == ["fc1"]
+    assert converted(include="fc*") == ["fc1", "fc2"]
+    assert converted(exclude="fc1") == ["0", "2", "fc2"]
+    assert converted(include=(p for p in ["fc1", "fc2"])) == ["fc1", "fc2"]
+    shared = nn.Linear(64, 64)
+    m = nn.Sequential(shared, nn.ReLU(), shared)
+    sf.prune(m, method="magnitude", sparsity=0.5, progress=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = m(x)
+    sf.sparsify(m, format="bitmask", measure=False)
+    assert m[0] is m[2] and isinstance(m[0], sf.SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)
+
+
+def test_sparsify_leaves_meta_layers_dense_with_activation_sparsity_too():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    report = sf.sparsify(m, measure=False, activation_sparsity=0.5, calibration=torch.randn(4, 64, device="meta"))
+    assert all(layer.choice == "dense" and "meta" in layer.note for layer in report.layers)

@@ -3,11 +3,10 @@ machine, or leave it dense. Works in place and returns a per-layer report."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -18,6 +17,7 @@ from .formats import detect_pattern
 from .io.inputs import check_module, compress, dense_weight, effective_tensor, finds_ratio, parse_format
 from .nn import ActSparseLinear, SparseLinear, input_modes, threshold_for
 from .prune.capture import call_model
+from .prune.oneshot import _as_list, name_matches
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")
 
@@ -81,8 +81,9 @@ class SparsifyReport:
     __repr__ = __str__
 
 
-def _matches(name: str, patterns: Iterable[str] | None) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or name == p for p in (patterns or ()))
+def _matches(name: str, patterns: list[str]) -> bool:
+    """As sf.prune matches: a glob the full name, a plain string whole dotted components."""
+    return any(name_matches(name, p) for p in patterns)
 
 
 def _act_target(activation_sparsity, name: str) -> float | None:
@@ -105,15 +106,27 @@ def _tied(model: nn.Module) -> set[int]:
 
 
 def target_linears(model: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Module]]:
+    """include / exclude: a name pattern or a list of them, as sf.prune takes them (a string was read
+    character by character, and a generator was used up by the first layer)."""
+    include = None if include is None else _as_list(include)
+    exclude = _as_list(exclude)
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         if include is not None and not _matches(name, include):
             continue
-        if _matches(name, exclude) or (include is None and _matches(name, DEFAULT_EXCLUDE)):
+        if _matches(name, exclude) or (include is None and _matches(name, list(DEFAULT_EXCLUDE))):
             continue
         out.append((name, module))
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is reachable under (a module used twice has two)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(module), []).append(name)
     return out
 
 
@@ -347,6 +360,7 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
     if prefill not in ("auto", "batched", "dense"):
         raise ValueError(f"prefill must be 'auto', 'batched' or 'dense', got {prefill!r}")
     layers = target_linears(model, include, exclude)
+    aliases = _aliases(model)
     read_by_parent = {name for name, _ in layers if _weight_read_by_parent(model, name)}
     tied = _tied(model)
     acts = None
@@ -357,7 +371,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         for t in targets:  # checked before any layer is replaced
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t < 1.0:
                 raise ValueError(f"activation sparsity must be a fraction in [0, 1), got {t!r}")
-        acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent
+        acts = capture_inputs(model, [(n, lin) for n, lin in layers if n not in read_by_parent  # (a meta layer
+                                      and not getattr(lin.weight, "is_meta", False)  # is left dense below)
                                       and _act_target(activation_sparsity, n) is not None], calibration)
     reports = []
     for name, lin in layers:
@@ -416,7 +431,8 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
             note = f"threshold {thr:.4g}{', mode-centred' if shift is not None else ''}"
             reports.append(LayerReport(**base, choice=f"act-sparse({wf})", backend=plan.backend, bytes_after=after,
                                        speedup=plan.speedup, note=f"{note}; {plan.note}" if plan.note else note))
-            _set_module(model, name, new)
+            for alias in aliases[id(lin)]:  # (a module used under two names is replaced under both)
+                _set_module(model, alias, new)
             continue
         try:
             cands = candidates_for(w, format)
@@ -451,5 +467,6 @@ def sparsify(model: nn.Module, format: str = "auto", include=None, exclude=None,
         reports.append(LayerReport(**base, choice=label, backend=plan.backend,
                                    bytes_after=cands[label].nbytes + (before if plan.keep_dense else 0),
                                    speedup=plan.speedup, note=plan.note))
-        _set_module(model, name, new)
+        for alias in aliases[id(lin)]:
+            _set_module(model, alias, new)
     return SparsifyReport(reports)
