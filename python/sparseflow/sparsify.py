@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -81,7 +81,7 @@ class SparsifyReport:
     __repr__ = __str__
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def _matches(name: str, patterns: Iterable[str]) -> bool:
     """As sf.prune matches: a glob the full name, a plain string whole dotted components."""
     return any(name_matches(name, p) for p in patterns)
 
@@ -116,7 +116,7 @@ def target_linears(model: nn.Module, include=None, exclude=None) -> list[tuple[s
             continue
         if include is not None and not _matches(name, include):
             continue
-        if _matches(name, exclude) or (include is None and _matches(name, list(DEFAULT_EXCLUDE))):
+        if _matches(name, exclude) or (include is None and _matches(name, DEFAULT_EXCLUDE)):
             continue
         out.append((name, module))
     return out

@@ -16,7 +16,7 @@ from ..ops.bound import BoundKernel, eager_cpu_inference, fast_kernel
 from ..ops.cpu import kernel_takes_batch, zero_inactive
 from ..ops.linear import act_sparse_from_buffers, subtract_shift
 from ..ops.table import rows_of
-from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
+from .crossover import linear_on_dense_copy, read_buffers, refresh_dense_copy, run_at_crossover, weight_stamp
 from .state_dict import (
     as_kept,
     check_float,
@@ -120,19 +120,12 @@ class ActSparseLinear(nn.Module):
         if self.dense_copy is not None:
             self._keep_dense(True)
 
-    def _weight_buffers(self) -> list[torch.Tensor]:
-        return list(self._weight_tensors().values())
-
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
-        """The weight's buffers by the op's names ({"t": w_t}, or the Bitmask's), read once (in eager
-        from one copy of the buffer dict, so that another thread's load_state_dict between two reads
-        cannot mix two weights)."""
-        names = {"t": "weight_t"} if self.weight_format == "dense" else {n: f"weight_t_{n}" for n in
-                                                                          Bitmask.tensor_names}
-        if torch.compiler.is_compiling():
-            return {n: getattr(self, b) for n, b in names.items()}
-        buffers = dict(self._buffers)
-        return {n: buffers[b] for n, b in names.items()}
+        """The weight's buffers by the op's names ({"t": w_t}, or the Bitmask's), read once
+        (crossover.read_buffers)."""
+        if self.weight_format == "dense":
+            return read_buffers(self, {"t": "weight_t"})
+        return read_buffers(self, {n: f"weight_t_{n}" for n in Bitmask.tensor_names})
 
     def _w_t_of(self, tensors: dict[str, torch.Tensor]):
         if self.weight_format == "dense":
@@ -189,7 +182,7 @@ class ActSparseLinear(nn.Module):
         """batched: None for the kernel, else the backend above the crossover (many rows: one
         thresholded dense GEMM beats row-by-row skipping), or the dense copy where the layer keeps one."""
         if batched is not None and self.dense_copy is not None:  # the dense layer at prefill (see __init__)
-            refresh_dense_copy(self, self._weight_buffers)
+            refresh_dense_copy(self, lambda: self._weight_tensors().values())
             return linear_on_dense_copy(x, self.dense_copy, self.bias)
         # (a batch the C++ kernel runs itself: the batched path would call that same kernel)
         # the buffers stamped, validated and run are one snapshot of them (see _weight_tensors)

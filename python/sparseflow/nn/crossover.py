@@ -37,6 +37,16 @@ def linear_on_dense_copy(x: torch.Tensor, dense_copy: torch.Tensor, bias: torch.
     return F.linear(x, dense_copy, bias)
 
 
+def read_buffers(module: torch.nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{key: module's buffer `names[key]`}, read once: in eager from one copy of the buffer dict, so
+    that another thread's load_state_dict between two reads cannot mix two weights (under a
+    compiler, by attribute, as Dynamo traces modules)."""
+    if torch.compiler.is_compiling():
+        return {key: getattr(module, name) for key, name in names.items()}
+    buffers = dict(module._buffers)
+    return {key: buffers[name] for key, name in names.items()}
+
+
 def weight_stamp(buffers) -> tuple | None:
     """What a layer's dense copy was made from: its weight buffers' addresses and versions (None
     while compiling or tracing, on the meta device, or for tensors without storage: no data to

@@ -21,7 +21,7 @@ from ..formats.base import FLOAT_DTYPES, param_names
 from ..io.inputs import compress, dense_weight, effective_tensor
 from ..ops import linear_from_buffers
 from ..ops.bound import BoundKernel, fast_kernel
-from .crossover import linear_on_dense_copy, refresh_dense_copy, run_at_crossover, weight_stamp
+from .crossover import linear_on_dense_copy, read_buffers, refresh_dense_copy, run_at_crossover, weight_stamp
 from .state_dict import (
     as_kept,
     check_float,
@@ -140,13 +140,8 @@ class SparseLinear(nn.Module):
         return cls.from_tensors((self.out_features, self.in_features), tensors, validate=False, **self.format_params)
 
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
-        """The format's buffers, read once (in eager from one copy of the buffer dict, so that another
-        thread's load_state_dict between two reads cannot mix two weights)."""
-        names = FORMATS[self.format_name].tensor_names
-        if torch.compiler.is_compiling():
-            return {name: getattr(self, f"weight_{name}") for name in names}
-        buffers = dict(self._buffers)
-        return {name: buffers[f"weight_{name}"] for name in names}
+        """The format's buffers by the format's names, read once (crossover.read_buffers)."""
+        return read_buffers(self, {name: f"weight_{name}" for name in FORMATS[self.format_name].tensor_names})
 
     def spec(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this module (see sparseflow.model_io)."""
