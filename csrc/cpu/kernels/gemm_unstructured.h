@@ -1,0 +1,254 @@
+// Unstructured sparse weight (bitmask or CSR) times a batch of x (AVX-512, any dtype): a GEMM
+// that skips the weight's zeros. Decompressing for a dense GEMM (the `batched` path) multiplies
+// every zero and measured 0.90-0.96x of torch's GEMM; here each output does only its nonzero
+// products. y^T = W @ x^T: x^T is copied once per call into float32 blocks of up to 128 rows of x
+// (a panel) by as many inputs as fill 32 KiB (L1); each weight row walks its nonzeros block by
+// block, 64 inputs at a time, and each nonzero is one FMA per 16 rows of x: its value broadcast
+// against the block's row. In float32, not in bf16 pairs: pairing two nonzeros for vdpbf16ps
+// takes a shuffle per product, and here shuffles and dot products do not overlap (a first
+// version in bf16 pairs, after gemm_skip.h, ran 1.10-1.16x of torch's bf16 GEMM at 128 rows;
+// this one 1.9-2.1x). Rows of x with a NaN or inf are flagged for the caller to recompute: a
+// skipped zero weight would not turn an inf into NaN as dense does.
+#pragma once
+#include <utility>
+
+#include "cpu/kernels/common.h"
+
+namespace sparseflow::cpu::SF_ISA {
+
+#if defined(SF_ISA_avx512)
+constexpr int64_t kUsBlockFloats = 8192;  // one block of x^T: 32 KiB
+constexpr int64_t kUsChunk = 128;         // weight rows per task: accumulators of up to 64 KiB (L2)
+constexpr int64_t kUsWord = 64;           // inputs summed apart, then added up (as torch sums by blocks)
+// The fewest rows of x at which this GEMM beats the other kernels (tiled.h decompressing the weight,
+// or the CSR row kernel), by weight density: its time follows the nonzeros, theirs does not.
+// Measured (bf16, 8192x2048, 2 threads, against torch's dense GEMM): at density 0.1 1.28x at 16
+// rows; at 0.5 0.93x at 24 rows (tiled.h 0.80x), 2.1x at 128; at 0.7 0.88x at 32, 1.24x at 64; at
+// 0.8 1.08x at 64; at 0.9-1.0 0.86-0.96x at 64, 1.26x at 128 (float32 FMAs outrun torch's bf16
+// dot products here).
+inline int64_t unstructured_gemm_min_rows(double density) {
+  if (density <= 0.15) return 16;
+  if (density <= 0.55) return 24;
+  if (density <= 0.75) return 48;
+  if (density <= 0.85) return 64;
+  return 128;
+}
+
+inline bool unstructured_gemm_applies(int64_t nnz, int64_t rows, int64_t cols, const LinearIO& io) {
+  const double size = static_cast<double>(rows) * static_cast<double>(cols);
+  return io.M >= unstructured_gemm_min_rows(size > 0 ? static_cast<double>(nnz) / size : 0.0);
+}
+
+// An element of x or of the weight as float32 (T: float, or the 16 bits of bf16 or, with F16, of float16).
+template <class T, bool F16>
+inline float us_value(const T* v) {
+  if constexpr (std::is_same_v<T, float>) return *v;
+  else if constexpr (F16) return f16_to_f32(*v);
+  else return bf16_to_f32(*v);
+}
+
+// x^T in float32, block (p, b) at xt + (p * blocks + b) * kUsBlockFloats: row r holds input
+// b * depth + r of rows [p * width, (p + 1) * width) of x (zeros past K and past M). Flags rows with a NaN
+// or inf in io.nonfinite.
+template <class T, bool F16>
+void unstructured_copy_xt(const LinearIO& io, int64_t width, int64_t depth, int64_t panels, int64_t blocks, float* xt) {
+  parallel_for(panels * blocks, threads_for(io.threads, io.M * io.K * 4), [&](int64_t task) {
+    const int64_t p = task / blocks, b = task % blocks;
+    float* block = xt + task * kUsBlockFloats;
+    std::fill(block, block + kUsBlockFloats, 0.0f);
+    const int64_t k0 = b * depth, rows = std::min(depth, io.K - k0);
+    for (int64_t t = 0; t < std::min(width, io.M - p * width); ++t) {
+      const T* x = static_cast<const T*>(io.x) + (p * width + t) * io.ldx + k0;
+      for (int64_t r = 0; r < rows; ++r) block[r * width + t] = us_value<T, F16>(x + r);
+    }
+  });
+  if (io.nonfinite)
+    parallel_for(io.M, threads_for(io.threads, io.M * io.K), [&](int64_t m) {
+      const T* x = static_cast<const T*>(io.x) + m * io.ldx;
+      bool bad = false;
+      for (int64_t k = 0; k < io.K; ++k) bad |= !std::isfinite(us_value<T, F16>(x + k));
+      io.nonfinite[m] = bad ? 1 : 0;
+    });
+}
+
+// The nonzeros of one weight row in inputs [k, k + kUsWord), in order: next(r, w) gives the next
+// one's offset from k and its value, false past the last.
+template <class T, bool F16>
+struct BitmaskWord {
+  uint64_t bits;
+  const T*& v;  // the row's next value
+  bool next(int64_t& r, float& w) {
+    if (!bits) return false;
+    r = static_cast<int64_t>(_tzcnt_u64(bits));
+    w = us_value<T, F16>(v++);
+    bits = _blsr_u64(bits);
+    return true;
+  }
+};
+
+template <class T, bool F16, class Index>
+struct CsrWord {
+  const Index* col;  // unsigned: int16 indices of K up to 65536 are stored as their low 16 bits
+  const T* values;
+  int64_t& p;        // the row's next entry
+  int64_t end, k, k1;
+  bool next(int64_t& r, float& w) {
+    if (p == end || static_cast<int64_t>(col[p]) >= k1) return false;
+    r = static_cast<int64_t>(col[p]) - k;
+    w = us_value<T, F16>(values + p++);
+    return true;
+  }
+};
+
+// c[0, 16V) (+)= over the nonzeros of a word: value * block row r (row stride 16V). Below 8
+// vectors, nonzeros alternate between two sets of accumulators: 2V chains of FMAs hide their
+// latency (at V = 8 a second set measured 5% slower).
+template <int V, class Word>
+inline void unstructured_row(const float* block, Word word, bool first, float* c) {
+  __m512 acc[2][V];
+  for (int j = 0; j < V; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+  int64_t r;
+  float w;
+  const auto step = [&](__m512* a) {
+    const float* x = block + r * (16 * V);
+    const __m512 wv = _mm512_set1_ps(w);
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) a[j] = _mm512_fmadd_ps(wv, _mm512_load_ps(x + 16 * j), a[j]);
+  };
+  while (word.next(r, w)) {
+    step(acc[0]);
+    if constexpr (V < 8) {
+      if (!word.next(r, w)) break;
+      step(acc[1]);
+    }
+  }
+  for (int j = 0; j < V; ++j) {  // summed by words: a float32 chain over all of K erred 4x as much as torch
+    const __m512 sum = _mm512_add_ps(acc[0][j], acc[1][j]);
+    _mm512_store_ps(c + 16 * j, first ? sum : _mm512_add_ps(_mm512_load_ps(c + 16 * j), sum));
+  }
+}
+
+// y[m0 + t][n0 + i] = c[i * ldc + t] + bias[n0 + i] for t < tokens, i < rows: the accumulators
+// transposed on the way out, 16 outputs of a row of y at a time.
+inline void unstructured_store(const LinearIO& io, int64_t m0, int64_t tokens, int64_t n0, int64_t rows,
+                               const float* c, int64_t ldc) {
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(ldc)));
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, rows - i0))));
+    __m512 bias = _mm512_setzero_ps();
+    if (io.bias) {
+      const int64_t n = n0 + i0;
+      if (io.dtype == DType::f32) bias = _mm512_maskz_loadu_ps(live, static_cast<const float*>(io.bias) + n);
+      else if (io.dtype == DType::bf16) bias = cvt16_bf16(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n));
+      else bias = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n));
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes, c + i0 * ldc + t, 4), bias);
+      const int64_t at = (m0 + t) * io.ldy + n0 + i0;
+      if (io.dtype == DType::f32) _mm512_mask_storeu_ps(static_cast<float*>(io.y) + at, live, v);
+      else if (io.dtype == DType::bf16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(io.y) + at, live, round_bf16x16(v));
+      else _mm256_mask_storeu_epi16(static_cast<uint16_t*>(io.y) + at, live, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+  }
+}
+
+// Rows: cursor(n) is weight row n's state at input 0, word(cursor, n, k, k1) a Word over inputs
+// [k, k1) that advances it, prefetch(cursor) fetches what the row reads next.
+template <int V, class T, bool F16, class Rows>
+void unstructured_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
+  constexpr int64_t kT = 16 * V, kDepth = kUsBlockFloats / kT;  // rows of x per panel, inputs per block
+  static_assert(kDepth % kUsWord == 0);
+  const int64_t panels = (io.M + kT - 1) / kT, blocks = std::max<int64_t>(1, (io.K + kDepth - 1) / kDepth);
+  thread_local std::vector<float> xt_kept;
+  std::vector<float> xt_once;
+  float* xt = call_buffer(xt_kept, xt_once, static_cast<size_t>((panels * blocks + 1) * kUsBlockFloats));
+  xt = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(xt), 64));  // aligned loads
+  unstructured_copy_xt<T, F16>(io, kT, kDepth, panels, blocks, xt);
+  const int64_t chunks = (io.N + kUsChunk - 1) / kUsChunk;
+  parallel_for(panels * chunks, threads_for(io.threads, nnz * io.M), [&](int64_t task) {
+    const int64_t p = task % panels, n0 = task / panels * kUsChunk, count = std::min(kUsChunk, io.N - n0);
+    thread_local std::vector<float> c_buf;
+    c_buf.resize(static_cast<size_t>(kUsChunk * kT + 16));
+    auto* const c = reinterpret_cast<float(*)[kT]>(round_up(reinterpret_cast<intptr_t>(c_buf.data()), 64));
+    decltype(rows.cursor(0)) cursor[kUsChunk];
+    for (int64_t i = 0; i < count; ++i) cursor[i] = rows.cursor(n0 + i);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* block = xt + (p * blocks + b) * kUsBlockFloats;
+      for (int64_t i = 0; i < count; ++i) {
+        rows.prefetch(cursor[i]);
+        for (int64_t k = b * kDepth; k < std::min(io.K, (b + 1) * kDepth); k += kUsWord)
+          unstructured_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kUsWord)),
+                              k == 0, c[i]);
+        if (io.K == 0) std::fill(c[i], c[i] + kT, 0.0f);
+      }
+    }
+    unstructured_store(io, p * kT, std::min(kT, io.M - p * kT), n0, count, c[0], kT);
+  });
+}
+
+// Panels of 128 rows of x, then one for the rest of 32, 64 or 128 rows (fewer accumulators per
+// weight row at fewer rows: padding 32 rows to a panel of 128 ran at 0.86x of dense, not 1.04x).
+// make_rows(T-tag, F16-tag) returns the Rows of unstructured_gemm for values of type T.
+template <class MakeRows>
+void unstructured_gemm(const LinearIO& io, int64_t nnz, const MakeRows& make_rows) {
+  const auto run = [&](const LinearIO& part, auto tag, auto f16) {
+    using T = decltype(tag);
+    const auto rows = make_rows(tag, f16);
+    if (part.M <= 32) unstructured_gemm<2, T, f16.value>(part, nnz, rows);
+    else if (part.M <= 64) unstructured_gemm<4, T, f16.value>(part, nnz, rows);
+    else unstructured_gemm<8, T, f16.value>(part, nnz, rows);
+  };
+  const int64_t whole = io.M / 128 * 128;
+  for (const auto [m0, m1] : {std::pair{int64_t{0}, whole}, std::pair{whole, io.M}}) {
+    if (m1 == m0) continue;
+    LinearIO part = io;
+    part.M = m1 - m0;
+    part.x = static_cast<const char*>(io.x) + m0 * io.ldx * element_size(io.dtype);
+    part.y = static_cast<char*>(io.y) + m0 * io.ldy * element_size(io.dtype);
+    if (io.nonfinite) part.nonfinite = io.nonfinite + m0;
+    if (io.dtype == DType::f32) run(part, float{}, std::false_type{});
+    else if (io.dtype == DType::f16) run(part, uint16_t{}, std::true_type{});
+    else run(part, uint16_t{}, std::false_type{});
+  }
+}
+
+inline void bitmask_gemm(const BitmaskView& w, const LinearIO& io) {
+  unstructured_gemm(io, w.nnz, [&](auto tag, auto f16) {
+    using T = decltype(tag);
+    struct Rows {
+      const BitmaskView& w;
+      const T* cursor(int64_t n) const { return static_cast<const T*>(w.values) + w.row_offsets[n]; }
+      BitmaskWord<T, decltype(f16)::value> word(const T*& v, int64_t n, int64_t k, int64_t) const {
+        const uint8_t* mask = w.mask + n * w.mask_stride;  // no bits past cols (validated)
+        return {static_cast<uint64_t>(mask_bits(mask, w.mask_stride, k, 32)) |
+                    static_cast<uint64_t>(mask_bits(mask, w.mask_stride, k + 32, 32)) << 32,
+                v};
+      }
+      void prefetch(const T* v) const { _mm_prefetch(reinterpret_cast<const char*>(v) + 256, _MM_HINT_T0); }
+    };
+    return Rows{w};
+  });
+}
+
+template <class Index>
+void csr_gemm(const CsrView& w, const LinearIO& io) {
+  unstructured_gemm(io, w.nnz, [&](auto tag, auto f16) {
+    using T = decltype(tag);
+    struct Rows {
+      const CsrView& w;
+      int64_t cursor(int64_t n) const { return w.row_ptr[n]; }
+      CsrWord<T, decltype(f16)::value, Index> word(int64_t& p, int64_t n, int64_t k, int64_t k1) const {
+        return {static_cast<const Index*>(w.col), static_cast<const T*>(w.values), p, w.row_ptr[n + 1], k, k1};
+      }
+      void prefetch(int64_t p) const {
+        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const T*>(w.values) + p) + 256, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const Index*>(w.col) + p) + 256, _MM_HINT_T0);
+      }
+    };
+    return Rows{w};
+  });
+}
+#endif
+
+}  // namespace sparseflow::cpu::SF_ISA
