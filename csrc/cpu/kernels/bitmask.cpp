@@ -1,7 +1,7 @@
 // Bitmask (unstructured) linear: each 1 bit of a row's mask takes the next stored value.
 // AVX-512: 32 (16-bit) or 16 (f32) mask bits at a time, a masked load of popcount values and one
 // VBMI2 expand put them in place. AVX2: 8 bits at a time through a shuffle table. Scalar: bit scan.
-#include "cpu/kernels/gemm_unstructured.h"
+#include "cpu/kernels/gemm_sparse.h"
 #include "cpu/kernels/kernels.h"
 #include "cpu/kernels/tiled.h"
 
@@ -157,7 +157,7 @@ void bitmask_dot(const BitmaskView& w, DType t, int64_t n, const XRows& x, float
 
 void bitmask_linear(const BitmaskView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (unstructured_gemm_applies(w.nnz, w.rows, w.cols, io)) {  // many rows: a GEMM that skips the zeros
+  if (sparse_gemm_applies(w.nnz, w.rows, w.cols, io)) {  // many rows: a GEMM that skips the zeros
     bitmask_gemm(w, io);
     return;
   }

@@ -1,7 +1,7 @@
 // CSR linear: for very high sparsity. Each stored value fetches its x element. For one row of x,
 // AVX-512 loads them one by one into a vector; otherwise AVX-512 and AVX2 gather 16 / 8 x values
 // per instruction from the float32 copy of x (which sits in L1/L2).
-#include "cpu/kernels/gemm_unstructured.h"
+#include "cpu/kernels/gemm_sparse.h"
 #include "cpu/kernels/kernels.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -148,7 +148,7 @@ void csr_run(const CsrView& w, const LinearIO& io) {
 
 void csr_linear(const CsrView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
-  if (unstructured_gemm_applies(w.nnz, w.rows, w.cols, io)) {  // many rows: a GEMM that skips the zeros
+  if (sparse_gemm_applies(w.nnz, w.rows, w.cols, io)) {  // many rows: a GEMM that skips the zeros
     if (w.index_bits == 16) csr_gemm<uint16_t>(w, io);  // int16 storage read as unsigned
     else csr_gemm<uint32_t>(w, io);
     return;

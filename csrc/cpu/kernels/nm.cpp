@@ -4,6 +4,7 @@
 // chunk spans 32 x elements (2:4, 4:8, 8:16), by a gather otherwise; AVX2 by a gather.
 #include "cpu/kernels/kernels.h"
 #include "cpu/kernels/gemm_nm24.h"
+#include "cpu/kernels/gemm_sparse.h"
 #include "cpu/kernels/tiled.h"
 
 namespace sparseflow::cpu::SF_ISA {
@@ -172,6 +173,10 @@ void nm_tiled_linear(const NMView& w, const LinearIO& io);
 
 void nm_linear(const NMView& w, const LinearIO& io) {
 #if defined(SF_ISA_avx512)
+  if (nm_gemm_applies(w, io)) {  // many rows: the GEMM that skips the zeros of any weight
+    nm_gemm(w, io);
+    return;
+  }
   if (nm24_gemm_applies(w, io)) {  // 2:4, bf16: a GEMM that skips the zeros
     nm24_gemm_bf16(w, io);
     return;

@@ -1,4 +1,4 @@
-// Unstructured sparse weight (bitmask or CSR) times a batch of x (AVX-512, any dtype): a GEMM
+// A sparse weight (bitmask, CSR or N:M) times a batch of x (AVX-512, any dtype): a GEMM
 // that skips the weight's zeros. Decompressing for a dense GEMM (the `batched` path) multiplies
 // every zero and measured 0.90-0.96x of torch's GEMM; here each output does only its nonzero
 // products. y^T = W @ x^T: x^T is copied once per call into float32 blocks of up to 128 rows of x
@@ -26,7 +26,7 @@ constexpr int64_t kUsWord = 64;           // inputs summed apart, then added up 
 // rows; at 0.5 0.93x at 24 rows (tiled.h 0.80x), 2.1x at 128; at 0.7 0.88x at 32, 1.24x at 64; at
 // 0.8 1.08x at 64; at 0.9-1.0 0.86-0.96x at 64, 1.26x at 128 (float32 FMAs outrun torch's bf16
 // dot products here).
-inline int64_t unstructured_gemm_min_rows(double density) {
+inline int64_t sparse_gemm_min_rows(double density) {
   if (density <= 0.15) return 16;
   if (density <= 0.55) return 24;
   if (density <= 0.75) return 48;
@@ -34,9 +34,16 @@ inline int64_t unstructured_gemm_min_rows(double density) {
   return 128;
 }
 
-inline bool unstructured_gemm_applies(int64_t nnz, int64_t rows, int64_t cols, const LinearIO& io) {
+inline bool sparse_gemm_applies(int64_t nnz, int64_t rows, int64_t cols, const LinearIO& io) {
   const double size = static_cast<double>(rows) * static_cast<double>(cols);
-  return io.M >= unstructured_gemm_min_rows(size > 0 ? static_cast<double>(nnz) / size : 0.0);
+  return io.M >= sparse_gemm_min_rows(size > 0 ? static_cast<double>(nnz) / size : 0.0);
+}
+
+// N:M from 64 rows: below, the 2:4 GEMM of gemm_nm24.h and the row kernels win (bf16, 2048x2048 and
+// 8192x2048: 2:4 1.42-1.47x here against 1.37-1.38x at 64 rows, 1.90-2.00x against 1.38-1.41x at
+// 128; 4:8 0.53x against 0.73x at 24 rows, 1.07x / 1.50x against 0.93x / 0.90x at 64 / 128).
+inline bool nm_gemm_applies(const NMView& w, const LinearIO& io) {
+  return io.M >= std::max<int64_t>(64, sparse_gemm_min_rows(static_cast<double>(w.n) / static_cast<double>(w.m)));
 }
 
 // An element of x or of the weight as float32 (T: float, or the 16 bits of bf16 or, with F16, of float16).
@@ -51,7 +58,7 @@ inline float us_value(const T* v) {
 // b * depth + r of rows [p * width, (p + 1) * width) of x (zeros past K and past M). Flags rows with a NaN
 // or inf in io.nonfinite.
 template <class T, bool F16>
-void unstructured_copy_xt(const LinearIO& io, int64_t width, int64_t depth, int64_t panels, int64_t blocks, float* xt) {
+void sparse_gemm_copy_xt(const LinearIO& io, int64_t width, int64_t depth, int64_t panels, int64_t blocks, float* xt) {
   parallel_for(panels * blocks, threads_for(io.threads, io.M * io.K * 4), [&](int64_t task) {
     const int64_t p = task / blocks, b = task % blocks;
     float* block = xt + task * kUsBlockFloats;
@@ -100,11 +107,55 @@ struct CsrWord {
   }
 };
 
+// N:M: each group of m inputs keeps n values at stored positions (2-bit fields when m = 4, else
+// 4-bit). Words of 64 inputs hold whole groups (m divides 64), so a word is a fixed count of
+// values, and its fields start on a byte: they are read 64 bits at a time.
+template <class T, bool F16>
+struct NmWord {
+  const T* values;       // the row's values
+  const uint8_t* index;  // the row's position fields
+  int64_t index_bytes;
+  int64_t v, end;        // the row's next value, and the word's end
+  int n, m, bits;
+  int64_t col = 0;       // the current group's first input, from k
+  int j = 0, left = 0;   // values of the group done; fields left in `fields`
+  uint64_t fields = 0;
+  bool next(int64_t& r, float& w) {
+    if (v == end) return false;
+    if (left == 0) {
+      const int64_t byte = v * bits / 8;
+      fields = 0;
+      std::memcpy(&fields, index + byte, static_cast<size_t>(std::min<int64_t>(8, index_bytes - byte)));
+      left = 64 / bits;
+    }
+    r = col + static_cast<int64_t>(fields & ((1u << bits) - 1));
+    fields >>= bits;
+    --left;
+    w = us_value<T, F16>(values + v++);
+    if (++j == n) j = 0, col += m;
+    return true;
+  }
+};
+
+// 2:4, the common case: a word's 16 groups have 32 values and their 2-bit fields are 64 bits.
+template <class T, bool F16>
+struct Nm24Word {
+  const T* values;  // the word's first value
+  uint64_t fields;
+  int i = 0, count;  // value i of count (32, fewer in a last partial word)
+  bool next(int64_t& r, float& w) {
+    if (i == count) return false;
+    r = 4 * (i >> 1) + static_cast<int64_t>((fields >> (2 * i)) & 3);
+    w = us_value<T, F16>(values + i++);
+    return true;
+  }
+};
+
 // c[0, 16V) (+)= over the nonzeros of a word: value * block row r (row stride 16V). Below 8
 // vectors, nonzeros alternate between two sets of accumulators: 2V chains of FMAs hide their
 // latency (at V = 8 a second set measured 5% slower).
 template <int V, class Word>
-inline void unstructured_row(const float* block, Word word, bool first, float* c) {
+inline void sparse_gemm_row(const float* block, Word word, bool first, float* c) {
   __m512 acc[2][V];
   for (int j = 0; j < V; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
   int64_t r;
@@ -130,7 +181,7 @@ inline void unstructured_row(const float* block, Word word, bool first, float* c
 
 // y[m0 + t][n0 + i] = c[i * ldc + t] + bias[n0 + i] for t < tokens, i < rows: the accumulators
 // transposed on the way out, 16 outputs of a row of y at a time.
-inline void unstructured_store(const LinearIO& io, int64_t m0, int64_t tokens, int64_t n0, int64_t rows,
+inline void sparse_gemm_store(const LinearIO& io, int64_t m0, int64_t tokens, int64_t n0, int64_t rows,
                                const float* c, int64_t ldc) {
   const __m512i lanes = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(ldc)));
@@ -156,7 +207,7 @@ inline void unstructured_store(const LinearIO& io, int64_t m0, int64_t tokens, i
 // Rows: cursor(n) is weight row n's state at input 0, word(cursor, n, k, k1) a Word over inputs
 // [k, k1) that advances it, prefetch(cursor) fetches what the row reads next.
 template <int V, class T, bool F16, class Rows>
-void unstructured_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
+void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
   constexpr int64_t kT = 16 * V, kDepth = kUsBlockFloats / kT;  // rows of x per panel, inputs per block
   static_assert(kDepth % kUsWord == 0);
   const int64_t panels = (io.M + kT - 1) / kT, blocks = std::max<int64_t>(1, (io.K + kDepth - 1) / kDepth);
@@ -164,7 +215,7 @@ void unstructured_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
   std::vector<float> xt_once;
   float* xt = call_buffer(xt_kept, xt_once, static_cast<size_t>((panels * blocks + 1) * kUsBlockFloats));
   xt = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(xt), 64));  // aligned loads
-  unstructured_copy_xt<T, F16>(io, kT, kDepth, panels, blocks, xt);
+  sparse_gemm_copy_xt<T, F16>(io, kT, kDepth, panels, blocks, xt);
   const int64_t chunks = (io.N + kUsChunk - 1) / kUsChunk;
   parallel_for(panels * chunks, threads_for(io.threads, nnz * io.M), [&](int64_t task) {
     const int64_t p = task % panels, n0 = task / panels * kUsChunk, count = std::min(kUsChunk, io.N - n0);
@@ -178,26 +229,26 @@ void unstructured_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
       for (int64_t i = 0; i < count; ++i) {
         rows.prefetch(cursor[i]);
         for (int64_t k = b * kDepth; k < std::min(io.K, (b + 1) * kDepth); k += kUsWord)
-          unstructured_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kUsWord)),
+          sparse_gemm_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kUsWord)),
                               k == 0, c[i]);
         if (io.K == 0) std::fill(c[i], c[i] + kT, 0.0f);
       }
     }
-    unstructured_store(io, p * kT, std::min(kT, io.M - p * kT), n0, count, c[0], kT);
+    sparse_gemm_store(io, p * kT, std::min(kT, io.M - p * kT), n0, count, c[0], kT);
   });
 }
 
 // Panels of 128 rows of x, then one for the rest of 32, 64 or 128 rows (fewer accumulators per
 // weight row at fewer rows: padding 32 rows to a panel of 128 ran at 0.86x of dense, not 1.04x).
-// make_rows(T-tag, F16-tag) returns the Rows of unstructured_gemm for values of type T.
+// make_rows(T-tag, F16-tag) returns the Rows of sparse_gemm for values of type T.
 template <class MakeRows>
-void unstructured_gemm(const LinearIO& io, int64_t nnz, const MakeRows& make_rows) {
+void sparse_gemm(const LinearIO& io, int64_t nnz, const MakeRows& make_rows) {
   const auto run = [&](const LinearIO& part, auto tag, auto f16) {
     using T = decltype(tag);
     const auto rows = make_rows(tag, f16);
-    if (part.M <= 32) unstructured_gemm<2, T, f16.value>(part, nnz, rows);
-    else if (part.M <= 64) unstructured_gemm<4, T, f16.value>(part, nnz, rows);
-    else unstructured_gemm<8, T, f16.value>(part, nnz, rows);
+    if (part.M <= 32) sparse_gemm<2, T, f16.value>(part, nnz, rows);
+    else if (part.M <= 64) sparse_gemm<4, T, f16.value>(part, nnz, rows);
+    else sparse_gemm<8, T, f16.value>(part, nnz, rows);
   };
   const int64_t whole = io.M / 128 * 128;
   for (const auto [m0, m1] : {std::pair{int64_t{0}, whole}, std::pair{whole, io.M}}) {
@@ -214,7 +265,7 @@ void unstructured_gemm(const LinearIO& io, int64_t nnz, const MakeRows& make_row
 }
 
 inline void bitmask_gemm(const BitmaskView& w, const LinearIO& io) {
-  unstructured_gemm(io, w.nnz, [&](auto tag, auto f16) {
+  sparse_gemm(io, w.nnz, [&](auto tag, auto f16) {
     using T = decltype(tag);
     struct Rows {
       const BitmaskView& w;
@@ -231,9 +282,50 @@ inline void bitmask_gemm(const BitmaskView& w, const LinearIO& io) {
   });
 }
 
+inline void nm_gemm(const NMView& w, const LinearIO& io) {
+  const int64_t groups = (w.cols + w.m - 1) / w.m, per_row = groups * w.n;
+  // Rows are read in order, a word after the other: no cursor (a row's values before input k are
+  // k / m * n of them) and no prefetch.
+  if (w.n == 2 && w.m == 4) {
+    sparse_gemm(io, w.rows * per_row, [&](auto tag, auto f16) {
+      using T = decltype(tag);
+      struct Rows {
+        const NMView& w;
+        int64_t per_row;
+        int64_t cursor(int64_t) const { return 0; }
+        Nm24Word<T, decltype(f16)::value> word(int64_t&, int64_t n, int64_t k, int64_t k1) const {
+          uint64_t fields = 0;  // 2 bits per value, 2 values per 4 inputs: a byte per 8 inputs
+          std::memcpy(&fields, w.index + n * w.index_stride + k / 8,
+                      static_cast<size_t>(std::min<int64_t>(8, w.index_stride - k / 8)));
+          return {static_cast<const T*>(w.values) + n * per_row + k / 2, fields, 0,
+                  static_cast<int>((k1 + 3) / 4 * 2 - k / 2)};
+        }
+        void prefetch(int64_t) const {}
+      };
+      return Rows{w, per_row};
+    });
+    return;
+  }
+  sparse_gemm(io, w.rows * per_row, [&](auto tag, auto f16) {
+    using T = decltype(tag);
+    struct Rows {
+      const NMView& w;
+      int64_t per_row;
+      int64_t cursor(int64_t) const { return 0; }
+      NmWord<T, decltype(f16)::value> word(int64_t&, int64_t n, int64_t k, int64_t k1) const {
+        return {static_cast<const T*>(w.values) + n * per_row, w.index + n * w.index_stride, w.index_stride,
+                k / w.m * w.n, (k1 + w.m - 1) / w.m * w.n, static_cast<int>(w.n), static_cast<int>(w.m),
+                w.m == 4 ? 2 : 4};
+      }
+      void prefetch(int64_t) const {}
+    };
+    return Rows{w, per_row};
+  });
+}
+
 template <class Index>
 void csr_gemm(const CsrView& w, const LinearIO& io) {
-  unstructured_gemm(io, w.nnz, [&](auto tag, auto f16) {
+  sparse_gemm(io, w.nnz, [&](auto tag, auto f16) {
     using T = decltype(tag);
     struct Rows {
       const CsrView& w;
