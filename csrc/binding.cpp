@@ -275,27 +275,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_act_batch_gemm",
         [](const std::string& mode) {
-          const char* names[] = {"auto", "skip", "zeros"};
-          for (int i = 0; i < 3; ++i)
+          const char* names[] = {"auto", "zeros"};
+          for (int i = 0; i < 2; ++i)
             if (mode == names[i]) return set_act_batch_gemm(static_cast<ActBatchGemm>(i));
-          throw std::invalid_argument("act batch GEMM must be 'auto', 'skip' or 'zeros', got '" + mode + "'");
+          throw std::invalid_argument("act batch GEMM must be 'auto' or 'zeros', got '" + mode + "'");
         },
         py::arg("mode"),
-        "which GEMM runs activation-sparse bf16 batches, process-wide: 'auto' (by the active share), 'skip' "
-        "(skips the inactive inputs) or 'zeros' (multiplies their zeros); for tests and benchmarks");
+        "which GEMM runs activation-sparse bf16 batches, process-wide: 'auto' (gemm_skip.h, which skips the "
+        "inactive inputs) or 'zeros' (gemm_kn.h, which multiplies their zeros as dense does); for benchmarks");
   m.def("act_batch_gemm", [] {
-    const char* names[] = {"auto", "skip", "zeros"};
+    const char* names[] = {"auto", "zeros"};
     return std::string(names[static_cast<int>(act_batch_gemm())]);
   });
-
-  m.def("act_sparse_skip_share",
-        [](int dtype, int64_t rows, const std::string& isa) {
-          if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
-          return table(isa).act_sparse_skip_share(static_cast<DType>(dtype), rows);
-        },
-        py::arg("dtype"), py::arg("rows"), py::arg("isa") = "",
-        "largest share of active inputs at which act_sparse_* run a batch of `rows` rows with the GEMM "
-        "that skips the inactive inputs (0: never)");
 
   m.def("zero_inactive",
         [](int dtype, uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t out, int64_t ldo, uint32_t threshold_bits,

@@ -518,21 +518,9 @@ def bf16_batch_gemm(isa):
     return isa == "avx512" and _C.cpu_features()["avx512bf16"] and os.environ.get("SPARSEFLOW_NO_BF16_DOT") != "1"
 
 
-def test_act_sparse_skip_share_by_isa(isa):
-    """Where a bf16 batch runs a GEMM (12 rows and more), the one that skips the inactive inputs takes
-    it up to an active share that grows with the rows (the block copies weigh less)."""
-    from sparseflow._ext import _C
-    shares = [_C.act_sparse_skip_share(1, rows) for rows in (1, 11, 12, 32, 128, 4096)]
-    if bf16_batch_gemm(isa):
-        assert shares[:2] == [0.0, 0.0] and 0.3 < shares[2] < shares[3] < shares[4] < shares[5] < 0.7
-    else:
-        assert shares == [0.0] * 6
-    assert _C.act_sparse_skip_share(0, 128) == 0.0 and _C.act_sparse_skip_share(2, 128) == 0.0
-
-
 @contextlib.contextmanager
 def act_batch_gemm_mode(mode: str):
-    """The activation-sparse batch GEMM set to `mode` ('auto', 'skip' or 'zeros') for a block, then back."""
+    """The activation-sparse batch GEMM set to `mode` ('auto' or 'zeros') for a block, then back."""
     from sparseflow._ext import _C
     before = _C.act_batch_gemm()
     _C.set_act_batch_gemm(mode)
@@ -542,35 +530,30 @@ def act_batch_gemm_mode(mode: str):
         _C.set_act_batch_gemm(before)
 
 
-@pytest.fixture(params=["auto", "skip", "zeros"])
+@pytest.fixture(params=["auto", "zeros"])
 def act_batch_gemm(request):
-    """Runs a test with the activation-sparse batch GEMM chosen per call ('auto') and with each forced."""
+    """Runs a test with each activation-sparse batch GEMM: the skipping one and the one over zeros."""
     with act_batch_gemm_mode(request.param):
         yield request.param
 
 
-# 12 rows: the first the batch GEMMs take with a dense weight (a bitmask's, gemm_union.h up to 24)
+# 12 and 25 rows: the skipping GEMM (from 4 rows with a dense weight, 8 with a bitmask); the GEMM
+# over zeros from 12.
 @pytest.mark.parametrize("M,N,K", [(12, 300, 389), (25, 100, 300), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batch_gemm):
-    """Both batch GEMMs, each side of the active share that picks one ('auto') and each forced on
-    both: the skipping one (gemm_skip.h, blocks of 128 x 128, lists padded to pairs with a zero row)
-    and the one that multiplies the zeros (gemm_kn.h). K and N not multiples of the blocks, bias,
-    strided x, a row with nothing active, everything inactive, NaN and inf."""
-    from sparseflow._ext import _C
+    """Both batch GEMMs: the skipping one (gemm_skip.h: panels of 128 columns, blocks of 64 rows of
+    w_t, 64 inputs per word) and the one that multiplies the zeros (gemm_kn.h). K and N not
+    multiples of the blocks, bias, strided x, a row with nothing active, everything inactive,
+    NaN and inf, few and most inputs active."""
     gen = torch.Generator().manual_seed(M * 7 + N + K)
     x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, 2 : 2 + K]  # row stride > K
     w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
     w_t_sparse = sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t
     bias = torch.randn(N, generator=gen).to(torch.bfloat16)
-    share = _C.act_sparse_skip_share(1, M)
-    if bf16_batch_gemm(isa):
-        assert share > 0.3
     magnitudes = x.abs().float().flatten()
-    for active in (0.25, 0.9):  # below and above the share at every M
+    for active in (0.25, 0.9):
         threshold = magnitudes.quantile(1 - active).item()
-        measured = (~(x.abs() <= threshold)).float().mean().item()
-        assert (measured <= share) == (active < 0.5 and share > 0), (measured, share)
         x[M // 2] = 0.0  # a row with nothing active
         check_act(x, w_t_sparse, w_t, threshold, bias)
     check_act(x, w_t_sparse, w_t, 1e9, bias)  # nothing active at all: y == bias
@@ -580,9 +563,9 @@ def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batc
 
 
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
-def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
-    """The skipping GEMM keeps its lists between calls and never shrinks them: a large batch, a
-    smaller one (fewer blocks, fewer rows: stale lists lie past its own), then the large one again."""
+def test_act_sparse_batch_buffers_kept_between_calls(isa, weight, act_batch_gemm):
+    """The batch GEMMs keep their buffers (active bits, accumulators) between calls and never shrink
+    them: a large batch, a smaller one (stale data lies past its own), then the large one again."""
     gen = torch.Generator().manual_seed(11)
     for M, N, K in [(64, 200, 700), (26, 130, 150), (64, 200, 700), (33, 70, 300)]:  # 26: past gemm_union.h
         x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
@@ -592,19 +575,19 @@ def test_act_sparse_batch_lists_kept_between_calls(isa, weight, act_batch_gemm):
 
 
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
-def test_act_sparse_batch_lists_too_large_to_keep(isa, weight):
-    """1100 rows of 4096 with the skipping GEMM forced, on two threads: each thread's lists (18 MB)
-    would exceed its share of the 16 MiB kept, so the batch runs in three parts of 366-367 rows."""
+def test_act_sparse_batch_in_parts(isa, weight):
+    """1100 rows of 4096 on two threads: the skipping GEMM runs them in five parts of 220 rows (its
+    accumulators for at most 256 rows at a time), each reading its own rows' active bits."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1100, 4096, generator=gen).to(torch.bfloat16)
     w_t = (torch.randn(4096, 300, generator=gen) * (torch.rand(4096, 300, generator=gen) < 0.5)).to(torch.bfloat16)
-    with act_batch_gemm_mode("skip"), torch_threads(2):
+    with torch_threads(2):
         check_act(x, sf.Bitmask.from_dense(w_t) if weight == "bitmask" else w_t, w_t, 0.6, None)
 
 
-def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
-    """Each kernel thread builds its own lists for each call: calls of different shapes from several
-    Python threads at once, each on two kernel threads, never read another call's lists."""
+def test_act_sparse_batch_buffers_per_thread_under_concurrent_calls():
+    """Calls of different shapes from several Python threads at once, each on two kernel threads,
+    never read another call's buffers."""
     gen = torch.Generator().manual_seed(17)
     cases = []
     for M, N, K in [(64, 300, 700), (40, 130, 260), (96, 257, 1000)]:
@@ -612,7 +595,7 @@ def test_act_sparse_batch_lists_per_thread_under_concurrent_calls():
         w_t = (torch.randn(K, N, generator=gen) * (torch.rand(K, N, generator=gen) < 0.5)).to(torch.bfloat16)
         for w in (w_t, sf.Bitmask.from_dense(w_t)):
             cases.append((x, w))
-    with act_batch_gemm_mode("skip"), torch_threads(2):
+    with torch_threads(2):
         expected = [sf.ops.act_sparse_linear(x, w, 0.6) for x, w in cases]
 
         def worker():
@@ -637,7 +620,7 @@ def test_act_sparse_batch_without_inputs(isa, act_batch_gemm):
 def test_act_batch_gemm_switch():
     from sparseflow._ext import _C
     assert _C.act_batch_gemm() == "auto"
-    with pytest.raises(ValueError, match="'auto', 'skip' or 'zeros'"):
+    with pytest.raises(ValueError, match="'auto' or 'zeros'"):
         _C.set_act_batch_gemm("fast")
     assert _C.act_batch_gemm() == "auto"
 

@@ -24,9 +24,9 @@ Isa parse_isa(const std::string& name);
 // SPARSEFLOW_NO_BF16_DOT is unset (tests set it to cover the conversion path too).
 bool use_bf16_dot();
 
-// Which GEMM runs an activation-sparse bf16 batch (csrc/cpu/kernels/gemm_skip.h): chosen per call
-// from its share of active inputs, or forced, so that tests and benchmarks can compare the two.
-enum class ActBatchGemm : int { automatic = 0, skip = 1, zeros = 2 };
+// Which GEMM runs an activation-sparse bf16 batch: the one that skips the inactive inputs
+// (csrc/cpu/kernels/gemm_skip.h), or, forced for benchmarks, the one that multiplies their zeros.
+enum class ActBatchGemm : int { automatic = 0, zeros = 1 };
 ActBatchGemm act_batch_gemm();
 void set_act_batch_gemm(ActBatchGemm mode);
 

@@ -198,20 +198,10 @@ int64_t column_chunk(const LinearIO& io) {
 
 int64_t act_sparse_batch_rows(DType t) {
 #if defined(SF_ISA_avx512)
-  return gemm_kn_min_rows(t) > 0 ? kUnionMinRows : 0;  // gemm_union.h, then the batch GEMMs
+  return t == DType::bf16 ? kUnionMinRows : 0;  // gemm_union.h (with BF16 dot products), then gemm_skip.h
 #else
   (void)t;
   return 0;
-#endif
-}
-
-double act_sparse_skip_share(DType t, int64_t rows) {
-#if defined(SF_ISA_avx512)
-  const int64_t from = gemm_kn_min_rows(t);
-  return from > 0 && rows >= from ? std::max(0.0, skip_max_active(rows)) : 0.0;
-#else
-  (void)t, (void)rows;
-  return 0.0;
 #endif
 }
 

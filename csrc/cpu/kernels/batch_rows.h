@@ -2,10 +2,9 @@
 // walks its panels of output columns left to right and, within a panel, the rows in order:
 // row(k, n0, ncols, width, buf) gives `width` bf16 of row k from column n0, ncols of them real and
 // zeros after (buf: `width` elements, zero past ncols on entry); prefetch(k, n0, ncols) fetches
-// the same ahead of time; permuted(k, n0, ncols, width, order, dst) writes that row to dst with
-// each 32 columns in gemm_skip.h's order, straight from registers (a row through buf, stored and
-// loaded again, cost the bitmask GEMM 6-35%). make_readers(first_cols) returns reader_for(t),
-// task t's reader.
+// the same ahead of time; floats(k, n0, ncols, width, dst) writes that row to dst in float32
+// (gemm_skip.h's blocks), straight from registers (a row through buf, stored and loaded again, cost
+// a bitmask GEMM 6-35%). make_readers(first_cols) returns reader_for(t), task t's reader.
 #pragma once
 #include "cpu/kernels/tiled.h"
 
@@ -21,13 +20,17 @@ struct DenseRowsBf16 {  // read in place where the panel lies whole in the matri
     return buf;
   }
   void prefetch(int64_t k, int64_t n0, int64_t ncols) const { prefetch_range(at(k, n0), ncols * 2); }
-  // Row k from column n0 into dst: `width` (a multiple of 32) bf16, ncols real and zeros after,
-  // each 32 in the order `order` (the layout gemm_skip.h's blocks take).
-  void permuted(int64_t k, int64_t n0, int64_t ncols, int64_t width, __m512i order, uint16_t* dst) const {
+  // Row k from column n0 into dst: `width` (a multiple of 16) floats, ncols real and zeros after.
+  void floats(int64_t k, int64_t n0, int64_t ncols, int64_t width, float* dst) const {
     const uint16_t* src = at(k, n0);
-    for (int64_t h = 0; h < width; h += 32) {
-      const __mmask32 live = h + 32 <= ncols ? ~0u : h < ncols ? _bzhi_u32(~0u, static_cast<unsigned>(ncols - h)) : 0u;
-      _mm512_store_si512(dst + h, _mm512_permutexvar_epi16(order, _mm512_maskz_loadu_epi16(live, src + h)));
+    if (ncols == width) {  // a whole panel
+      for (int64_t h = 0; h < width; h += 16)
+        _mm512_store_ps(dst + h, cvt16_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + h))));
+      return;
+    }
+    for (int64_t h = 0; h < width; h += 16) {
+      const __mmask16 live = h + 16 <= ncols ? 0xffff : h < ncols ? static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(ncols - h))) : 0;
+      _mm512_store_ps(dst + h, cvt16_bf16(_mm256_maskz_loadu_epi16(live, src + h)));
     }
   }
   const uint16_t* at(int64_t k, int64_t n0) const { return static_cast<const uint16_t*>(w->values) + k * w->ld + n0; }
@@ -52,12 +55,12 @@ struct BitmaskRowsBf16 {
     prefetch_range(w->mask + k * w->mask_stride + n0 / 8, (ncols + 7) / 8);
     prefetch_range(values() + cursor[static_cast<size_t>(k)], ncols * 2);
   }
-  // As DenseRowsBf16::permuted, expanded in registers. The row kNear rows on is fetched into L1
+  // As DenseRowsBf16::floats, expanded in registers. The row kNear rows on is fetched into L1
   // first: its mask and values wait in L2 (prefetch), and the expansion's loads depend on each
   // other through the mask's counts, so out of order execution hides little of L2's latency
   // (+5-11% at 50% density against no near fetch; dense rows lose 1-3% by it and take none).
   static constexpr int64_t kNear = 6;
-  void permuted(int64_t k, int64_t n0, int64_t ncols, int64_t width, __m512i order, uint16_t* dst) {
+  void floats(int64_t k, int64_t n0, int64_t ncols, int64_t width, float* dst) {
     if (k + kNear < w->rows) {
       _mm_prefetch(reinterpret_cast<const char*>(w->mask + (k + kNear) * w->mask_stride + n0 / 8), _MM_HINT_T0);
       const char* ahead = reinterpret_cast<const char*>(values() + cursor[static_cast<size_t>(k + kNear)]);
@@ -66,9 +69,11 @@ struct BitmaskRowsBf16 {
     cursor[static_cast<size_t>(k)] += expand_row_chunks(
         values() + cursor[static_cast<size_t>(k)], w->mask + k * w->mask_stride + n0 / 8, w->mask_stride - n0 / 8, ncols,
         [&](int64_t h, __m512i lanes, __mmask32 live) {
-          _mm512_store_si512(dst + h, _mm512_permutexvar_epi16(order, _mm512_maskz_mov_epi16(live, lanes)));
+          const __m512i v = _mm512_maskz_mov_epi16(live, lanes);
+          _mm512_store_ps(dst + h, cvt16_bf16(_mm512_castsi512_si256(v)));
+          _mm512_store_ps(dst + h + 16, cvt16_bf16(_mm512_extracti64x4_epi64(v, 1)));
         });
-    for (int64_t h = round_up(ncols, 32); h < width; h += 32) _mm512_store_si512(dst + h, _mm512_setzero_si512());
+    for (int64_t h = round_up(ncols, 32); h < width; h += 16) _mm512_store_ps(dst + h, _mm512_setzero_ps());
   }
   const uint16_t* values() const { return static_cast<const uint16_t*>(w->values); }
 };

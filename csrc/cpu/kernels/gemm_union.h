@@ -93,10 +93,9 @@ inline void union_inputs_bf16(const LinearIO& io, float threshold, UnionInputs& 
 }
 
 // Rows of a dense w_t [K, N], read in place: next(c, n) gives 32 columns from n (zeros past N).
-// From kGemmMinRows rows, gemm_kn.h is faster (1.04-1.10x of dense against 0.99-1.09x at 12 rows,
-// 1.19-1.21x against 0.80-0.91x at 32).
+// From kSkipMinRowsDense rows, gemm_skip.h is faster.
 struct UnionDenseRows {
-  static constexpr int64_t kMaxRows = kGemmMinRows - 1;
+  static constexpr int64_t kMaxRows = kSkipMinRowsDense - 1;
   const DenseView& w;
   struct Cursor {
     const uint16_t* row;
@@ -112,11 +111,9 @@ struct UnionDenseRows {
 };
 
 // Rows of a bitmask w_t, expanded 32 columns at a time; a cursor walks its row left to right.
-// The batch GEMMs expand every block of the weight again for each panel: up to 24 rows they are
-// slower (12 rows: 0.61-0.70x of dense against 1.00-1.11x here, 24: 0.61-0.68x against
-// 0.96-1.07x); from 25 to 40 rows the two measured level (32: 0.89-1.00x against 0.94-1.11x).
+// From kSkipMinRowsBitmask rows, gemm_skip.h is faster.
 struct UnionBitmaskRows {
-  static constexpr int64_t kMaxRows = 24;
+  static constexpr int64_t kMaxRows = kSkipMinRowsBitmask - 1;
   const BitmaskView& w;
   struct Cursor {
     const uint8_t* mask;

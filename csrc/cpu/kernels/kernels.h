@@ -16,5 +16,4 @@ void bsr_decompress(const BsrView& w, const DecompressIO& d);
 void nm_decompress(const NMView& w, const DecompressIO& d);
 void zero_inactive(const ThresholdIO& a);
 int64_t act_sparse_batch_rows(DType t);
-double act_sparse_skip_share(DType t, int64_t rows);
 }  // namespace sparseflow::cpu::SF_ISA

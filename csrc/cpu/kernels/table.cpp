@@ -7,6 +7,5 @@ namespace sparseflow::cpu::SF_ISA {
 extern const KernelTable table = {
     SF_STR(SF_ISA), bitmask_linear, csr_linear, bsr_linear, nm_linear, act_sparse_dense, act_sparse_bitmask,
     bitmask_decompress, csr_decompress, bsr_decompress, nm_decompress, zero_inactive, act_sparse_batch_rows,
-    act_sparse_skip_share,
 };
 }  // namespace sparseflow::cpu::SF_ISA

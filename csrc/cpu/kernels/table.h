@@ -26,7 +26,6 @@ struct KernelTable {
   int64_t (*act_sparse_batch_rows)(DType);
   // The largest share of active inputs at which such a batch of `rows` rows runs the GEMM that
   // skips the inactive ones (gemm_skip.h) instead of multiplying their zeros; 0: never.
-  double (*act_sparse_skip_share)(DType, int64_t rows);
 };
 
 namespace scalar { extern const KernelTable table; }
