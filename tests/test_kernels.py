@@ -457,8 +457,9 @@ def test_act_sparse_batch_rows_by_isa(isa):
         assert_close_2x(y, xm.double() @ ref_w.double(), xm @ ref_w)
 
 
-# (M, N, K): the small-batch kernel (gemm_union.h) runs 2-11 rows with a dense weight, 2-24 with a
-# bitmask; its accumulators go in chunks of columns (up to 4 rows: 16384 columns, 8 rows: 512)
+# (M, N, K): the small-batch kernel (gemm_union.h) runs 2-7 rows with a dense weight, 2-23 with a
+# bitmask (gemm_skip.h the others here); its accumulators go in chunks of columns (up to 4 rows:
+# 16384 columns, 8 rows: 512)
 UNION_SHAPES = [(2, 33, 1), (2, 300, 70), (3, 1100, 515), (4, 16500, 40), (5, 257, 300), (8, 1100, 129),
                 (11, 97, 1000), (12, 300, 389), (17, 513, 64), (24, 130, 261)]
 
@@ -537,8 +538,8 @@ def act_batch_gemm(request):
         yield request.param
 
 
-# 12 and 25 rows: the skipping GEMM (from 4 rows with a dense weight, 8 with a bitmask); the GEMM
-# over zeros from 12.
+# The skipping GEMM from 8 rows with a dense weight, 24 with a bitmask (12 rows: the union kernel);
+# the GEMM over zeros from 12.
 @pytest.mark.parametrize("M,N,K", [(12, 300, 389), (25, 100, 300), (40, 129, 129), (130, 257, 20), (33, 64, 1000)])
 @pytest.mark.parametrize("weight", ["dense", "bitmask"])
 def test_act_sparse_batch_skipping_and_dense_gemm(isa, weight, M, N, K, act_batch_gemm):

@@ -32,10 +32,11 @@ constexpr int64_t kSkipCols = 128;  // output columns per panel: 8 accumulators 
 constexpr int64_t kSkipDepth = kUsBlockFloats / kSkipCols;  // rows of w_t per block: 64
 constexpr int64_t kSkipPartRows = 256;  // rows of x per part: accumulators of 128 KiB (512 rows: 3-10% slower)
 // From how many rows of x this GEMM runs a batch (below, gemm_union.h where it applies). Measured
-// (bf16, 50% active, 2 threads, against dense): dense weight 1.47-1.65x at 4 rows where the union
-// kernel ran 1.01-1.52x (1.8-2.1x against 1.15-1.5x at 2 rows); bitmask weight 0.98-1.31x at 8
-// rows against 0.95-1.15x.
-constexpr int64_t kSkipMinRowsDense = 4, kSkipMinRowsBitmask = 8;
+// with cold weights (bench_kernels.py --flush layers: bf16, 50% active, 2 threads, against dense;
+// 8192x2048, 2048x8192, 2048x2048): dense weight 1.40-1.41x at 8 rows against the union kernel's
+// 1.16-1.44x (at 4: 1.22-1.38x against 1.18-1.83x); bitmask weight 1.05-1.09x at 24 rows against
+// 0.99-1.07x (at 16: 0.88-0.99x against 1.04-1.14x). The bitmask is expanded again for each panel.
+constexpr int64_t kSkipMinRowsDense = 8, kSkipMinRowsBitmask = 24;
 
 inline bool gemm_skip_applies(const LinearIO& io) { return io.dtype == DType::bf16 && io.M >= 2; }
 

@@ -275,7 +275,7 @@ def zero_inactive(x2: torch.Tensor, threshold: float, reuse: bool = False) -> to
 def act_sparse_batch_rows(dtype: torch.dtype) -> int:
     """From how many rows of x the C++ act-sparse kernel runs a batch its own way rather than row by
     row (bf16 with AVX-512: from 2 rows, csrc/cpu/kernels/gemm_union.h, which reads each row of the
-    weight once for the whole batch, up to 3 rows, 7 with a bitmask weight; then gemm_skip.h, a
+    weight once for the whole batch, up to 7 rows, 23 with a bitmask weight; then gemm_skip.h, a
     GEMM over each row's active inputs); 0: never. Per ISA level (SPARSEFLOW_ISA or sf.isa() may
     change it within a process)."""
     return _batch_rows_at(dtype, _C.active_isa())
@@ -288,7 +288,7 @@ def _batch_rows_at(dtype: torch.dtype, isa: str) -> int:
 
 def kernel_takes_batch(dtype: torch.dtype, rows: int) -> bool:
     """Whether the C++ act-sparse kernel runs this many rows as a batch of its own, which measured
-    faster than zeroing x for torch's GEMM (at 50% active, 2 threads: 1.4-1.9x of dense from 4 to
+    faster than zeroing x for torch's GEMM (at 50% active, 2 threads: 1.4-1.9x of dense from 8 to
     512 rows with a dense weight). The batched path then calls that kernel, so a module may call its
     bound kernel directly."""
     first = act_sparse_batch_rows(dtype)
