@@ -120,6 +120,11 @@ struct NmWord {
   int64_t col = 0;       // the current group's first input, from k
   int j = 0, left = 0;   // values of the group done; fields left in `fields`
   uint64_t fields = 0;
+  static NmWord at(const NMView& w, int64_t per_row, int64_t n, int64_t k, int64_t k1) {
+    return {static_cast<const T*>(w.values) + n * per_row, w.index + n * w.index_stride, w.index_stride,
+            k / w.m * w.n, (k1 + w.m - 1) / w.m * w.n, static_cast<int>(w.n), static_cast<int>(w.m),
+            w.m == 4 ? 2 : 4};
+  }
   bool next(int64_t& r, float& w) {
     if (v == end) return false;
     if (left == 0) {
@@ -143,6 +148,11 @@ struct Nm24Word {
   const T* values;  // the word's first value
   uint64_t fields;
   int i = 0, count;  // value i of count (32, fewer in a last partial word)
+  static Nm24Word at(const NMView& w, int64_t per_row, int64_t n, int64_t k, int64_t k1) {
+    uint64_t fields = 0;  // 2 bits per value, 2 values per 4 inputs: a byte per 8 inputs
+    std::memcpy(&fields, w.index + n * w.index_stride + k / 8, static_cast<size_t>(std::min<int64_t>(8, w.index_stride - k / 8)));
+    return {static_cast<const T*>(w.values) + n * per_row + k / 2, fields, 0, static_cast<int>((k1 + 3) / 4 * 2 - k / 2)};
+  }
   bool next(int64_t& r, float& w) {
     if (i == count) return false;
     r = 4 * (i >> 1) + static_cast<int64_t>((fields >> (2 * i)) & 3);
@@ -282,45 +292,27 @@ inline void bitmask_gemm(const BitmaskView& w, const LinearIO& io) {
   });
 }
 
+// N:M rows: no cursor (a row's values before input k are k / m * n of them) and no prefetch (a
+// row is read in order, a word after the other).
+template <class Word>
+struct NmRows {
+  const NMView& w;
+  int64_t per_row;
+  int64_t cursor(int64_t) const { return 0; }
+  Word word(int64_t&, int64_t n, int64_t k, int64_t k1) const { return Word::at(w, per_row, n, k, k1); }
+  void prefetch(int64_t) const {}
+};
+
 inline void nm_gemm(const NMView& w, const LinearIO& io) {
-  const int64_t groups = (w.cols + w.m - 1) / w.m, per_row = groups * w.n;
-  // Rows are read in order, a word after the other: no cursor (a row's values before input k are
-  // k / m * n of them) and no prefetch.
-  if (w.n == 2 && w.m == 4) {
+  const int64_t per_row = (w.cols + w.m - 1) / w.m * w.n;
+  if (w.n == 2 && w.m == 4)
     sparse_gemm(io, w.rows * per_row, [&](auto tag, auto f16) {
-      using T = decltype(tag);
-      struct Rows {
-        const NMView& w;
-        int64_t per_row;
-        int64_t cursor(int64_t) const { return 0; }
-        Nm24Word<T, decltype(f16)::value> word(int64_t&, int64_t n, int64_t k, int64_t k1) const {
-          uint64_t fields = 0;  // 2 bits per value, 2 values per 4 inputs: a byte per 8 inputs
-          std::memcpy(&fields, w.index + n * w.index_stride + k / 8,
-                      static_cast<size_t>(std::min<int64_t>(8, w.index_stride - k / 8)));
-          return {static_cast<const T*>(w.values) + n * per_row + k / 2, fields, 0,
-                  static_cast<int>((k1 + 3) / 4 * 2 - k / 2)};
-        }
-        void prefetch(int64_t) const {}
-      };
-      return Rows{w, per_row};
+      return NmRows<Nm24Word<decltype(tag), decltype(f16)::value>>{w, per_row};
     });
-    return;
-  }
-  sparse_gemm(io, w.rows * per_row, [&](auto tag, auto f16) {
-    using T = decltype(tag);
-    struct Rows {
-      const NMView& w;
-      int64_t per_row;
-      int64_t cursor(int64_t) const { return 0; }
-      NmWord<T, decltype(f16)::value> word(int64_t&, int64_t n, int64_t k, int64_t k1) const {
-        return {static_cast<const T*>(w.values) + n * per_row, w.index + n * w.index_stride, w.index_stride,
-                k / w.m * w.n, (k1 + w.m - 1) / w.m * w.n, static_cast<int>(w.n), static_cast<int>(w.m),
-                w.m == 4 ? 2 : 4};
-      }
-      void prefetch(int64_t) const {}
-    };
-    return Rows{w, per_row};
-  });
+  else
+    sparse_gemm(io, w.rows * per_row, [&](auto tag, auto f16) {
+      return NmRows<NmWord<decltype(tag), decltype(f16)::value>>{w, per_row};
+    });
 }
 
 template <class Index>
