@@ -19,7 +19,9 @@ namespace sparseflow::cpu::SF_ISA {
 #if defined(SF_ISA_avx512)
 constexpr int64_t kUsBlockFloats = 8192;  // one block of x^T: 32 KiB
 constexpr int64_t kUsChunk = 128;         // weight rows per task: accumulators of up to 64 KiB (L2)
-constexpr int64_t kUsWord = 64;           // inputs summed apart, then added up (as torch sums by blocks)
+constexpr int64_t kUsWord = 64;           // inputs summed apart (a word), then added up in two levels:
+constexpr int64_t kUsGroup = 1024;        // words into a group's partial, partials into the total
+// (one float32 chain of K / 64 word sums erred 2.3-4.9x as much as torch's GEMM from K = 8192)
 // The fewest rows of x at which this GEMM beats the other kernels (tiled.h decompressing the weight,
 // or the CSR row kernel), by weight density: its time follows the nonzeros, theirs does not.
 // Measured (bf16, 8192x2048, 2 threads, against torch's dense GEMM): at density 0.1 1.28x at 16
@@ -219,7 +221,7 @@ inline void sparse_gemm_store(const LinearIO& io, int64_t m0, int64_t tokens, in
 template <int V, class T, bool F16, class Rows>
 void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
   constexpr int64_t kT = 16 * V, kDepth = kUsBlockFloats / kT;  // rows of x per panel, inputs per block
-  static_assert(kDepth % kUsWord == 0);
+  static_assert(kDepth % kUsWord == 0 && kUsGroup % kDepth == 0);
   const int64_t panels = (io.M + kT - 1) / kT, blocks = std::max<int64_t>(1, (io.K + kDepth - 1) / kDepth);
   thread_local std::vector<float> xt_kept;
   std::vector<float> xt_once;
@@ -230,18 +232,28 @@ void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
   parallel_for(panels * chunks, threads_for(io.threads, nnz * io.M), [&](int64_t task) {
     const int64_t p = task % panels, n0 = task / panels * kUsChunk, count = std::min(kUsChunk, io.N - n0);
     thread_local std::vector<float> c_buf;
-    c_buf.resize(static_cast<size_t>(kUsChunk * kT + 16));
+    c_buf.resize(static_cast<size_t>(2 * kUsChunk * kT + 16));
     auto* const c = reinterpret_cast<float(*)[kT]>(round_up(reinterpret_cast<intptr_t>(c_buf.data()), 64));
+    auto* const part = c + kUsChunk;  // the current group's partial sums
     decltype(rows.cursor(0)) cursor[kUsChunk];
     for (int64_t i = 0; i < count; ++i) cursor[i] = rows.cursor(n0 + i);
     for (int64_t b = 0; b < blocks; ++b) {
       const float* block = xt + (p * blocks + b) * kUsBlockFloats;
+      const int64_t k_end = std::min(io.K, (b + 1) * kDepth);
       for (int64_t i = 0; i < count; ++i) {
+        if (io.K == 0) {
+          std::fill(c[i], c[i] + kT, 0.0f);
+          continue;
+        }
         rows.prefetch(cursor[i]);
-        for (int64_t k = b * kDepth; k < std::min(io.K, (b + 1) * kDepth); k += kUsWord)
+        for (int64_t k = b * kDepth; k < k_end; k += kUsWord)
           sparse_gemm_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kUsWord)),
-                              k == 0, c[i]);
-        if (io.K == 0) std::fill(c[i], c[i] + kT, 0.0f);
+                              k % kUsGroup == 0, part[i]);
+        if (k_end % kUsGroup == 0 || k_end == io.K)  // the group ends: its partial joins the total
+          for (int j = 0; j < V; ++j) {
+            const __m512 sum = _mm512_load_ps(part[i] + 16 * j);
+            _mm512_store_ps(c[i] + 16 * j, k_end <= kUsGroup ? sum : _mm512_add_ps(_mm512_load_ps(c[i] + 16 * j), sum));
+          }
       }
     }
     sparse_gemm_store(io, p * kT, std::min(kT, io.M - p * kT), n0, count, c[0], kT);
