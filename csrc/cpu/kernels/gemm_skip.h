@@ -29,8 +29,8 @@ inline __mmask32 active_bf16(const uint16_t* x, int64_t k, int64_t k1, int32_t t
 }
 
 constexpr int64_t kSkipCols = 128;  // output columns per panel: 8 accumulators per row of x
-constexpr int64_t kSkipDepth = kUsBlockFloats / kSkipCols;  // rows of w_t per block: 64
-static_assert(kUsGroup % kSkipDepth == 0);
+constexpr int64_t kSkipDepth = kSparseGemmBlockFloats / kSkipCols;  // rows of w_t per block: 64
+static_assert(kSparseGemmGroup % kSkipDepth == 0);
 constexpr int64_t kSkipPartRows = 256;  // rows of x per part: accumulators of 128 KiB (512 rows: 3-10% slower)
 // From how many rows of x this GEMM runs a batch (below, gemm_union.h where it applies). Measured
 // with cold weights (bench_kernels.py --flush layers: bf16, 50% active, 2 threads, against dense;
@@ -81,11 +81,11 @@ void gemm_skip_part(const LinearIO& io, const uint64_t* bits, int64_t words, con
   parallel_for(tasks, threads, [&](int64_t t) {
     thread_local std::vector<float> block_kept, c_kept;
     std::vector<float> c_once;
-    block_kept.resize(static_cast<size_t>(kUsBlockFloats + 16));
+    block_kept.resize(static_cast<size_t>(kSparseGemmBlockFloats + 16));
     float* const block = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(block_kept.data()), 64));
     float* c = call_buffer(c_kept, c_once, static_cast<size_t>(2 * io.M * kSkipCols + 16));
     c = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(c), 64));
-    float* const part = c + io.M * kSkipCols;  // partial sums of the current group (gemm_sparse.h's kUsGroup)
+    float* const part = c + io.M * kSkipCols;  // partial sums of the current group (gemm_sparse.h's kSparseGemmGroup)
     const int64_t first = t * panels / tasks, end = (t + 1) * panels / tasks;
     auto reader = reader_for(t);
     for (int64_t panel = first; panel < end; ++panel) {
@@ -97,15 +97,15 @@ void gemm_skip_part(const LinearIO& io, const uint64_t* bits, int64_t words, con
           if (k0 + r + 8 < K) reader.prefetch(k0 + r + 8, n0, ncols);
           reader.floats(k0 + r, n0, ncols, kSkipCols, block + r * kSkipCols);
         }
-        const bool fold = (k0 + rows) % kUsGroup == 0 || k0 + rows == K;  // the group ends here
+        const bool fold = (k0 + rows) % kSparseGemmGroup == 0 || k0 + rows == K;  // the group ends here
         for (int64_t m = 0; m < io.M; ++m) {
           float* const pm = part + m * kSkipCols;
           sparse_gemm_row<kSkipCols / 16>(block, ActiveWord{bits[m * words + b], static_cast<const uint16_t*>(io.x) + m * io.ldx + k0},
-                                          k0 % kUsGroup == 0, pm);
+                                          k0 % kSparseGemmGroup == 0, pm);
           if (fold)
             for (int64_t h = 0; h < kSkipCols; h += 16) {
               const __m512 sum = _mm512_load_ps(pm + h);
-              _mm512_store_ps(c + m * kSkipCols + h, k0 < kUsGroup ? sum : _mm512_add_ps(_mm512_load_ps(c + m * kSkipCols + h), sum));
+              _mm512_store_ps(c + m * kSkipCols + h, k0 < kSparseGemmGroup ? sum : _mm512_add_ps(_mm512_load_ps(c + m * kSkipCols + h), sum));
             }
         }
       }

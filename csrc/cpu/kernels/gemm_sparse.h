@@ -17,11 +17,11 @@
 namespace sparseflow::cpu::SF_ISA {
 
 #if defined(SF_ISA_avx512)
-constexpr int64_t kUsBlockFloats = 8192;  // one block of x^T: 32 KiB
-constexpr int64_t kUsChunk = 128;         // weight rows per task: accumulators of up to 64 KiB (L2)
-constexpr int64_t kUsWord = 64;           // inputs summed apart (a word), then added up in two levels:
-constexpr int64_t kUsGroup = 1024;        // words into a group's partial, partials into the total
-// (one float32 chain of K / 64 word sums erred 2.3-4.9x as much as torch's GEMM from K = 8192)
+constexpr int64_t kSparseGemmBlockFloats = 8192;  // one block of x^T: 32 KiB
+constexpr int64_t kSparseGemmChunk = 128;  // weight rows per task: accumulators of up to 64 KiB (L2)
+// Inputs are summed in words of 64, words into a partial per group of 1024 inputs, partials into
+// the total (one float32 chain of K / 64 word sums erred 2.3-4.9x as much as torch from K = 8192).
+constexpr int64_t kSparseGemmWord = 64, kSparseGemmGroup = 1024;
 // The fewest rows of x at which this GEMM beats the other kernels (tiled.h decompressing the weight,
 // or the CSR row kernel), by weight density: its time follows the nonzeros, theirs does not.
 // Measured (bf16, 8192x2048, 2 threads, against torch's dense GEMM): at density 0.1 1.28x at 16
@@ -50,37 +50,37 @@ inline bool nm_gemm_applies(const NMView& w, const LinearIO& io) {
 
 // An element of x or of the weight as float32 (T: float, or the 16 bits of bf16 or, with F16, of float16).
 template <class T, bool F16>
-inline float us_value(const T* v) {
+inline float sparse_gemm_value(const T* v) {
   if constexpr (std::is_same_v<T, float>) return *v;
   else if constexpr (F16) return f16_to_f32(*v);
   else return bf16_to_f32(*v);
 }
 
-// x^T in float32, block (p, b) at xt + (p * blocks + b) * kUsBlockFloats: row r holds input
+// x^T in float32, block (p, b) at xt + (p * blocks + b) * kSparseGemmBlockFloats: row r holds input
 // b * depth + r of rows [p * width, (p + 1) * width) of x (zeros past K and past M). Flags rows with a NaN
 // or inf in io.nonfinite.
 template <class T, bool F16>
 void sparse_gemm_copy_xt(const LinearIO& io, int64_t width, int64_t depth, int64_t panels, int64_t blocks, float* xt) {
   parallel_for(panels * blocks, threads_for(io.threads, io.M * io.K * 4), [&](int64_t task) {
     const int64_t p = task / blocks, b = task % blocks;
-    float* block = xt + task * kUsBlockFloats;
-    std::fill(block, block + kUsBlockFloats, 0.0f);
+    float* block = xt + task * kSparseGemmBlockFloats;
+    std::fill(block, block + kSparseGemmBlockFloats, 0.0f);
     const int64_t k0 = b * depth, rows = std::min(depth, io.K - k0);
     for (int64_t t = 0; t < std::min(width, io.M - p * width); ++t) {
       const T* x = static_cast<const T*>(io.x) + (p * width + t) * io.ldx + k0;
-      for (int64_t r = 0; r < rows; ++r) block[r * width + t] = us_value<T, F16>(x + r);
+      for (int64_t r = 0; r < rows; ++r) block[r * width + t] = sparse_gemm_value<T, F16>(x + r);
     }
   });
   if (io.nonfinite)
     parallel_for(io.M, threads_for(io.threads, io.M * io.K), [&](int64_t m) {
       const T* x = static_cast<const T*>(io.x) + m * io.ldx;
       bool bad = false;
-      for (int64_t k = 0; k < io.K; ++k) bad |= !std::isfinite(us_value<T, F16>(x + k));
+      for (int64_t k = 0; k < io.K; ++k) bad |= !std::isfinite(sparse_gemm_value<T, F16>(x + k));
       io.nonfinite[m] = bad ? 1 : 0;
     });
 }
 
-// The nonzeros of one weight row in inputs [k, k + kUsWord), in order: next(r, w) gives the next
+// The nonzeros of one weight row in inputs [k, k + kSparseGemmWord), in order: next(r, w) gives the next
 // one's offset from k and its value, false past the last.
 template <class T, bool F16>
 struct BitmaskWord {
@@ -89,7 +89,7 @@ struct BitmaskWord {
   bool next(int64_t& r, float& w) {
     if (!bits) return false;
     r = static_cast<int64_t>(_tzcnt_u64(bits));
-    w = us_value<T, F16>(v++);
+    w = sparse_gemm_value<T, F16>(v++);
     bits = _blsr_u64(bits);
     return true;
   }
@@ -104,7 +104,7 @@ struct CsrWord {
   bool next(int64_t& r, float& w) {
     if (p == end || static_cast<int64_t>(col[p]) >= k1) return false;
     r = static_cast<int64_t>(col[p]) - k;
-    w = us_value<T, F16>(values + p++);
+    w = sparse_gemm_value<T, F16>(values + p++);
     return true;
   }
 };
@@ -138,7 +138,7 @@ struct NmWord {
     r = col + static_cast<int64_t>(fields & ((1u << bits) - 1));
     fields >>= bits;
     --left;
-    w = us_value<T, F16>(values + v++);
+    w = sparse_gemm_value<T, F16>(values + v++);
     if (++j == n) j = 0, col += m;
     return true;
   }
@@ -158,7 +158,7 @@ struct Nm24Word {
   bool next(int64_t& r, float& w) {
     if (i == count) return false;
     r = 4 * (i >> 1) + static_cast<int64_t>((fields >> (2 * i)) & 3);
-    w = us_value<T, F16>(values + i++);
+    w = sparse_gemm_value<T, F16>(values + i++);
     return true;
   }
 };
@@ -220,25 +220,25 @@ inline void sparse_gemm_store(const LinearIO& io, int64_t m0, int64_t tokens, in
 // [k, k1) that advances it, prefetch(cursor) fetches what the row reads next.
 template <int V, class T, bool F16, class Rows>
 void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
-  constexpr int64_t kT = 16 * V, kDepth = kUsBlockFloats / kT;  // rows of x per panel, inputs per block
-  static_assert(kDepth % kUsWord == 0 && kUsGroup % kDepth == 0);
+  constexpr int64_t kT = 16 * V, kDepth = kSparseGemmBlockFloats / kT;  // rows of x per panel, inputs per block
+  static_assert(kDepth % kSparseGemmWord == 0 && kSparseGemmGroup % kDepth == 0);
   const int64_t panels = (io.M + kT - 1) / kT, blocks = std::max<int64_t>(1, (io.K + kDepth - 1) / kDepth);
   thread_local std::vector<float> xt_kept;
   std::vector<float> xt_once;
-  float* xt = call_buffer(xt_kept, xt_once, static_cast<size_t>((panels * blocks + 1) * kUsBlockFloats));
+  float* xt = call_buffer(xt_kept, xt_once, static_cast<size_t>((panels * blocks + 1) * kSparseGemmBlockFloats));
   xt = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(xt), 64));  // aligned loads
   sparse_gemm_copy_xt<T, F16>(io, kT, kDepth, panels, blocks, xt);
-  const int64_t chunks = (io.N + kUsChunk - 1) / kUsChunk;
+  const int64_t chunks = (io.N + kSparseGemmChunk - 1) / kSparseGemmChunk;
   parallel_for(panels * chunks, threads_for(io.threads, nnz * io.M), [&](int64_t task) {
-    const int64_t p = task % panels, n0 = task / panels * kUsChunk, count = std::min(kUsChunk, io.N - n0);
+    const int64_t p = task % panels, n0 = task / panels * kSparseGemmChunk, count = std::min(kSparseGemmChunk, io.N - n0);
     thread_local std::vector<float> c_buf;
-    c_buf.resize(static_cast<size_t>(2 * kUsChunk * kT + 16));
+    c_buf.resize(static_cast<size_t>(2 * kSparseGemmChunk * kT + 16));
     auto* const c = reinterpret_cast<float(*)[kT]>(round_up(reinterpret_cast<intptr_t>(c_buf.data()), 64));
-    auto* const part = c + kUsChunk;  // the current group's partial sums
-    decltype(rows.cursor(0)) cursor[kUsChunk];
+    auto* const part = c + kSparseGemmChunk;  // the current group's partial sums
+    decltype(rows.cursor(0)) cursor[kSparseGemmChunk];
     for (int64_t i = 0; i < count; ++i) cursor[i] = rows.cursor(n0 + i);
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* block = xt + (p * blocks + b) * kUsBlockFloats;
+      const float* block = xt + (p * blocks + b) * kSparseGemmBlockFloats;
       const int64_t k_end = std::min(io.K, (b + 1) * kDepth);
       for (int64_t i = 0; i < count; ++i) {
         if (io.K == 0) {
@@ -246,13 +246,13 @@ void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
           continue;
         }
         rows.prefetch(cursor[i]);
-        for (int64_t k = b * kDepth; k < k_end; k += kUsWord)
-          sparse_gemm_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kUsWord)),
-                              k % kUsGroup == 0, part[i]);
-        if (k_end % kUsGroup == 0 || k_end == io.K)  // the group ends: its partial joins the total
+        for (int64_t k = b * kDepth; k < k_end; k += kSparseGemmWord)
+          sparse_gemm_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kSparseGemmWord)),
+                              k % kSparseGemmGroup == 0, part[i]);
+        if (k_end % kSparseGemmGroup == 0 || k_end == io.K)  // the group ends: its partial joins the total
           for (int j = 0; j < V; ++j) {
             const __m512 sum = _mm512_load_ps(part[i] + 16 * j);
-            _mm512_store_ps(c[i] + 16 * j, k_end <= kUsGroup ? sum : _mm512_add_ps(_mm512_load_ps(c[i] + 16 * j), sum));
+            _mm512_store_ps(c[i] + 16 * j, k_end <= kSparseGemmGroup ? sum : _mm512_add_ps(_mm512_load_ps(c[i] + 16 * j), sum));
           }
       }
     }
