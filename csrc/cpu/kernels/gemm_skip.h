@@ -6,10 +6,11 @@
 // float32 once per panel of 128 output columns, into blocks of 64 rows (32 KiB, L1) that every row
 // of x reads. Inactive inputs are finite (|x| <= threshold): skipping them is exact for a finite
 // weight; NaN and inf are active and meet the weight's zeros as in dense.
-// It replaced two bf16 GEMMs, one pairing active inputs for vdpbf16ps (a shuffle per product, and
-// here shuffles and dot products do not overlap) and one over the zeroed x, dense's work: at 128
-// rows and 50% active they ran 1.25-1.34x and ~1.0x of torch's GEMM, this one 1.8-2.1x; at 90%
-// active 0.92-0.98x against 1.19-1.36x; at 16 rows 0.93-0.96x against 1.74-1.85x.
+// It replaced a bf16 GEMM that paired active inputs for vdpbf16ps (a shuffle per product, and
+// here shuffles and dot products do not overlap), and, where most inputs were active, gemm_kn.h,
+// which does dense's work over the zeroed x. Warm weights, 2 threads, against torch's GEMM: at 128
+// rows and 50% active they ran 1.25-1.34x, this one 1.8-2.0x; at 90% active 0.92-0.98x, this one
+// 1.19-1.36x; at 16 rows 0.93-0.96x, this one 1.74-1.85x.
 #pragma once
 #include "cpu/kernels/batch_rows.h"
 #include "cpu/kernels/gemm_kn.h"
@@ -19,7 +20,7 @@ namespace sparseflow::cpu::SF_ISA {
 
 #if defined(SF_ISA_avx512)
 // Which of x[k : min(k + 32, k1)) are active (v: those 32 elements, zero past k1); thr as in
-// inactive_bits_bf16. The one compare both passes over x below share.
+// inactive_bits_bf16. The one compare of this GEMM and gemm_union.h.
 inline __mmask32 active_bf16(const uint16_t* x, int64_t k, int64_t k1, int32_t thr, __m512i& v) {
   const __mmask32 live = k + 32 <= k1 ? ~0u : _bzhi_u32(~0u, static_cast<unsigned>(k1 - k));
   v = _mm512_maskz_loadu_epi16(live, x + k);
