@@ -24,13 +24,12 @@ struct DenseRowsBf16 {  // read in place where the panel lies whole in the matri
   void floats(int64_t k, int64_t n0, int64_t ncols, int64_t width, float* dst) const {
     const uint16_t* src = at(k, n0);
     if (ncols == width) {  // a whole panel
-      for (int64_t h = 0; h < width; h += 16)
-        _mm512_store_ps(dst + h, cvt16_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + h))));
+      for (int64_t h = 0; h < width; h += 16) _mm512_store_ps(dst + h, load16_f32(src, h, DType::bf16));
       return;
     }
     for (int64_t h = 0; h < width; h += 16) {
       const __mmask16 live = h + 16 <= ncols ? 0xffff : h < ncols ? static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(ncols - h))) : 0;
-      _mm512_store_ps(dst + h, cvt16_bf16(_mm256_maskz_loadu_epi16(live, src + h)));
+      _mm512_store_ps(dst + h, maskz_load16_f32(live, src, h, DType::bf16));
     }
   }
   const uint16_t* at(int64_t k, int64_t n0) const { return static_cast<const uint16_t*>(w->values) + k * w->ld + n0; }

@@ -103,11 +103,7 @@ void gemm_skip_part(const LinearIO& io, const uint64_t* bits, int64_t words, con
           float* const pm = part + m * kSkipCols;
           sparse_gemm_row<kSkipCols / 16>(block, ActiveWord{bits[m * words + b], static_cast<const uint16_t*>(io.x) + m * io.ldx + k0},
                                           k0 % kSparseGemmGroup == 0, pm);
-          if (fold)
-            for (int64_t h = 0; h < kSkipCols; h += 16) {
-              const __m512 sum = _mm512_load_ps(pm + h);
-              _mm512_store_ps(c + m * kSkipCols + h, k0 < kSparseGemmGroup ? sum : _mm512_add_ps(_mm512_load_ps(c + m * kSkipCols + h), sum));
-            }
+          if (fold) sparse_gemm_fold<kSkipCols / 16>(pm, k0 < kSparseGemmGroup, c + m * kSkipCols);
         }
       }
       store_y_bf16<kSkipCols>(io, n0, ncols, c, kSkipCols);

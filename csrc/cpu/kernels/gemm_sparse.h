@@ -185,9 +185,18 @@ inline void sparse_gemm_row(const float* block, Word word, bool first, float* c)
       step(acc[1]);
     }
   }
-  for (int j = 0; j < V; ++j) {  // summed by words: a float32 chain over all of K erred 4x as much as torch
+  for (int j = 0; j < V; ++j) {  // a word's sum joins its group's partial (see kSparseGemmWord)
     const __m512 sum = _mm512_add_ps(acc[0][j], acc[1][j]);
     _mm512_store_ps(c + 16 * j, first ? sum : _mm512_add_ps(_mm512_load_ps(c + 16 * j), sum));
+  }
+}
+
+// At a group's end its partial joins the total (the first group's partial is the total).
+template <int V>
+inline void sparse_gemm_fold(const float* part, bool first, float* total) {
+  for (int j = 0; j < V; ++j) {
+    const __m512 sum = _mm512_load_ps(part + 16 * j);
+    _mm512_store_ps(total + 16 * j, first ? sum : _mm512_add_ps(_mm512_load_ps(total + 16 * j), sum));
   }
 }
 
@@ -199,13 +208,7 @@ inline void sparse_gemm_store(const LinearIO& io, int64_t m0, int64_t tokens, in
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(ldc)));
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const __mmask16 live = static_cast<__mmask16>(_bzhi_u32(~0u, static_cast<unsigned>(std::min<int64_t>(16, rows - i0))));
-    __m512 bias = _mm512_setzero_ps();
-    if (io.bias) {
-      const int64_t n = n0 + i0;
-      if (io.dtype == DType::f32) bias = _mm512_maskz_loadu_ps(live, static_cast<const float*>(io.bias) + n);
-      else if (io.dtype == DType::bf16) bias = cvt16_bf16(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n));
-      else bias = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(io.bias) + n));
-    }
+    const __m512 bias = io.bias ? maskz_load16_f32(live, io.bias, n0 + i0, io.dtype) : _mm512_setzero_ps();
     for (int64_t t = 0; t < tokens; ++t) {
       const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes, c + i0 * ldc + t, 4), bias);
       const int64_t at = (m0 + t) * io.ldy + n0 + i0;
@@ -222,7 +225,7 @@ template <int V, class T, bool F16, class Rows>
 void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
   constexpr int64_t kT = 16 * V, kDepth = kSparseGemmBlockFloats / kT;  // rows of x per panel, inputs per block
   static_assert(kDepth % kSparseGemmWord == 0 && kSparseGemmGroup % kDepth == 0);
-  const int64_t panels = (io.M + kT - 1) / kT, blocks = std::max<int64_t>(1, (io.K + kDepth - 1) / kDepth);
+  const int64_t panels = (io.M + kT - 1) / kT, blocks = (io.K + kDepth - 1) / kDepth;
   thread_local std::vector<float> xt_kept;
   std::vector<float> xt_once;
   float* xt = call_buffer(xt_kept, xt_once, static_cast<size_t>((panels * blocks + 1) * kSparseGemmBlockFloats));
@@ -237,23 +240,16 @@ void sparse_gemm(const LinearIO& io, int64_t nnz, const Rows& rows) {
     auto* const part = c + kSparseGemmChunk;  // the current group's partial sums
     decltype(rows.cursor(0)) cursor[kSparseGemmChunk];
     for (int64_t i = 0; i < count; ++i) cursor[i] = rows.cursor(n0 + i);
+    if (blocks == 0) std::fill(c[0], c[0] + count * kT, 0.0f);  // K == 0: y = bias
     for (int64_t b = 0; b < blocks; ++b) {
       const float* block = xt + (p * blocks + b) * kSparseGemmBlockFloats;
       const int64_t k_end = std::min(io.K, (b + 1) * kDepth);
       for (int64_t i = 0; i < count; ++i) {
-        if (io.K == 0) {
-          std::fill(c[i], c[i] + kT, 0.0f);
-          continue;
-        }
         rows.prefetch(cursor[i]);
         for (int64_t k = b * kDepth; k < k_end; k += kSparseGemmWord)
           sparse_gemm_row<V>(block + (k - b * kDepth) * kT, rows.word(cursor[i], n0 + i, k, std::min(io.K, k + kSparseGemmWord)),
                               k % kSparseGemmGroup == 0, part[i]);
-        if (k_end % kSparseGemmGroup == 0 || k_end == io.K)  // the group ends: its partial joins the total
-          for (int j = 0; j < V; ++j) {
-            const __m512 sum = _mm512_load_ps(part[i] + 16 * j);
-            _mm512_store_ps(c[i] + 16 * j, k_end <= kSparseGemmGroup ? sum : _mm512_add_ps(_mm512_load_ps(c[i] + 16 * j), sum));
-          }
+        if (k_end % kSparseGemmGroup == 0 || k_end == io.K) sparse_gemm_fold<V>(part[i], k_end <= kSparseGemmGroup, c[i]);
       }
     }
     sparse_gemm_store(io, p * kT, std::min(kT, io.M - p * kT), n0, count, c[0], kT);
